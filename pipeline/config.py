@@ -1,0 +1,170 @@
+"""One typed configuration for every job: loaded from YAML and/or `section.field=value` overrides,
+validated before any work starts so a typo fails in a second, not after an hour of encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "icar-tiny-vit"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    """Where the shards are and how their columns map onto the pipeline's names."""
+
+    paths: list[str] = Field(default_factory=list, description="fsspec URLs or globs of parquet shards")
+    image_column: str | None = Field(None, description="image bytes column; None = first of jpg/png/webp/image")
+    key_column: str = "key"
+    url_column: str = "url"
+    caption_column: str = "caption"
+    status_column: str = "status"
+    aliases: dict[str, str] = Field(
+        default_factory=lambda: {"URL": "url", "TEXT": "caption", "SAMPLE_ID": "key"},
+        description="source column -> pipeline column, applied when the pipeline's own name is absent",
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (s3 endpoint…)")
+
+
+class DecodeConfig(_Section):
+    max_pixels: int = Field(64_000_000, gt=0, description="refuse images whose header claims more pixels")
+    use_draft: bool = Field(True, description="let libjpeg decode at a reduced scale when the image is large")
+
+
+class RouteSpec(_Section):
+    """A compute route: how deep the ViT runs and how many tokens it keeps."""
+
+    name: str
+    exit_depth: int | None = Field(None, ge=1, description="blocks to run; None = full depth")
+    token_budget: float | None = Field(
+        None, gt=0, description="tokens kept: int = count, float<=1 = energy fraction tau; None = all"
+    )
+    merge: Literal["none", "tome", "crossget"] = "none"
+    merge_r: int = Field(0, ge=0, description="tokens merged per block")
+
+
+def _default_routes() -> list[RouteSpec]:
+    return [RouteSpec(name="full")]
+
+
+class RouterConfig(_Section):
+    """Complexity thresholds (ascending) split images over routes: score < thresholds[i] -> routes[i]."""
+
+    scorer: Literal["handcrafted"] = "handcrafted"
+    thresholds: list[float] = Field(default_factory=list)
+    routes: list[RouteSpec] = Field(default_factory=_default_routes)
+
+    @model_validator(mode="after")
+    def _routes_match_thresholds(self) -> RouterConfig:
+        if len(self.routes) != len(self.thresholds) + 1:
+            raise ValueError(
+                f"router needs len(routes) == len(thresholds) + 1, got {len(self.routes)} routes and "
+                f"{len(self.thresholds)} thresholds"
+            )
+        if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:], strict=False)):
+            raise ValueError(f"router.thresholds must be strictly ascending, got {self.thresholds}")
+        names = [r.name for r in self.routes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"router.routes names must be unique, got {names}")
+        return self
+
+
+class ModelConfig(_Section):
+    """Any open_clip model: a registered name plus a pretrained tag or a local checkpoint path."""
+
+    name: str = EMBEDDED_MODEL
+    pretrained: str | None = Field(None, description="open_clip tag or checkpoint path; None = embedded")
+    heads: str | None = Field(None, description="exit-heads file trained for this model")
+
+    @property
+    def model_id(self) -> str:
+        """Identity written with every row: embeddings from different model ids never mix silently."""
+        return f"{self.name}:{self.pretrained or 'embedded'}"
+
+
+class EncoderConfig(_Section):
+    batch_size: int = Field(64, gt=0, description="rows per encoder batch (split by route inside)")
+    actors: int = Field(1, ge=1, description="encoder actors in the pool")
+    gpus_per_actor: float = Field(0.0, ge=0, description="0 on CPU clusters, 1 per actor on GPU clusters")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 = cpus_per_actor")
+
+
+class OutputConfig(_Section):
+    uri: str = Field(".demo/lancedb", description="LanceDB directory or s3:// URI")
+    table: str = "images"
+    rejected_table: str = "rejected"
+    manifest_table: str = "manifest"
+    vector_dtype: Literal["float16", "float32"] = "float32"
+    storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB object-store options")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None = start an embedded local Ray")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded Ray (ignored with address)")
+    decode_batch_size: int = Field(256, gt=0)
+
+
+class IndexConfig(_Section):
+    input: InputConfig = Field(default_factory=InputConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("input")
+    @classmethod
+    def _paths_not_blank(cls, value: InputConfig) -> InputConfig:
+        if any(not p.strip() for p in value.paths):
+            raise ValueError("input.paths contains an empty path")
+        return value
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending field's dotted name."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> IndexConfig:
+    """Read YAML (optional), apply `a.b=value` overrides (values parsed as YAML), validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(tree).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    try:
+        return IndexConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{source}:\n" + "\n".join(lines)) from None

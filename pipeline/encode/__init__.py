@@ -1,0 +1,1 @@
+"""Stage 4: turn uint8 images into embeddings (model loading, adaptive forward, encoder actor)."""

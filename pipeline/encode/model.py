@@ -1,0 +1,83 @@
+"""Load any open_clip model by name plus a pretrained tag or a local checkpoint.
+
+The embedded default (`icar-tiny-vit`) is one more open_clip model config shipped in `pipeline/models/`
+with its checkpoint beside it; it is registered with open_clip and loaded through the same call as
+ViT-B-32, so nothing downstream special-cases it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from pipeline.config import EMBEDDED_MODEL, ModelConfig
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+EMBEDDED_CHECKPOINT = MODELS_DIR / f"{EMBEDDED_MODEL}.safetensors"
+# open_clip's eval normalisation (OPENAI_DATASET_MEAN / STD), used unless a model config overrides it
+_DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@cache
+def register_embedded_models() -> None:
+    """Make open_clip aware of the model configs this package ships (idempotent)."""
+    open_clip.add_model_config(MODELS_DIR)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # open_clip.CLIP (or CustomTextCLIP)
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    model_id: str
+
+
+def resolve_pretrained(cfg: ModelConfig) -> str | None:
+    if cfg.pretrained is not None:
+        return cfg.pretrained
+    if cfg.name == EMBEDDED_MODEL:
+        if not EMBEDDED_CHECKPOINT.exists():
+            raise FileNotFoundError(
+                f"embedded checkpoint {EMBEDDED_CHECKPOINT} is missing; train it with jobs/train_clip.py"
+            )
+        return str(EMBEDDED_CHECKPOINT)
+    return None
+
+
+def load_model(cfg: ModelConfig, pretrained: str | None | bool = True) -> LoadedModel:
+    """Build the model in eval mode on CPU. `pretrained=False` gives random weights (benchmarks)."""
+    register_embedded_models()
+    if cfg.name not in open_clip.list_models():
+        raise ValueError(f"model.name '{cfg.name}' is not an open_clip model (see open_clip.list_models())")
+    tag = resolve_pretrained(cfg) if pretrained is True else (pretrained or None)
+    model = open_clip.create_model(cfg.name, pretrained=tag, device="cpu")
+    model.eval()
+    visual = model.visual
+    size = visual.image_size
+    image_size = int(size[0] if isinstance(size, tuple | list) else size)
+    mean = tuple(getattr(visual, "image_mean", None) or _DEFAULT_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or _DEFAULT_STD)
+    return LoadedModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(cfg.name),
+        image_size=image_size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        model_id=cfg.model_id,
+    )
+
+
+def normalize_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W], the tensor open_clip's preprocess makes."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)

@@ -1,0 +1,1 @@
+"""Captioned synthetic scenes: the embedded corpus for the demo, training and evaluation."""

@@ -1,0 +1,1 @@
+"""Training jobs' building blocks: the embedded CLIP model and the exit heads."""

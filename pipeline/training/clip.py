@@ -1,0 +1,152 @@
+"""Train the embedded OpenCLIP model from scratch on scenes rendered on the fly.
+
+Images go through the same bytes -> decode_image -> uint8 path as the indexing pipeline, so the model
+sees at training time exactly the pixels it will see in production.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import EMBEDDED_MODEL, ModelConfig
+from pipeline.decode import decode_image
+from pipeline.encode.model import load_model, normalize_uint8
+from pipeline.metrics import multi_positive_infonce, recall_at_k
+from pipeline.scenes.render import make_example
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 0
+    steps: int = 2400
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 150
+    eval_every: int = 200
+    eval_images: int = 1000
+    threads: int = 2
+    out: str = "pipeline/models"
+
+
+class SceneStream(IterableDataset):
+    """Endless (uint8 image, caption, scene key) triples from the 'train' split."""
+
+    def __init__(self, seed: int, image_size: int, start: int = 0):
+        self.seed, self.image_size, self.start = seed, image_size, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        index = self.start + (info.id if info else 0)
+        step = info.num_workers if info else 1
+        while True:
+            scene, data, _ = make_example(self.seed, "train", index)
+            pixels, _ = decode_image(data, self.image_size)
+            yield torch.from_numpy(pixels), scene.caption, scene.scene_key
+            index += step
+
+
+def heldout_set(seed: int, count: int, image_size: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    images, captions, keys = [], [], []
+    for index in range(count):
+        scene, data, _ = make_example(seed, "heldout", index)
+        images.append(decode_image(data, image_size)[0])
+        captions.append(scene.caption)
+        keys.append(scene.scene_key)
+    return torch.from_numpy(np.stack(images)), captions, keys
+
+
+@torch.no_grad()
+def embed_all(loaded, images: torch.Tensor, captions: list[str], batch: int = 256):
+    model = loaded.model
+    img, txt = [], []
+    for i in range(0, len(images), batch):
+        x = normalize_uint8(images[i : i + batch], loaded.mean, loaded.std)
+        img.append(model.encode_image(x, normalize=True))
+        txt.append(model.encode_text(loaded.tokenizer(captions[i : i + batch]), normalize=True))
+    return torch.cat(img), torch.cat(txt)
+
+
+def evaluate_recall(loaded, heldout) -> dict[str, float]:
+    images, captions, keys = heldout
+    was_training = loaded.model.training
+    loaded.model.eval()
+    img, txt = embed_all(loaded, images, captions)
+    loaded.model.train(was_training)
+    t2i = recall_at_k(txt, img, keys, keys)
+    i2t = recall_at_k(img, txt, keys, keys)
+    return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """fp16 safetensors: half the bytes, and open_clip's loader casts back to the model's dtype."""
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+
+
+def train(settings: TrainSettings) -> dict:
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    loaded = load_model(ModelConfig(name=EMBEDDED_MODEL), pretrained=False)
+    model = loaded.model
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return settings.lr * (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.5 * settings.lr * (1 + math.cos(math.pi * progress))
+
+    stream = SceneStream(settings.seed, loaded.image_size)
+    loader = DataLoader(stream, batch_size=settings.batch_size, num_workers=1, prefetch_factor=4)
+    heldout = heldout_set(settings.seed, settings.eval_images, loaded.image_size)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / f"{EMBEDDED_MODEL}.train_log.jsonl"
+    log_path.write_text("")
+    started = time.time()
+    best: dict = {}
+    for step, (pixels, captions, keys) in enumerate(loader):
+        if step >= settings.steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        images = normalize_uint8(pixels, loaded.mean, loaded.std)
+        texts = loaded.tokenizer(list(captions))
+        image_emb = model.encode_image(images, normalize=True)
+        text_emb = model.encode_text(texts, normalize=True)
+        key_ids = torch.as_tensor(np.unique(np.asarray(keys), return_inverse=True)[1])
+        loss = multi_positive_infonce(image_emb, text_emb, key_ids, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        record = {"step": step, "loss": float(loss.detach()), "lr": lr_at(step), "elapsed_s": time.time() - started}
+        last = step == settings.steps - 1
+        if (step + 1) % settings.eval_every == 0 or last:
+            record.update(evaluate_recall(loaded, heldout))
+            save_checkpoint(model, out / f"{EMBEDDED_MODEL}.safetensors")
+            best = record
+            print(json.dumps(record), flush=True)
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    summary = {"settings": asdict(settings), "final": best, "train_seconds": time.time() - started}
+    (out / f"{EMBEDDED_MODEL}.train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
