@@ -20,7 +20,9 @@ class InputConfig(_Section):
     """Where the shards are and how their columns map onto the pipeline's names."""
 
     paths: list[str] = Field(default_factory=list, description="fsspec URLs or globs of parquet shards")
-    image_column: str | None = Field(None, description="image bytes column; None = first of jpg/png/webp/image")
+    image_column: str | None = Field(
+        None, description="image bytes column; None = first of jpg/png/webp/image"
+    )
     key_column: str = "key"
     url_column: str = "url"
     caption_column: str = "caption"

@@ -56,7 +56,10 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 def decode_image(
     data: bytes | None, size: int, max_pixels: int = 64_000_000, use_draft: bool = True
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode, orient, convert and crop one image. Returns (uint8 [size, size, 3], original (w, h))."""
+    """Decode, orient, convert and crop one image. Returns (uint8 [size, size, 3], original (w, h)).
+
+    The original (w, h) is the size stored in the file header, before any EXIF rotation is applied.
+    """
     if data is None:
         raise DecodeError("image is null")
     if len(data) == 0:
@@ -83,8 +86,8 @@ def decode_image(
         raise DecodeError("bytes are not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"decompression bomb refused: {exc}") from None
-    except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as exc:
-        raise DecodeError(f"image could not be decoded: {exc}") from None
+    except Exception as exc:  # corrupt files make Pillow raise TypeError, struct.error, IndexError, ... too
+        raise DecodeError(f"image could not be decoded: {type(exc).__name__}: {exc}") from None
     if pixels.shape != (size, size, 3):  # pragma: no cover - defensive; resize_center_crop guarantees it
         raise DecodeError(f"decoded to unexpected shape {pixels.shape}")
     return pixels, (width, height)

@@ -28,6 +28,7 @@ def recall_at_k(
 
 def neighbour_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
     """Per image, |topk_a ∩ topk_b| / k of its image->image neighbours (self excluded) under two encoders."""
+
     def neighbours(x: torch.Tensor) -> torch.Tensor:
         sims = x @ x.T
         sims.fill_diagonal_(-float("inf"))

@@ -182,8 +182,10 @@ def _background(rng: np.random.Generator, kind: str) -> np.ndarray:
 def _polygon(obj: SceneObject) -> list[tuple[float, float]]:
     def ring(k: int, radius: float, offset: float = 0.0) -> list[tuple[float, float]]:
         return [
-            (obj.x + radius * math.cos(obj.angle + offset + 2 * math.pi * i / k),
-             obj.y + radius * math.sin(obj.angle + offset + 2 * math.pi * i / k))
+            (
+                obj.x + radius * math.cos(obj.angle + offset + 2 * math.pi * i / k),
+                obj.y + radius * math.sin(obj.angle + offset + 2 * math.pi * i / k),
+            )
             for i in range(k)
         ]
 
@@ -198,8 +200,20 @@ def _polygon(obj: SceneObject) -> list[tuple[float, float]]:
         return [p for pair in zip(outer, inner, strict=True) for p in pair]
     # cross: a plus sign built from 12 corners
     w, r = obj.radius * 0.33, obj.radius
-    corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w),
-               (-w, w), (-w, r)]
+    corners = [
+        (w, r),
+        (w, w),
+        (r, w),
+        (r, -w),
+        (w, -w),
+        (w, -r),
+        (-w, -r),
+        (-w, -w),
+        (-r, -w),
+        (-r, w),
+        (-w, w),
+        (-w, r),
+    ]
     c, s = math.cos(obj.angle), math.sin(obj.angle)
     return [(obj.x + px * c - py * s, obj.y + px * s + py * c) for px, py in corners]
 

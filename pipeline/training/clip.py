@@ -103,7 +103,9 @@ def train(settings: TrainSettings) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(0.9, 0.98), eps=1e-6,
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
 
     def lr_at(step: int) -> float:
@@ -138,7 +140,12 @@ def train(settings: TrainSettings) -> dict:
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        record = {"step": step, "loss": float(loss.detach()), "lr": lr_at(step), "elapsed_s": time.time() - started}
+        record = {
+            "step": step,
+            "loss": float(loss.detach()),
+            "lr": lr_at(step),
+            "elapsed_s": time.time() - started,
+        }
         last = step == settings.steps - 1
         if (step + 1) % settings.eval_every == 0 or last:
             record.update(evaluate_recall(loaded, heldout))

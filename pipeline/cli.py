@@ -1,0 +1,113 @@
+"""`icar`: index shards, query the table, build its indexes. Every command takes --config and --set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import ConfigError, IndexConfig, load_config
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see configs/ and the README)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set encoder.batch_size=128 (repeatable)",
+    )
+    parser.add_argument("--input", nargs="+", help="shorthand for input.paths")
+    parser.add_argument("--output", help="shorthand for output.uri (LanceDB directory or s3:// URI)")
+
+
+def config_from_args(args: argparse.Namespace) -> IndexConfig:
+    overrides = list(args.overrides)
+    if getattr(args, "input", None):
+        overrides.append(f"input.paths={json.dumps(args.input)}")
+    if getattr(args, "output", None):
+        overrides.append(f"output.uri={json.dumps(args.output)}")
+    return load_config(args.config, overrides)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.job import run_index
+
+    cfg = config_from_args(args)
+    if not cfg.input.paths:
+        raise ConfigError("input.paths is empty: pass --input PATH... or set it in the config")
+    summary = run_index(cfg)
+    print(summary.render())
+    return 1 if summary.shards_failed else 0
+
+
+def _print_results(rows: list[dict]) -> None:
+    for rank, row in enumerate(rows, 1):
+        print(
+            f"{rank:>3}. {row['score']:.3f}  {row['caption']!s:<70}  [{row['route']}, "
+            f"{row['gflops']:.2f} GFLOPs]  {row['id']}"
+        )
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.query import Searcher
+
+    cfg = config_from_args(args)
+    searcher = Searcher.open(cfg)
+    searcher.check_model()
+    vector = searcher.embed_image(args.image) if args.image else searcher.embed_text([args.text])
+    rows = searcher.search(vector, k=args.k, where=args.where)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_results(rows)
+    return 0
+
+
+def cmd_build_index(args: argparse.Namespace) -> int:
+    from pipeline.query import build_indexes
+
+    info = build_indexes(config_from_args(args), args.partitions, args.sub_vectors)
+    print(json.dumps(info))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    index = sub.add_parser(
+        "index", help="index parquet shards into LanceDB (embedded Ray unless ray.address)"
+    )
+    _config_args(index)
+    index.set_defaults(func=cmd_index)
+
+    query = sub.add_parser("query", help="search the table by text or by an image file")
+    _config_args(query)
+    query.add_argument("text", nargs="?", help="text query, e.g. 'a red circle on a plain background'")
+    query.add_argument("--image", help="query by this image file instead of text")
+    query.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    query.add_argument("--where", help="SQL filter applied before the vector search, e.g. \"route = 'full'\"")
+    query.add_argument("--json", action="store_true", help="print JSON rows")
+    query.set_defaults(func=cmd_query)
+
+    build = sub.add_parser("build-index", help="build the IVF_PQ vector index and scalar indexes")
+    _config_args(build)
+    build.add_argument("--partitions", type=int, help="IVF partitions (default sqrt(rows))")
+    build.add_argument("--sub-vectors", type=int, help="PQ sub-vectors (default dim/16)")
+    build.set_defaults(func=cmd_build_index)
+
+    args = parser.parse_args(argv)
+    if args.command == "query" and not (args.text or args.image):
+        parser.error("query needs a text or --image PATH")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"icar: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The indexing job: shards -> Ray (prepare on CPU tasks, encode on an actor pool) -> LanceDB.
+
+Reads top to bottom like the architecture: list and inspect shards, skip the ones already committed,
+stream row groups through the two Ray stages, and commit each shard as soon as all its rows are back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import ray
+
+from pipeline.config import IndexConfig
+from pipeline.encode.actor import EncodeStage
+from pipeline.encode.flops import full_depth_gflops
+from pipeline.encode.model import register_embedded_models
+from pipeline.prepare import FAILED, OK, SKIPPED, prepare_unit, work_unit
+from pipeline.read import ShardPlan, inspect_shard, list_shards
+from pipeline.write import DONE, REJECTED_SCHEMA, LanceWriter, ShardRecord
+from pipeline.write import FAILED as SHARD_FAILED
+
+STAGE_TIMERS = ("t_read", "t_decode", "t_score", "t_encode")
+PREPARE_TASK_MEMORY = 512 * 2**20  # bytes reserved per prepare task: one row group plus decoded pixels
+
+
+@dataclass
+class RunSummary:
+    shards_total: int = 0
+    shards_already_done: int = 0
+    shards_committed: int = 0
+    shards_failed: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    seconds: float = 0.0
+    routes: Counter = field(default_factory=Counter)
+    gflops_sum: float = 0.0
+    gflops_full: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_TIMERS, 0.0))
+    write_seconds: float = 0.0
+    failed_shards: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows_ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def mean_gflops(self) -> float:
+        return self.gflops_sum / self.rows_ok if self.rows_ok else 0.0
+
+    def render(self) -> str:
+        lines = [
+            f"shards: {self.shards_total} found, {self.shards_already_done} already indexed, "
+            f"{self.shards_committed} committed, {self.shards_failed} failed",
+            f"rows:   {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_skipped} skipped",
+            f"speed:  {self.images_per_second:.1f} images/s over {self.seconds:.1f} s",
+        ]
+        if self.rows_ok:
+            share = ", ".join(
+                f"{name} {count} ({count / self.rows_ok:.0%})" for name, count in sorted(self.routes.items())
+            )
+            lines.append(f"routes: {share}")
+            lines.append(
+                f"compute: {self.mean_gflops:.3f} GFLOPs/image vs {self.gflops_full:.3f} at full depth "
+                f"({self.mean_gflops / self.gflops_full:.0%})"
+            )
+        busy = {k[2:]: v for k, v in self.stage_seconds.items()} | {"write": self.write_seconds}
+        lines.append(
+            "stage seconds (summed over workers): " + ", ".join(f"{k} {v:.1f}" for k, v in busy.items())
+        )
+        lines += [f"FAILED shard {uri}: {why}" for uri, why in self.failed_shards.items()]
+        return "\n".join(lines)
+
+
+def init_ray(cfg: IndexConfig) -> None:
+    """Connect to the configured cluster, the one a `ray job submit` set up, or start a local Ray."""
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus)
+
+
+class _ShardAssembler:
+    """Buffers each shard's rows until all have come back from Ray, then commits the shard."""
+
+    def __init__(
+        self,
+        writer: LanceWriter,
+        plans: dict[str, ShardPlan],
+        interrupted: set[str],
+        summary: RunSummary,
+        log: Callable[[str], None],
+        started: float,
+    ):
+        self.writer, self.plans, self.interrupted = writer, plans, interrupted
+        self.summary, self.log, self.started = summary, log, started
+        self.parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.rows: Counter = Counter()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for uri in np.unique(batch["shard"]):
+            mask = batch["shard"] == uri
+            self.parts[uri].append({k: v[mask] for k, v in batch.items()})
+            self.rows[uri] += int(mask.sum())
+            if self.rows[uri] == self.plans[uri].num_rows:
+                self.commit(uri)
+            elif self.rows[uri] > self.plans[uri].num_rows:
+                raise RuntimeError(f"{uri}: received more rows than the shard holds; refusing to write")
+
+    def commit(self, uri: str) -> None:
+        plan = self.plans[uri]
+        parts = self.parts.pop(uri, [])
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
+        model_id = self.writer.model_id
+        record = ShardRecord(uri, plan.shard.fingerprint, DONE)
+        images = rejected = pa.table({})
+        if merged is not None:
+            outcome = merged["outcome"]
+            ok, bad = outcome == OK, outcome != OK
+            record.rows_ok, record.rows_failed = int(ok.sum()), int((outcome == FAILED).sum())
+            record.rows_skipped = int((outcome == SKIPPED).sum())
+            images = pa.table(
+                {
+                    "id": merged["id"][ok].astype(str),
+                    "shard": merged["shard"][ok].astype(str),
+                    "key": merged["key"][ok].astype(str),
+                    "url": merged["url"][ok],
+                    "caption": merged["caption"][ok],
+                    "vector": pa.FixedSizeListArray.from_arrays(
+                        pa.array(merged["vector"][ok].reshape(-1)), merged["vector"].shape[1]
+                    ),
+                    "complexity": merged["complexity"][ok],
+                    "route": merged["route_name"][ok].astype(str),
+                    "exit_depth": merged["exit_depth"][ok],
+                    "tokens": merged["tokens"][ok],
+                    "gflops": merged["gflops"][ok],
+                    "model_id": np.full(int(ok.sum()), model_id, dtype=object),
+                }
+            )
+            rejected = (
+                pa.table(
+                    {
+                        "id": merged["id"][bad].astype(str),
+                        "shard": merged["shard"][bad].astype(str),
+                        "key": merged["key"][bad].astype(str),
+                        "url": merged["url"][bad],
+                        "caption": merged["caption"][bad],
+                        "status": merged["outcome"][bad].astype(str),
+                        "reason": merged["reason"][bad].astype(str),
+                        "model_id": np.full(int(bad.sum()), model_id, dtype=object),
+                    },
+                    schema=REJECTED_SCHEMA,
+                )
+                if bad.any()
+                else pa.table({})
+            )
+            s = self.summary
+            s.routes.update(merged["route_name"][ok].astype(str).tolist())
+            s.gflops_sum += float(merged["gflops"][ok].sum())
+            for timer in STAGE_TIMERS:
+                s.stage_seconds[timer] += float(merged[timer].sum())
+        t0 = time.perf_counter()
+        self.writer.commit_shard(record, images, rejected, upsert=uri in self.interrupted)
+        s = self.summary
+        s.write_seconds += time.perf_counter() - t0
+        s.shards_committed += 1
+        s.rows_ok += record.rows_ok
+        s.rows_failed += record.rows_failed
+        s.rows_skipped += record.rows_skipped
+        elapsed = time.time() - self.started
+        self.log(
+            f"[{s.shards_committed + s.shards_failed}/{s.shards_total - s.shards_already_done} shards] "
+            f"{plan.shard.name}: {record.rows_ok} ok, {record.rows_failed} failed, {record.rows_skipped} "
+            f"skipped | {s.rows_ok} images in {elapsed:.0f} s ({s.rows_ok / max(elapsed, 1e-9):.1f}/s)"
+        )
+
+
+def run_index(cfg: IndexConfig, log: Callable[[str], None] = print) -> RunSummary:
+    """Index every shard of `cfg.input` not yet committed for this model; return the run's summary."""
+    started = time.time()
+    register_embedded_models()
+    model_cfg = open_clip.get_model_config(cfg.model.name)
+    if model_cfg is None:
+        raise ValueError(f"model.name '{cfg.model.name}' is not an open_clip model config")
+    image_size = model_cfg["vision_cfg"]["image_size"]
+    image_size = int(image_size if isinstance(image_size, int) else image_size[0])
+    summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
+
+    shards = list_shards(cfg.input)
+    writer = LanceWriter(cfg.output, cfg.model.model_id, int(model_cfg["embed_dim"]))
+    done, interrupted = writer.committed(), writer.interrupted()
+    pending = [s for s in shards if done.get(s.uri) != s.fingerprint]
+    changed = {s.uri for s in pending if s.uri in done}  # rewritten since indexed: upsert over old rows
+    summary.shards_total, summary.shards_already_done = len(shards), len(shards) - len(pending)
+    log(f"{len(shards)} shards found, {summary.shards_already_done} already indexed, {len(pending)} to do")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        plans = list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
+
+    assembler = _ShardAssembler(
+        writer, {p.shard.uri: p for p in plans}, interrupted | changed, summary, log, started
+    )
+    units = []
+    for plan in plans:
+        if plan.error:
+            writer.record_failed_shard(
+                ShardRecord(plan.shard.uri, plan.shard.fingerprint, SHARD_FAILED, error=plan.error)
+            )
+            summary.shards_failed += 1
+            summary.failed_shards[plan.shard.uri] = plan.error
+            log(f"FAILED {plan.error}")
+        elif plan.num_rows == 0:
+            assembler.commit(plan.shard.uri)
+        else:
+            units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
+
+    if units:
+        init_ray(cfg)
+        cfg_dict = cfg.model_dump()
+        dataset = (
+            ray.data.from_items(units, override_num_blocks=len(units))
+            # A memory reservation of its own keeps Ray from fusing this stage into the encoder actors:
+            # decoding must run on CPU tasks in parallel, never inside the (GPU) encoder.
+            .map_batches(
+                prepare_unit,
+                batch_size=1,
+                fn_kwargs={"cfg": cfg_dict, "image_size": image_size},
+                num_cpus=1,
+                memory=PREPARE_TASK_MEMORY,
+            )
+            .map_batches(
+                EncodeStage,
+                fn_constructor_kwargs={"cfg": cfg_dict},
+                batch_size=cfg.encoder.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=cfg.encoder.actors),
+                num_cpus=cfg.encoder.cpus_per_actor,
+                num_gpus=cfg.encoder.gpus_per_actor or None,
+            )
+        )
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            assembler.add(batch)
+        missing = {uri: n for uri, n in assembler.rows.items() if assembler.parts.get(uri)}
+        if missing:
+            raise RuntimeError(f"shards incomplete after the stream ended (rows seen): {missing}")
+    summary.seconds = time.time() - started
+    if summary.shards_committed:
+        writer.optimize()
+    return summary

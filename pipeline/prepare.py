@@ -1,0 +1,105 @@
+"""Stages 1-3 on the CPU workers: read a row group -> decode -> score -> route, yielding uint8 batches.
+
+Plain Python, testable without Ray, and free of torch so CPU workers start fast. Rows that cannot be
+encoded travel on with an outcome and a reason, so the writer records every row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import IndexConfig
+from pipeline.decode import DecodeError, decode_image
+from pipeline.read import Shard, ShardPlan, read_chunks
+from pipeline.route import assign_routes
+from pipeline.score import complexity_features, complexity_score
+
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+Batch = dict[str, np.ndarray]
+
+
+def work_unit(plan: ShardPlan, row_group: int) -> dict[str, Any]:
+    """A Ray-serialisable description of one row group to prepare."""
+    shard = plan.shard
+    return {
+        "uri": shard.uri,
+        "name": shard.name,
+        "fingerprint": shard.fingerprint,
+        "row_group": row_group,
+        "num_rows": plan.num_rows,
+        **{f"col_{k}": v or "" for k, v in plan.columns.items()},
+    }
+
+
+def _plan_from_unit(unit: dict[str, Any]) -> ShardPlan:
+    columns = {k[4:]: (v or None) for k, v in unit.items() if k.startswith("col_")}
+    shard = Shard(uri=str(unit["uri"]), name=str(unit["name"]), fingerprint=str(unit["fingerprint"]))
+    return ShardPlan(shard, int(unit["num_rows"]), 0, columns)
+
+
+def prepare_rows(table: pa.Table, cfg: IndexConfig, image_size: int) -> Batch:
+    """Decode, score and route one chunk of rows; each row gets an outcome and, if not ok, a reason."""
+    n = table.num_rows
+    started = time.perf_counter()
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    outcome = np.full(n, OK, dtype=object)
+    reason = np.full(n, "", dtype=object)
+    bytes_per_pixel = np.zeros(n, np.float32)
+    statuses = table.column("status").to_pylist()
+    errors = table.column("error_message").to_pylist()
+    for i, (status, data) in enumerate(zip(statuses, table.column("image").to_pylist(), strict=True)):
+        if status != "success":
+            outcome[i], reason[i] = SKIPPED, f"source status {status!r}: {errors[i] or 'no error message'}"
+            continue
+        if data is None:
+            outcome[i], reason[i] = SKIPPED, "image is null"
+            continue
+        try:
+            images[i], (w, h) = decode_image(data, image_size, cfg.decode.max_pixels, cfg.decode.use_draft)
+            bytes_per_pixel[i] = len(data) / (w * h)
+        except DecodeError as exc:
+            outcome[i], reason[i] = FAILED, str(exc)
+    decoded = time.perf_counter()
+    ok = outcome == OK
+    complexity = np.full(n, np.nan, np.float32)
+    complexity[ok] = complexity_score(complexity_features(images[ok], bytes_per_pixel[ok]))
+    route = np.zeros(n, np.int32)
+    route[ok] = assign_routes(complexity[ok], cfg.router)
+    scored = time.perf_counter()
+    batch: Batch = {
+        name: np.asarray(table.column(name).to_pylist(), dtype=object)
+        for name in ("id", "shard", "key", "url", "caption")
+    }
+    batch.update(
+        outcome=outcome,
+        reason=reason,
+        image=images,
+        complexity=complexity,
+        route=route,
+        t_decode=np.full(n, (decoded - started) / max(n, 1), np.float32),
+        t_score=np.full(n, (scored - decoded) / max(n, 1), np.float32),
+    )
+    return batch
+
+
+def prepare_unit(units: Batch, cfg: dict[str, Any], image_size: int) -> Iterator[Batch]:
+    """Ray map_batches generator: one unit (row group) in, chunks of prepared rows out."""
+    config = IndexConfig.model_validate(cfg)
+    for i in range(len(units["uri"])):
+        unit = {k: v[i] for k, v in units.items()}
+        plan = _plan_from_unit(unit)
+        chunks = read_chunks(plan, int(unit["row_group"]), config.input, config.ray.decode_batch_size)
+        while True:
+            started = time.perf_counter()
+            table = next(chunks, None)
+            if table is None:
+                break
+            read_seconds = time.perf_counter() - started
+            batch = prepare_rows(table, config, image_size)
+            batch["t_read"] = np.full(table.num_rows, read_seconds / max(table.num_rows, 1), np.float32)
+            yield batch

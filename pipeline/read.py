@@ -1,0 +1,177 @@
+"""Stage 1: find parquet shards on any fsspec filesystem, inspect them, and read them as row chunks.
+
+Shards are inspected (footer only) in the driver before any work is scheduled, so a truncated file or a
+missing column fails that shard with a message naming it, instead of failing the whole Ray job.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import InputConfig
+
+IMAGE_COLUMN_CANDIDATES = ("jpg", "png", "webp", "image", "jpeg", "IMAGE", "image_bytes")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input file: where it is, its stable name (used in row ids) and its content fingerprint."""
+
+    uri: str
+    name: str
+    fingerprint: str
+
+
+@dataclass
+class ShardPlan:
+    """What the footer told us: the rows to expect and how to map columns, or why it cannot be read."""
+
+    shard: Shard
+    num_rows: int = 0
+    row_groups: int = 0
+    columns: dict[str, str | None] = field(default_factory=dict)  # pipeline name -> source column
+    error: str | None = None
+
+
+def _filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, path
+
+
+def _glob_root(path: str) -> str:
+    """The directory part of a pattern before its first wildcard."""
+    if not globlib.has_magic(path):
+        return posixpath.dirname(path.rstrip("/"))
+    head = path
+    while globlib.has_magic(head):
+        head = posixpath.dirname(head)
+    return head
+
+
+def _fingerprint(info: dict) -> str:
+    """Size plus the store's change marker (S3 ETag, else mtime): cheap and changes when content does."""
+    marker = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{str(marker).strip(chr(34))}"
+
+
+def list_shards(cfg: InputConfig) -> list[Shard]:
+    """Expand every input pattern to parquet files. Names are relative to each pattern's root."""
+    shards: dict[str, Shard] = {}
+    for pattern in cfg.paths:
+        fs, path = _filesystem(pattern, cfg.storage_options)
+        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+        if fs.isdir(path):
+            matches, root = fs.glob(posixpath.join(path, "**/*.parquet")), path.rstrip("/")
+        else:
+            matches, root = fs.glob(path), _glob_root(path)
+        if not matches:
+            raise FileNotFoundError(f"input pattern {pattern!r} matches no parquet file")
+        for match in sorted(matches):
+            info = fs.info(match)
+            if info.get("type") == "directory":
+                continue
+            name = posixpath.relpath(match, root) if root else match
+            uri = match if protocol in ("file", "local") else f"{protocol}://{match}"
+            if name in shards and shards[name].uri != uri:
+                raise ValueError(
+                    f"shards {shards[name].uri} and {uri} would share the row-id prefix {name!r}; "
+                    "list them under one common input directory"
+                )
+            shards[name] = Shard(uri=uri, name=name, fingerprint=_fingerprint(info))
+    return list(shards.values())
+
+
+def _resolve_columns(schema: pa.Schema, cfg: InputConfig) -> dict[str, str | None]:
+    names = set(schema.names)
+    aliases_by_target: dict[str, list[str]] = {}
+    for source, target in cfg.aliases.items():
+        aliases_by_target.setdefault(target, []).append(source)
+
+    def pick(target: str, preferred: str) -> str | None:
+        if preferred in names:
+            return preferred
+        return next((s for s in aliases_by_target.get(target, []) if s in names), None)
+
+    if cfg.image_column is not None:
+        image = cfg.image_column if cfg.image_column in names else None
+    else:
+        image = pick("image", "__none__") or next((c for c in IMAGE_COLUMN_CANDIDATES if c in names), None)
+    return {
+        "image": image,
+        "key": pick("key", cfg.key_column),
+        "url": pick("url", cfg.url_column),
+        "caption": pick("caption", cfg.caption_column),
+        "status": pick("status", cfg.status_column),
+        "error_message": "error_message" if "error_message" in names else None,
+    }
+
+
+def inspect_shard(shard: Shard, cfg: InputConfig) -> ShardPlan:
+    """Read the footer: row count and column mapping; any problem becomes `error`, naming the file."""
+    try:
+        fs, path = _filesystem(shard.uri, cfg.storage_options)
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh)
+            schema, num_rows, row_groups = meta.schema_arrow, meta.metadata.num_rows, meta.num_row_groups
+    except Exception as exc:  # noqa: BLE001 - any unreadable footer fails just this shard
+        return ShardPlan(
+            shard, error=f"{shard.uri}: not a readable parquet file ({type(exc).__name__}: {exc})"
+        )
+    columns = _resolve_columns(schema, cfg)
+    if columns["image"] is None:
+        wanted = cfg.image_column or " / ".join(IMAGE_COLUMN_CANDIDATES)
+        return ShardPlan(
+            shard,
+            num_rows,
+            row_groups,
+            columns,
+            error=f"{shard.uri}: missing required image column ({wanted}); columns are {schema.names}; "
+            "set input.image_column",
+        )
+    return ShardPlan(shard, num_rows, row_groups, columns)
+
+
+def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: int) -> Iterator[pa.Table]:
+    """Yield the row group `chunk_rows` rows at a time, with the pipeline's column names.
+
+    A row without a key is named by its row index in the shard, so its id is still stable.
+    """
+    fs, path = _filesystem(plan.shard.uri, cfg.storage_options)
+    mapping = plan.columns
+    source_columns = sorted({c for c in mapping.values() if c})
+    with fs.open(path, "rb") as fh:
+        meta = pq.ParquetFile(fh)
+        first_row = sum(meta.metadata.row_group(i).num_rows for i in range(row_group))
+        for batch in meta.iter_batches(batch_size=chunk_rows, row_groups=[row_group], columns=source_columns):
+            n = batch.num_rows
+            row_index = pa.array(range(first_row, first_row + n), pa.int64())
+            first_row += n
+
+            def column(name: str, batch: pa.RecordBatch = batch, n: int = n) -> pa.Array:
+                source = mapping.get(name)
+                return batch.column(source) if source else pa.nulls(n, pa.string())
+
+            keys = pc.cast(column("key"), pa.string())
+            keys = pc.coalesce(keys, pc.binary_join_element_wise("row", pc.cast(row_index, pa.string()), ""))
+            ids = pc.binary_join_element_wise(plan.shard.name, keys, "/")
+            status = pc.cast(column("status"), pa.string())
+            yield pa.table(
+                {
+                    "id": ids,
+                    "shard": pa.array([plan.shard.uri] * n, pa.string()),
+                    "key": keys,
+                    "url": pc.cast(column("url"), pa.string()),
+                    "caption": pc.cast(column("caption"), pa.string()),
+                    "status": pc.coalesce(status, pa.scalar("success")),
+                    "error_message": pc.cast(column("error_message"), pa.string()),
+                    "image": pc.cast(batch.column(mapping["image"]), pa.binary()),
+                }
+            )

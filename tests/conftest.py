@@ -1,0 +1,73 @@
+"""Shared real components: a local Ray, a moto S3 server, generated scene shards, configs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/imagefactory.py
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, like the machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's threaded server), as s3fs's own tests use; credentials via env vars."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def scene_shards(tmp_path_factory) -> Path:
+    """Three img2dataset-style shards of 24 rendered scenes each (two row groups per shard)."""
+    from pipeline.scenes.shards import write_corpus
+
+    out = tmp_path_factory.mktemp("scenes")
+    write_corpus(out, seed=7, split="test", num_images=72, shard_size=24)
+    return out
+
+
+def index_config(input_paths: list[str], output_uri: str, *overrides: str):
+    from pipeline.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"input.paths={input_paths!r}",
+            f"output.uri={output_uri}",
+            "encoder.batch_size=16",
+            "ray.decode_batch_size=8",
+            *overrides,
+        ],
+    )

@@ -1,0 +1,168 @@
+"""The indexing job end to end on real components: local Ray, real parquet, real LanceDB, real JPEGs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import imagefactory
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import index_config
+
+from pipeline.decode import decode_image
+from pipeline.encode.model import load_model, normalize_uint8
+from pipeline.job import run_index
+from pipeline.query import Searcher, build_indexes
+
+
+def _table(uri: str, name: str, **storage) -> pa.Table:
+    return lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
+
+
+def _input_ids(shard_dir: Path) -> list[str]:
+    ids = []
+    for path in sorted(shard_dir.glob("*.parquet")):
+        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+        ids += [f"{path.name}/{key}" for key in keys]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def indexed(ray_local, scene_shards, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lance"))
+    cfg = index_config([str(scene_shards)], out)
+    summary = run_index(cfg, log=lambda _: None)
+    return cfg, summary
+
+
+def test_every_input_row_is_indexed_once_with_its_route_and_compute(indexed, scene_shards):
+    cfg, summary = indexed
+    images = _table(cfg.output.uri, "images")
+    expected = _input_ids(scene_shards)
+    assert sorted(images.column("id").to_pylist()) == sorted(expected)
+    assert (summary.rows_ok, summary.rows_failed, summary.rows_skipped) == (72, 0, 0)
+    assert summary.shards_committed == 3 and summary.routes == Counter({"full": 72})
+    vectors = np.stack(images.column("vector").to_numpy(zero_copy_only=False))
+    assert vectors.shape == (72, 128)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert set(images.column("exit_depth").to_pylist()) == {12}
+    assert set(images.column("tokens").to_pylist()) == {65}  # 8x8 patches + CLS
+    np.testing.assert_allclose(images.column("gflops").to_numpy(), summary.gflops_full, rtol=1e-6)
+    assert set(images.column("model_id").to_pylist()) == {"icar-tiny-vit:embedded"}
+    complexity = images.column("complexity").to_numpy()
+    assert np.all((complexity >= 0) & (complexity < 1)) and complexity.std() > 0.05
+    manifest = _table(cfg.output.uri, "manifest").to_pylist()
+    assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
+        ("00000.parquet", "done", 24),
+        ("00001.parquet", "done", 24),
+        ("00002.parquet", "done", 24),
+    ]
+
+
+def test_written_embedding_equals_open_clip_encode_image(indexed, scene_shards):
+    """Tolerance 1e-5 absolute on unit vectors (float32 vectors, same uint8 pixels)."""
+    cfg, _ = indexed
+    shard = pq.read_table(scene_shards / "00001.parquet", columns=["key", "jpg"]).slice(0, 6)
+    loaded = load_model(cfg.model)
+    pixels = np.stack([decode_image(b, loaded.image_size)[0] for b in shard.column("jpg").to_pylist()])
+    with torch.no_grad():
+        x = normalize_uint8(torch.from_numpy(pixels), loaded.mean, loaded.std)
+        reference = loaded.model.encode_image(x, normalize=True).numpy()
+    ids = [f"00001.parquet/{k}" for k in shard.column("key").to_pylist()]
+    table = lancedb.connect(cfg.output.uri).open_table("images")
+    rows = {r["id"]: r["vector"] for r in table.search().where(f"id IN {tuple(ids)}").limit(None).to_list()}
+    written = np.stack([np.asarray(rows[i], np.float32) for i in ids])
+    np.testing.assert_allclose(written, reference, atol=1e-5)
+
+
+def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
+    cfg, _ = indexed
+    before = _table(cfg.output.uri, "images").num_rows
+    summary = run_index(cfg, log=lambda _: None)
+    assert (summary.shards_already_done, summary.shards_committed, summary.rows_ok) == (3, 0, 0)
+    assert _table(cfg.output.uri, "images").num_rows == before
+
+
+def test_text_query_finds_the_scene_it_describes(indexed, scene_shards):
+    cfg, _ = indexed
+    rows = pq.read_table(scene_shards / "00002.parquet", columns=["key", "caption", "scene_key"]).to_pylist()
+    searcher = Searcher.open(cfg)
+    searcher.check_model()
+    hits = 0
+    for row in rows[:10]:
+        results = searcher.search(searcher.embed_text([row["caption"]]), k=10)
+        assert len(results) == 10 and results[0]["score"] >= results[-1]["score"]
+        hits += any(r["caption"] == row["caption"] for r in results)
+    assert hits >= 6  # a trained model retrieves most of its own captions among 72 images
+
+
+def test_where_filter_restricts_results(indexed):
+    cfg, _ = indexed
+    searcher = Searcher.open(cfg)
+    results = searcher.search(searcher.embed_text(["a red circle"]), k=50, where="id LIKE '00000.parquet/%'")
+    assert len(results) == 24 and all(r["id"].startswith("00000.parquet/") for r in results)
+
+
+def test_build_indexes_then_query_still_answers(ray_local, scene_shards, tmp_path):
+    cfg = index_config([str(scene_shards)], str(tmp_path / "db"))
+    run_index(cfg, log=lambda _: None)
+    info = build_indexes(cfg, partitions=2, sub_vectors=8)
+    assert info["rows"] == 72
+    table = lancedb.connect(cfg.output.uri).open_table("images")
+    names = {i.name for i in table.list_indices()}
+    assert {"vector_idx", "id_idx", "shard_idx", "route_idx"} <= names
+    searcher = Searcher.open(cfg)
+    assert len(searcher.search(searcher.embed_text(["a blue star"]), k=5)) == 5
+
+
+def _write_shard(path: Path, rows: list[dict]) -> None:
+    schema = pa.schema(
+        [("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
+         ("status", pa.string()), ("error_message", pa.string())]
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def test_bad_rows_and_bad_shards_are_recorded_never_dropped(ray_local, tmp_path):
+    shards = tmp_path / "in"
+    shards.mkdir()
+    good, bad = imagefactory.good_bytes(), imagefactory.bad_bytes()
+    rows = [dict(key=f"g-{n}", url=f"u/{n}", caption=n, jpg=b, status="success") for n, b in good.items()]
+    rows += [dict(key=f"b-{n}", url=f"u/{n}", caption=n, jpg=b, status="success") for n, b in bad.items()]
+    rows.append(dict(key="dl-failed", jpg=None, status="failed_to_download", error_message="HTTP 404"))
+    _write_shard(shards / "mixed.parquet", rows)
+    _write_shard(shards / "empty.parquet", [])
+    truncated = (shards / "mixed.parquet").read_bytes()
+    (shards / "truncated.parquet").write_bytes(truncated[: len(truncated) // 2])
+    pq.write_table(pa.table({"key": ["a"], "caption": ["no image column"]}), shards / "noimage.parquet")
+
+    cfg = index_config([str(shards)], str(tmp_path / "db"))
+    summary = run_index(cfg, log=lambda _: None)
+
+    assert summary.rows_ok == len(good)
+    assert summary.rows_skipped == 2  # the null image and the failed download
+    assert summary.rows_failed == len(bad) - 1
+    images = _table(cfg.output.uri, "images")
+    assert sorted(images.column("id").to_pylist()) == sorted(f"mixed.parquet/g-{n}" for n in good)
+    rejected = {r["id"]: r for r in _table(cfg.output.uri, "rejected").to_pylist()}
+    assert set(rejected) == {f"mixed.parquet/b-{n}" for n in bad} | {"mixed.parquet/dl-failed"}
+    assert rejected["mixed.parquet/dl-failed"]["status"] == "skipped"
+    assert "HTTP 404" in rejected["mixed.parquet/dl-failed"]["reason"]
+    assert rejected["mixed.parquet/b-null"]["status"] == "skipped"
+    for name, reasons in imagefactory.BAD_CASE_REASONS.items():
+        if name != "null":
+            row = rejected[f"mixed.parquet/b-{name}"]
+            assert row["status"] == "failed" and any(r in row["reason"] for r in reasons), row
+
+    manifest = {Path(m["shard"]).name: m for m in _table(cfg.output.uri, "manifest").to_pylist()}
+    assert manifest["empty.parquet"]["status"] == "done" and manifest["empty.parquet"]["rows_ok"] == 0
+    assert manifest["truncated.parquet"]["status"] == "failed"
+    assert "truncated.parquet" in manifest["truncated.parquet"]["error"]
+    assert manifest["noimage.parquet"]["status"] == "failed"
+    assert "missing required image column" in manifest["noimage.parquet"]["error"]
+    assert summary.shards_failed == 2
