@@ -40,15 +40,29 @@ class DecodeConfig(_Section):
 
 
 class RouteSpec(_Section):
-    """A compute route: how deep the ViT runs and how many tokens it keeps."""
+    """A compute route: how deep the ViT runs and how many tokens it carries."""
 
     name: str
     exit_depth: int | None = Field(None, ge=1, description="blocks to run; None = full depth")
-    token_budget: float | None = Field(
-        None, gt=0, description="tokens kept: int = count, float<=1 = energy fraction tau; None = all"
+    merge: Literal["none", "tome", "crossget"] = Field("none", description="token merging after attention")
+    merge_r: int = Field(0, ge=0, description="tokens merged away per block")
+    energy_tau: float | None = Field(
+        None, gt=0, le=1, description="keep the fewest tokens holding this fraction of spectral energy"
     )
-    merge: Literal["none", "tome", "crossget"] = "none"
-    merge_r: int = Field(0, ge=0, description="tokens merged per block")
+    keep_tokens: int | None = Field(None, ge=1, description="fixed number of patch tokens kept")
+    prune_after: int = Field(1, ge=1, description="blocks run on all tokens before energy/fixed pruning")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> RouteSpec:
+        if self.energy_tau is not None and self.keep_tokens is not None:
+            raise ValueError(f"route {self.name!r}: set energy_tau or keep_tokens, not both")
+        if self.merge != "none" and self.merge_r == 0:
+            raise ValueError(f"route {self.name!r}: merge={self.merge!r} needs merge_r > 0")
+        return self
+
+    @property
+    def prunes(self) -> bool:
+        return self.energy_tau is not None or self.keep_tokens is not None
 
 
 def _default_routes() -> list[RouteSpec]:
@@ -58,7 +72,7 @@ def _default_routes() -> list[RouteSpec]:
 class RouterConfig(_Section):
     """Complexity thresholds (ascending) split images over routes: score < thresholds[i] -> routes[i]."""
 
-    scorer: Literal["handcrafted"] = "handcrafted"
+    scorer: str = Field("handcrafted", description="'handcrafted' or a learned scorer JSON from calibration")
     thresholds: list[float] = Field(default_factory=list)
     routes: list[RouteSpec] = Field(default_factory=_default_routes)
 

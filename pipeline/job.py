@@ -24,6 +24,7 @@ from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.model import register_embedded_models
 from pipeline.prepare import FAILED, OK, SKIPPED, prepare_unit, work_unit
 from pipeline.read import ShardPlan, inspect_shard, list_shards
+from pipeline.score import load_scorer
 from pipeline.write import DONE, REJECTED_SCHEMA, LanceWriter, ShardRecord
 from pipeline.write import FAILED as SHARD_FAILED
 
@@ -172,7 +173,7 @@ class _ShardAssembler:
             for timer in STAGE_TIMERS:
                 s.stage_seconds[timer] += float(merged[timer].sum())
         t0 = time.perf_counter()
-        self.writer.commit_shard(record, images, rejected, upsert=uri in self.interrupted)
+        self.writer.commit_shard(record, images, rejected, upsert=False)
         s = self.summary
         s.write_seconds += time.perf_counter() - t0
         s.shards_committed += 1
@@ -198,6 +199,7 @@ def run_index(cfg: IndexConfig, log: Callable[[str], None] = print) -> RunSummar
     image_size = int(image_size if isinstance(image_size, int) else image_size[0])
     summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
 
+    load_scorer(cfg.router.scorer)  # a missing learned-scorer file fails here, before any work
     shards = list_shards(cfg.input)
     writer = LanceWriter(cfg.output, cfg.model.model_id, int(model_cfg["embed_dim"]))
     done, interrupted = writer.committed(), writer.interrupted()

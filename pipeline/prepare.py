@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,16 @@ from pipeline.config import IndexConfig
 from pipeline.decode import DecodeError, decode_image
 from pipeline.read import Shard, ShardPlan, read_chunks
 from pipeline.route import assign_routes
-from pipeline.score import complexity_features, complexity_score
+from pipeline.score import Scorer, complexity_features, load_scorer
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 Batch = dict[str, np.ndarray]
+
+
+@cache
+def scorer_for(spec: str) -> Scorer:
+    """One scorer per worker process (a learned one is read from disk once)."""
+    return load_scorer(spec)
 
 
 def work_unit(plan: ShardPlan, row_group: int) -> dict[str, Any]:
@@ -67,7 +74,7 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, image_size: int) -> Batch:
     decoded = time.perf_counter()
     ok = outcome == OK
     complexity = np.full(n, np.nan, np.float32)
-    complexity[ok] = complexity_score(complexity_features(images[ok], bytes_per_pixel[ok]))
+    complexity[ok] = scorer_for(cfg.router.scorer)(complexity_features(images[ok], bytes_per_pixel[ok]))
     route = np.zeros(n, np.int32)
     route[ok] = assign_routes(complexity[ok], cfg.router)
     scored = time.perf_counter()

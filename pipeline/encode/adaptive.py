@@ -2,15 +2,18 @@
 
 Modifications against open_clip's `VisionTransformer.forward` (the weights are read, never copied):
 - the block loop is ours, so it can stop after `exit_depth` blocks and pool through that depth's exit head;
-- attention runs through `scaled_dot_product_attention` on the block's own in/out projections, so it is
-  fused and can take ToMe's proportional-attention bias;
-- the patch tokens may be merged after each block's attention (ToMe / CrossGET) and pruned to a per-image
-  energy budget; batches are re-grouped after pruning so every forward stays rectangular.
+- attention runs through `scaled_dot_product_attention` on the block's own in/out projections (fused),
+  with ToMe's proportional-attention bias once tokens stand for more than one patch;
+- patch tokens may be merged between each block's attention and MLP (ToMe / CrossGET);
+- after `prune_after` blocks, tokens may be pruned to a per-image energy budget (or a fixed count), the
+  dropped ones fused into one token; the batch is then split into groups of equal budget so every forward
+  stays one dense tensor and saved FLOPs become saved seconds.
 Full depth with no reduction reproduces `model.encode_image` (tested).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +22,26 @@ from torch import nn
 
 from pipeline.config import RouteSpec
 from pipeline.encode import tokens as tok
-from pipeline.encode.flops import vit_gflops
+from pipeline.encode.flops import block_gflops, head_gflops, stem_gflops
 from pipeline.encode.heads import ExitHeads
 
 
 @dataclass
 class RouteOutput:
     embeddings: torch.Tensor  # [B, D] L2-normalised
-    tokens: torch.Tensor  # [B] tokens alive in the last block run (CLS included)
+    tokens: torch.Tensor  # [B] tokens alive after the last block run (CLS included)
     gflops: torch.Tensor  # [B] analytic GFLOPs actually spent on each image
     exit_depth: int
+
+
+@dataclass
+class _State:
+    """Tokens in flight for a group of images that share one token count."""
+
+    x: torch.Tensor  # [B, N, C]
+    size: torch.Tensor  # [B, N, 1] patches each token stands for
+    gflops: float
+    cls_attention: torch.Tensor | None = None  # [B, N] from the last block, for pruning
 
 
 def _check_supported(visual: nn.Module) -> None:
@@ -41,7 +54,7 @@ def _check_supported(visual: nn.Module) -> None:
 class AdaptiveViT(nn.Module):
     """Routed forward over `visual` (an open_clip VisionTransformer) with optional exit heads."""
 
-    def __init__(self, visual: nn.Module, heads: ExitHeads | None = None):
+    def __init__(self, visual: nn.Module, heads: ExitHeads | None = None, budget_quantum: int = 8):
         super().__init__()
         _check_supported(visual)
         self.visual = visual
@@ -56,30 +69,58 @@ class AdaptiveViT(nn.Module):
         self.patch_dim = 3 * int(patch[0] * patch[1])
         self.mlp_ratio = self.blocks[0].mlp.c_fc.out_features / self.width
         self.embed_dim = int(visual.output_dim)
+        self.budget_quantum = budget_quantum  # budgets round up to a multiple: few groups, dense batches
 
-    # -- one block, split so token reduction can sit between attention and MLP ------------------
-    def _attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
+    # -- one block, split so merging can sit between attention and MLP -----------------------------
+    def _attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_cls: bool):
         attn: nn.MultiheadAttention = block.attn
         b, n, d = x.shape
+        head_dim = d // self.num_heads
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = F.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias)
-        return block.ls_1(out), k.mean(dim=1)
+        cls_attention = None
+        if want_cls:  # EViT's token importance: how much the CLS query attends to each token
+            logits = (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(head_dim)
+            if bias is not None:
+                logits = logits + bias[:, :, 0]
+            cls_attention = logits.softmax(dim=-1).mean(dim=1)
+        return block.ls_1(out), k.mean(dim=1), cls_attention
 
-    def _mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    def _run_blocks(self, state: _State, start: int, stop: int, route: RouteSpec, want_cls: bool) -> _State:
+        x, size, gflops = state.x, state.size, state.gflops
+        weighted = route.merge != "none" or route.prunes
+        cls_attention = None
+        for i in range(start, stop):
+            block = self.blocks[i]
+            n_attn = x.shape[1]
+            bias = tok.proportional_attention_bias(size, x.dtype) if weighted else None
+            attn_out, keys, cls_attention = self._attention(block, x, bias, want_cls and i == stop - 1)
+            x = x + attn_out
+            if route.merge != "none":
+                match = (
+                    tok.bipartite_soft_matching if route.merge == "tome" else tok.complete_graph_soft_matching
+                )
+                plan = match(keys, route.merge_r)
+                x, size = plan.merge(x, size)
+                gflops += 2.0 * n_attn * n_attn * keys.shape[-1] / 1e9  # similarity matrix
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            gflops += block_gflops(self.width, self.mlp_ratio, n_attn, x.shape[1])
+        return _State(x, size, gflops, cls_attention)
 
-    def _pool(self, x: torch.Tensor, size: torch.Tensor, depth: int) -> torch.Tensor:
-        visual = self.visual
-        if visual.pool_type == "avg":
-            patches, weights = x[:, 1:], size[:, 1:]
-            pooled = (patches * weights).sum(dim=1) / weights.sum(dim=1)
-        else:
-            pooled = x[:, 0]
+    def _pool(self, state: _State) -> torch.Tensor:
+        """The token the head reads: CLS, or the size-weighted mean of patches for avg-pool towers."""
+        x, size = state.x, state.size
+        if self.visual.pool_type == "avg":
+            return (x[:, 1:] * size[:, 1:]).sum(dim=1) / size[:, 1:].sum(dim=1)
+        return x[:, 0]
+
+    def project(self, pooled: torch.Tensor, depth: int) -> torch.Tensor:
+        """Final LayerNorm + projection at full depth, the exit head's own at an early exit."""
         if depth == self.depth or self.heads is None:
-            pooled = visual.ln_post(pooled)
-            return pooled @ visual.proj if visual.proj is not None else pooled
+            pooled = self.visual.ln_post(pooled)
+            return pooled @ self.visual.proj if self.visual.proj is not None else pooled
         return self.heads.project(pooled, depth)
 
     def route_depth(self, route: RouteSpec) -> int:
@@ -93,33 +134,49 @@ class AdaptiveViT(nn.Module):
             raise ValueError(f"route {route.name!r}: no exit head at depth {depth} (heads at {have})")
         return depth
 
+    def token_budgets(self, state: _State, route: RouteSpec) -> torch.Tensor:
+        """Patch tokens to keep per image, rounded up to the quantum so images share few group sizes."""
+        n_patches = state.x.shape[1] - 1
+        if route.energy_tau is not None:
+            budget = tok.energy_token_budget(state.x, route.energy_tau)
+        else:
+            budget = torch.full((state.x.shape[0],), route.keep_tokens or n_patches, dtype=torch.long)
+        q = self.budget_quantum
+        return ((budget + q - 1) // q * q).clamp(max=n_patches)
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, route: RouteSpec) -> RouteOutput:
         """images: normalised float [B, 3, H, W]. One route for the whole batch."""
         depth = self.route_depth(route)
+        pooled, tokens, gflops = self.pooled_tokens(images, route, depth)
+        embeddings = F.normalize(self.project(pooled, depth), dim=-1)
+        return RouteOutput(embeddings, tokens, gflops + head_gflops(self.width, self.embed_dim), depth)
+
+    def pooled_tokens(self, images: torch.Tensor, route: RouteSpec, depth: int):
+        """Run `depth` blocks on the route's token path -> (pooled token [B, C], tokens [B], GFLOPs [B]).
+
+        Separate from the head so exit heads can be trained on exactly the tokens they will read.
+        """
         x = self.visual._embeds(images)
         b = x.shape[0]
-        size = torch.ones(b, x.shape[1], 1, dtype=x.dtype)
-        tokens_per_block: list[int] = []
-        proportional = route.merge != "none"
-        for block in self.blocks[:depth]:
-            tokens_per_block.append(x.shape[1])
-            bias = tok.proportional_attention_bias(size) if proportional else None
-            attn_out, keys = self._attention(block, x, bias)
-            x = x + attn_out
-            if route.merge != "none" and route.merge_r > 0:
-                match = (
-                    tok.bipartite_soft_matching if route.merge == "tome" else tok.complete_graph_soft_matching
-                )
-                x, size = match(keys, route.merge_r).merge(x, size)
-            x = self._mlp(block, x)
-        pooled = self._pool(x, size, depth)
-        gflops = vit_gflops(
-            self.width, self.patch_dim, self.num_patches, tokens_per_block, self.mlp_ratio, self.embed_dim
-        )
-        return RouteOutput(
-            embeddings=F.normalize(pooled, dim=-1),
-            tokens=torch.full((b,), x.shape[1], dtype=torch.int32),
-            gflops=torch.full((b,), gflops, dtype=torch.float32),
-            exit_depth=depth,
-        )
+        stem = stem_gflops(self.width, self.patch_dim, self.num_patches)
+        start = _State(x, x.new_ones(b, x.shape[1], 1), stem)
+        if not (route.prunes and route.prune_after < depth):
+            end = self._run_blocks(start, 0, depth, route, want_cls=False)
+            tokens = torch.full((b,), end.x.shape[1], dtype=torch.int32)
+            return self._pool(end), tokens, torch.full((b,), end.gflops, dtype=torch.float32)
+        early = self._run_blocks(start, 0, route.prune_after, route, want_cls=True)
+        budgets = self.token_budgets(early, route)
+        n, c = early.x.shape[1], early.x.shape[2]
+        svd = 4.0 * n * c * min(n, c) / 1e9 if route.energy_tau is not None else 0.0
+        pooled = torch.empty(b, c, dtype=x.dtype)
+        tokens = torch.empty(b, dtype=torch.int32)
+        gflops = torch.empty(b, dtype=torch.float32)
+        for keep in budgets.unique().tolist():
+            rows = (budgets == keep).nonzero().squeeze(1)
+            xg, sg = tok.prune_and_fuse(early.x[rows], early.size[rows], int(keep), early.cls_attention[rows])
+            end = self._run_blocks(_State(xg, sg, early.gflops + svd), route.prune_after, depth, route, False)
+            pooled[rows] = self._pool(end)
+            tokens[rows] = end.x.shape[1]
+            gflops[rows] = end.gflops
+        return pooled, tokens, gflops

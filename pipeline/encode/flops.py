@@ -5,24 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def vit_gflops(
-    width: int,
-    patch_dim: int,
-    num_patches: int,
-    tokens_per_block: Sequence[int],
-    mlp_ratio: float,
-    embed_dim: int,
-) -> float:
-    """GFLOPs of patch embedding + the blocks actually run (tokens entering each) + the output projection.
-
-    Per block with n tokens of width d: qkv and output projections 4·n·d², MLP 2·r·n·d², attention
-    scores and weighted sum 2·n²·d multiply-adds.
-    """
-    macs = num_patches * patch_dim * width
-    for n in tokens_per_block:
-        macs += 4 * n * width**2 + 2 * mlp_ratio * n * width**2 + 2 * n * n * width
-    macs += width * embed_dim
+def block_gflops(width: int, mlp_ratio: float, n_attn: int, n_mlp: int | None = None) -> float:
+    """One block: qkv + output projections and attention on `n_attn` tokens, the MLP on `n_mlp` tokens
+    (fewer when tokens are merged between attention and MLP)."""
+    n_mlp = n_attn if n_mlp is None else n_mlp
+    macs = 4 * n_attn * width**2 + 2 * n_attn * n_attn * width + 2 * mlp_ratio * n_mlp * width**2
     return 2.0 * macs / 1e9
+
+
+def stem_gflops(width: int, patch_dim: int, num_patches: int) -> float:
+    return 2.0 * num_patches * patch_dim * width / 1e9
+
+
+def head_gflops(width: int, embed_dim: int) -> float:
+    return 2.0 * width * embed_dim / 1e9
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -34,11 +30,7 @@ def full_depth_gflops(model_cfg: dict) -> float:
     vision = model_cfg["vision_cfg"]
     image, patch = _pair(vision["image_size"]), _pair(vision["patch_size"])
     num_patches = (image[0] // patch[0]) * (image[1] // patch[1])
-    return vit_gflops(
-        width=vision["width"],
-        patch_dim=3 * patch[0] * patch[1],
-        num_patches=num_patches,
-        tokens_per_block=[num_patches + 1] * vision["layers"],
-        mlp_ratio=vision.get("mlp_ratio", 4.0),
-        embed_dim=model_cfg["embed_dim"],
-    )
+    width, mlp = vision["width"], vision.get("mlp_ratio", 4.0)
+    blocks = vision["layers"] * block_gflops(width, mlp, num_patches + 1)
+    stem = stem_gflops(width, 3 * patch[0] * patch[1], num_patches)
+    return stem + blocks + head_gflops(width, model_cfg["embed_dim"])

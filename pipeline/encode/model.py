@@ -19,6 +19,7 @@ from pipeline.config import EMBEDDED_MODEL, ModelConfig
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 EMBEDDED_CHECKPOINT = MODELS_DIR / f"{EMBEDDED_MODEL}.safetensors"
+EMBEDDED_HEADS = MODELS_DIR / f"{EMBEDDED_MODEL}.heads.safetensors"
 # open_clip's eval normalisation (OPENAI_DATASET_MEAN / STD), used unless a model config overrides it
 _DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,6 +50,15 @@ def resolve_pretrained(cfg: ModelConfig) -> str | None:
                 f"embedded checkpoint {EMBEDDED_CHECKPOINT} is missing; train it with jobs/train_clip.py"
             )
         return str(EMBEDDED_CHECKPOINT)
+    return None
+
+
+def resolve_heads(cfg: ModelConfig) -> str | None:
+    """Exit heads to load: the configured file, else the shipped heads of the embedded model."""
+    if cfg.heads is not None:
+        return cfg.heads
+    if cfg.name == EMBEDDED_MODEL and cfg.pretrained is None and EMBEDDED_HEADS.exists():
+        return str(EMBEDDED_HEADS)
     return None
 
 

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import ModelConfig, RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads
-from pipeline.encode.model import LoadedModel, load_model, normalize_uint8
+from pipeline.encode.model import LoadedModel, load_model, normalize_uint8, resolve_heads
 
 
 @dataclass
@@ -34,7 +34,8 @@ class RoutedEncoder:
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, routes: list[RouteSpec]) -> RoutedEncoder:
         loaded = load_model(model_cfg)
-        heads = ExitHeads.load(model_cfg.heads, loaded.model.visual) if model_cfg.heads else None
+        heads_path = resolve_heads(model_cfg)
+        heads = ExitHeads.load(heads_path, loaded.model.visual) if heads_path else None
         return cls(loaded, routes, heads)
 
     @property

@@ -1,0 +1,223 @@
+"""Calibration: measure every candidate route on a captioned sample, then pick the router that meets a
+quality floor at the lowest measured cost.
+
+For each route we keep each image's embedding, GFLOPs and the route's measured seconds per image (one
+dense batch per route, as the encoder actor runs it). A router is a ladder of routes plus ascending score
+thresholds; for a given scorer we search ladders and threshold quantiles for the cheapest assignment whose
+mean cosine to full depth and text->image R@10 stay above the floor. Because every candidate assignment
+only gathers precomputed similarities, the search costs seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.config import RouteSpec
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.metrics import recall_at_k
+
+
+@dataclass
+class RouteMeasurement:
+    route: RouteSpec
+    embeddings: torch.Tensor  # [N, D]
+    gflops: np.ndarray  # [N]
+    seconds_per_image: float
+
+
+@dataclass
+class QualityFloor:
+    min_cosine: float = 0.95  # mean cosine of routed embeddings to full-depth ones
+    min_recall_ratio: float = 0.99  # routed text->image R@10 / full-depth R@10
+
+
+@dataclass
+class RouterPlan:
+    routes: list[RouteSpec]
+    thresholds: list[float]
+    mean_cosine: float
+    recall_at_10: float
+    seconds_per_image: float
+    gflops_per_image: float
+    share: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "routes": [r.model_dump(exclude_defaults=True) for r in self.routes],
+            "thresholds": self.thresholds,
+            "mean_cosine": self.mean_cosine,
+            "t2i_R@10": self.recall_at_10,
+            "seconds_per_image": self.seconds_per_image,
+            "gflops_per_image": self.gflops_per_image,
+            "share": self.share,
+        }
+
+
+def candidate_routes(depth: int, exits: list[int]) -> list[RouteSpec]:
+    """Exits x token paths: plain, ToMe merging, energy-budget pruning."""
+    routes = []
+    for d in [*exits, depth]:
+        tag = "full" if d == depth else f"d{d}"
+        exit_depth = None if d == depth else d
+        routes.append(RouteSpec(name=tag, exit_depth=exit_depth))
+        for r in (2, 4):
+            routes.append(RouteSpec(name=f"{tag}-tome{r}", exit_depth=exit_depth, merge="tome", merge_r=r))
+        for tau in (0.9, 0.95):
+            name = f"{tag}-energy{int(tau * 100)}"
+            routes.append(RouteSpec(name=name, exit_depth=exit_depth, energy_tau=tau, prune_after=2))
+    return routes
+
+
+def measure_routes(
+    encoder: RoutedEncoder, images: np.ndarray, routes: list[RouteSpec], batch_size: int = 64
+) -> list[RouteMeasurement]:
+    """Embed all images on every route, timing each route's dense batches."""
+    out = []
+    for i, route in enumerate(routes):
+        ids = np.full(min(batch_size, len(images)), i, np.int32)
+        encoder.encode(images[: len(ids)], ids)  # warm-up: first-call allocations are not the route's cost
+        vectors, gflops, seconds = [], [], 0.0
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            t0 = time.perf_counter()
+            result = encoder.encode(chunk, np.full(len(chunk), i, np.int32))
+            seconds += time.perf_counter() - t0
+            vectors.append(result.vectors)
+            gflops.append(result.gflops)
+        out.append(
+            RouteMeasurement(
+                route,
+                torch.from_numpy(np.concatenate(vectors)),
+                np.concatenate(gflops),
+                seconds / len(images),
+            )
+        )
+    return out
+
+
+class _Evaluator:
+    """Scores an assignment (image -> route) using precomputed text-image similarities per route."""
+
+    def __init__(
+        self, measurements: list[RouteMeasurement], full: torch.Tensor, text: torch.Tensor, keys: list[str]
+    ):
+        self.m = measurements
+        self.sims = torch.stack([text @ m.embeddings.T for m in measurements])  # [R, Q, N]
+        self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
+        _, inverse = np.unique(np.asarray(keys), return_inverse=True)
+        key_ids = torch.from_numpy(inverse)
+        self.hit = key_ids[None, :] == key_ids[:, None]  # [Q, N]
+        self.seconds = np.array([m.seconds_per_image for m in measurements])
+        self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
+        self.full_recall = recall_at_k(text, full, keys, keys, (10,))[10]
+
+    def quality(self, assign: np.ndarray) -> tuple[float, float]:
+        idx = torch.from_numpy(assign)
+        n = len(assign)
+        sims = self.sims[idx, :, torch.arange(n)].T  # [Q, N]: column j from image j's route
+        top = sims.topk(10, dim=1).indices
+        recall = float(self.hit.gather(1, top).any(dim=1).float().mean())
+        cosine = float(self.cos[idx, torch.arange(n)].mean())
+        return cosine, recall
+
+    def cost(self, assign: np.ndarray) -> tuple[float, float]:
+        seconds = float(self.seconds[assign].mean())
+        gflops = float(self.gflops[assign, np.arange(len(assign))].mean())
+        return seconds, gflops
+
+
+def pareto_routes(ev: _Evaluator) -> np.ndarray:
+    """Route indices by ascending cost, minus any route slower and worse (mean cosine) than another."""
+    mean_cos = ev.cos.mean(dim=1).numpy()
+    order = np.argsort(ev.seconds)
+    kept, best_cos = [], -np.inf
+    for i in order:
+        if mean_cos[i] > best_cos:
+            kept.append(int(i))
+            best_cos = mean_cos[i]
+    return np.asarray(kept)
+
+
+def search_router(
+    scores: np.ndarray,
+    measurements: list[RouteMeasurement],
+    full: torch.Tensor,
+    text: torch.Tensor,
+    keys: list[str],
+    floor: QualityFloor,
+    max_routes: int = 3,
+    quantiles: int = 10,
+) -> RouterPlan | None:
+    """The cheapest (ladder, thresholds) meeting `floor` on this sample, or None if none does."""
+    ev = _Evaluator(measurements, full, text, keys)
+    order = pareto_routes(ev)  # ladders go from cheaper to dearer routes, none dominated
+    grid = np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1])
+    best: RouterPlan | None = None
+    for size in range(1, max_routes + 1):
+        for ladder in itertools.combinations(order.tolist(), size):
+            for cut in itertools.combinations(grid.tolist(), size - 1):
+                bucket = np.searchsorted(np.asarray(cut), scores, side="right")
+                assign = np.asarray(ladder)[bucket]
+                seconds, gflops = ev.cost(assign)
+                if best is not None and seconds >= best.seconds_per_image:
+                    continue
+                cosine, recall = ev.quality(assign)
+                if cosine < floor.min_cosine or recall < floor.min_recall_ratio * ev.full_recall:
+                    continue
+                share = [float((bucket == j).mean()) for j in range(size)]
+                best = RouterPlan(
+                    [measurements[r].route for r in ladder],
+                    [float(c) for c in cut],
+                    cosine,
+                    recall,
+                    seconds,
+                    gflops,
+                    share,
+                )
+    return best
+
+
+def apply_plan(
+    plan: RouterPlan,
+    scores: np.ndarray,
+    measurements: list[RouteMeasurement],
+    full: torch.Tensor,
+    text: torch.Tensor,
+    keys: list[str],
+) -> dict[str, float]:
+    """Quality and cost of a router on a sample it was not fitted on (the honest estimate)."""
+    ev = _Evaluator(measurements, full, text, keys)
+    index = {m.route.name: i for i, m in enumerate(measurements)}
+    ladder = np.asarray([index[r.name] for r in plan.routes])
+    assign = ladder[np.searchsorted(np.asarray(plan.thresholds), scores, side="right")]
+    cosine, recall = ev.quality(assign)
+    seconds, gflops = ev.cost(assign)
+    return {
+        "mean_cosine": cosine,
+        "t2i_R@10": recall,
+        "full_R@10": ev.full_recall,
+        "seconds_per_image": seconds,
+        "gflops_per_image": gflops,
+    }
+
+
+def subset(measurements: list[RouteMeasurement], rows: np.ndarray) -> list[RouteMeasurement]:
+    return [
+        RouteMeasurement(m.route, m.embeddings[rows], m.gflops[rows], m.seconds_per_image)
+        for m in measurements
+    ]
+
+
+def cheapest_route_labels(measurements: list[RouteMeasurement], full: torch.Tensor, min_cosine: float):
+    """Per image, the rank (by measured cost) of the cheapest route keeping cos-to-full >= min_cosine:
+    the self-supervised target of the learned router."""
+    order = np.argsort([m.seconds_per_image for m in measurements])
+    cos = np.stack([(measurements[i].embeddings * full).sum(-1).numpy() for i in order])  # [R, N] by cost
+    ok = cos >= min_cosine
+    ok[-1] |= ~ok.any(axis=0)  # no route is good enough: the dearest one
+    return ok.argmax(axis=0).astype(np.float32)

@@ -1,0 +1,30 @@
+"""Timing that survives a noisy shared machine: candidates run alternately (A B C A B C …) on the same
+inputs and threads, so background load hits them alike and their ratio stays meaningful."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def alternate(
+    candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one call each per round, in turn."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def throughput(seconds: list[float], items_per_call: int) -> dict[str, float]:
+    """Median items/s with its spread (min and max over rounds)."""
+    rates = sorted(items_per_call / s for s in seconds)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "rounds": len(rates)}

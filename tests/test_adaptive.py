@@ -1,0 +1,121 @@
+"""The adaptive forward: exact at full depth, honest about compute, and independent of batch grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, RouteSpec
+from pipeline.encode.adaptive import AdaptiveViT
+from pipeline.encode.flops import block_gflops, full_depth_gflops, head_gflops, stem_gflops
+from pipeline.encode.heads import ExitHeads, HeadsMismatchError
+from pipeline.encode.model import load_model, register_embedded_models
+from pipeline.encode.routed import RoutedEncoder
+
+TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model(ModelConfig())
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_full_route_reproduces_open_clip_vit_b32_with_random_weights():
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32").eval()
+    x = _images(3, 224)
+    with torch.no_grad():
+        reference = model.encode_image(x, normalize=True)
+    out = AdaptiveViT(model.visual)(x, RouteSpec(name="full"))
+    assert (out.embeddings - reference).abs().max() < TOLERANCE
+    assert out.tokens.tolist() == [50, 50, 50]
+
+
+def test_full_route_reproduces_the_embedded_model(embedded):
+    x = _images(8, embedded.image_size)
+    with torch.no_grad():
+        reference = embedded.model.encode_image(x, normalize=True)
+    out = AdaptiveViT(embedded.model.visual)(x, RouteSpec(name="full"))
+    assert (out.embeddings - reference).abs().max() < TOLERANCE
+    register_embedded_models()
+    expected = full_depth_gflops(open_clip.get_model_config("icar-tiny-vit"))
+    assert out.gflops.tolist() == pytest.approx([expected] * 8, rel=1e-6)
+
+
+def test_early_exit_spends_only_the_blocks_it_runs(embedded):
+    visual = embedded.model.visual
+    vit = AdaptiveViT(visual, ExitHeads(visual, [4, 6]))
+    out = vit(_images(2, embedded.image_size), RouteSpec(name="d4", exit_depth=4))
+    expected = stem_gflops(192, 768, 64) + 4 * block_gflops(192, 4.0, 65) + head_gflops(192, 128)
+    assert out.exit_depth == 4 and out.gflops.tolist() == pytest.approx([expected] * 2, rel=1e-6)
+    assert torch.allclose(out.embeddings.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_tome_merges_r_tokens_per_block(embedded):
+    vit = AdaptiveViT(embedded.model.visual)
+    out = vit(_images(2, embedded.image_size), RouteSpec(name="t", merge="tome", merge_r=3))
+    assert out.tokens.tolist() == [65 - 12 * 3] * 2
+    full = vit(_images(2, embedded.image_size), RouteSpec(name="full"))
+    assert (out.gflops < 0.8 * full.gflops).all()
+
+
+def test_pruned_batch_equals_each_image_alone(embedded):
+    """Grouping a batch by energy budget must not change any image's embedding."""
+    vit = AdaptiveViT(embedded.model.visual)
+    flat = torch.zeros(1, 3, embedded.image_size, embedded.image_size)
+    x = torch.cat([flat, _images(3, embedded.image_size), flat + 0.5])
+    route = RouteSpec(name="e", energy_tau=0.9, prune_after=2)
+    together = vit(x, route)
+    alone = [vit(x[i : i + 1], route) for i in range(len(x))]
+    for i, single in enumerate(alone):
+        assert torch.allclose(together.embeddings[i], single.embeddings[0], atol=1e-5)
+        assert together.tokens[i] == single.tokens[0]
+    assert together.tokens[0] < together.tokens[1]  # a flat image keeps fewer tokens than noise
+
+
+def test_routed_encoder_matches_one_route_at_a_time(embedded):
+    visual = embedded.model.visual
+    heads = ExitHeads(visual, [6])
+    routes = [
+        RouteSpec(name="d6", exit_depth=6),
+        RouteSpec(name="full"),
+        RouteSpec(name="t", merge="tome", merge_r=2),
+    ]
+    encoder = RoutedEncoder(embedded, routes, heads)
+    images = np.random.default_rng(0).integers(
+        0, 256, (9, embedded.image_size, embedded.image_size, 3), np.uint8
+    )
+    route_ids = np.array([0, 1, 2, 2, 1, 0, 1, 2, 0], np.int32)
+    mixed = encoder.encode(images, route_ids)
+    for r in range(3):
+        rows = np.flatnonzero(route_ids == r)
+        alone = encoder.encode(images[rows], np.full(len(rows), r, np.int32))
+        np.testing.assert_allclose(mixed.vectors[rows], alone.vectors, atol=1e-5)
+        assert set(mixed.exit_depth[rows]) == {alone.exit_depth[0]}
+
+
+def test_route_needing_a_missing_exit_head_is_refused_at_start(embedded):
+    heads = ExitHeads(embedded.model.visual, [4, 6])
+    with pytest.raises(ValueError, match="no exit head at depth 5"):
+        RoutedEncoder(embedded, [RouteSpec(name="d5", exit_depth=5)], heads)
+
+
+def test_heads_round_trip_and_refuse_another_model(embedded, tmp_path):
+    visual = embedded.model.visual
+    heads = ExitHeads(visual, [4, 8])
+    with torch.no_grad():
+        heads.projs["4"].add_(0.01)
+    path = tmp_path / "heads.safetensors"
+    heads.save(path, "icar-tiny-vit:embedded")
+    loaded = ExitHeads.load(path, visual)
+    pooled = torch.randn(2, 192)
+    assert torch.equal(loaded.project(pooled, 4), heads.project(pooled, 4))
+    other = load_model(ModelConfig(), pretrained=False).model.visual
+    with pytest.raises(HeadsMismatchError, match="trained for model icar-tiny-vit:embedded"):
+        ExitHeads.load(path, other)
