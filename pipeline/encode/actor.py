@@ -21,7 +21,10 @@ class EncodeStage:
         config = IndexConfig.model_validate(cfg)
         threads = config.encoder.torch_threads or max(1, int(config.encoder.cpus_per_actor))
         torch.set_num_threads(threads)
-        self.encoder = RoutedEncoder.from_config(config.model, config.router.routes)
+        use_gpu = config.encoder.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.encoder = RoutedEncoder.from_config(
+            config.model, config.router.routes, "cuda" if use_gpu else "cpu"
+        )
         self.route_names = np.asarray([r.name for r in config.router.routes], dtype=object)
 
     def __call__(self, batch: Batch) -> Batch:

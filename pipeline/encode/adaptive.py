@@ -140,7 +140,9 @@ class AdaptiveViT(nn.Module):
         if route.energy_tau is not None:
             budget = tok.energy_token_budget(state.x, route.energy_tau)
         else:
-            budget = torch.full((state.x.shape[0],), route.keep_tokens or n_patches, dtype=torch.long)
+            budget = torch.full(
+                (state.x.shape[0],), route.keep_tokens or n_patches, dtype=torch.long, device=state.x.device
+            )
         q = self.budget_quantum
         return ((budget + q - 1) // q * q).clamp(max=n_patches)
 
@@ -169,7 +171,7 @@ class AdaptiveViT(nn.Module):
         budgets = self.token_budgets(early, route)
         n, c = early.x.shape[1], early.x.shape[2]
         svd = 4.0 * n * c * min(n, c) / 1e9 if route.energy_tau is not None else 0.0
-        pooled = torch.empty(b, c, dtype=x.dtype)
+        pooled = torch.empty(b, c, dtype=x.dtype, device=x.device)
         tokens = torch.empty(b, dtype=torch.int32)
         gflops = torch.empty(b, dtype=torch.float32)
         for keep in budgets.unique().tolist():
@@ -177,6 +179,6 @@ class AdaptiveViT(nn.Module):
             xg, sg = tok.prune_and_fuse(early.x[rows], early.size[rows], int(keep), early.cls_attention[rows])
             end = self._run_blocks(_State(xg, sg, early.gflops + svd), route.prune_after, depth, route, False)
             pooled[rows] = self._pool(end)
-            tokens[rows] = end.x.shape[1]
-            gflops[rows] = end.gflops
+            tokens[rows.cpu()] = end.x.shape[1]
+            gflops[rows.cpu()] = end.gflops
         return pooled, tokens, gflops

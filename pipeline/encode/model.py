@@ -88,6 +88,6 @@ def load_model(cfg: ModelConfig, pretrained: str | None | bool = True) -> Loaded
 def normalize_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W], the tensor open_clip's preprocess makes."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)

@@ -24,19 +24,31 @@ class EncodedBatch:
 class RoutedEncoder:
     """uint8 images + route ids -> embeddings, one forward pass per route present in the batch."""
 
-    def __init__(self, loaded: LoadedModel, routes: list[RouteSpec], heads: ExitHeads | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        routes: list[RouteSpec],
+        heads: ExitHeads | None = None,
+        device: str = "cpu",
+    ):
         self.loaded = loaded
         self.routes = routes
+        self.device = torch.device(device)
+        loaded.model.to(self.device)
+        if heads is not None:
+            heads.to(self.device)
         self.vit = AdaptiveViT(loaded.model.visual, heads)
         for route in routes:
             self.vit.route_depth(route)  # fail at start-up, not mid-job, on a route the heads cannot serve
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, routes: list[RouteSpec]) -> RoutedEncoder:
+    def from_config(
+        cls, model_cfg: ModelConfig, routes: list[RouteSpec], device: str = "cpu"
+    ) -> RoutedEncoder:
         loaded = load_model(model_cfg)
         heads_path = resolve_heads(model_cfg)
         heads = ExitHeads.load(heads_path, loaded.model.visual) if heads_path else None
-        return cls(loaded, routes, heads)
+        return cls(loaded, routes, heads, device)
 
     @property
     def embed_dim(self) -> int:
@@ -53,9 +65,11 @@ class RoutedEncoder:
         pixels = torch.from_numpy(np.ascontiguousarray(images))
         for route_id in np.unique(route_ids):
             rows = np.flatnonzero(route_ids == route_id)
-            x = normalize_uint8(pixels[torch.from_numpy(rows)], self.loaded.mean, self.loaded.std)
-            result = self.vit(x, self.routes[int(route_id)])
-            out.vectors[rows] = result.embeddings.numpy()
+            batch = pixels[torch.from_numpy(rows)].to(self.device, non_blocking=True)
+            result = self.vit(
+                normalize_uint8(batch, self.loaded.mean, self.loaded.std), self.routes[int(route_id)]
+            )
+            out.vectors[rows] = result.embeddings.float().cpu().numpy()
             out.exit_depth[rows] = result.exit_depth
             out.tokens[rows] = result.tokens.numpy()
             out.gflops[rows] = result.gflops.numpy()

@@ -1,0 +1,436 @@
+"""The quality harness: how well an encoder, a set of embeddings or a written table retrieves scenes.
+
+Every later change (routes, exit heads, token reduction, thresholds) is judged by the same numbers:
+text->image and image->text recall with scene-key hits (any image whose canonical facts equal the
+caption's is a correct answer, so duplicates are never counted as misses), broken down by the scenes'
+ground-truth complexity level, plus -- against a reference embedding set such as the full-depth model's --
+how far each image's embedding and its neighbourhood moved. Held-out images go through `decode_image`,
+so they are exactly the pixels the indexing pipeline would feed the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from pipeline import decode as _decode_module
+from pipeline.config import IndexConfig, InputConfig, ModelConfig
+from pipeline.decode import decode_image
+from pipeline.encode.model import LoadedModel, load_model
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.metrics import neighbour_overlap, recall_at_k
+from pipeline.scenes import render as _render_module
+from pipeline.scenes.render import make_example
+
+LEVELS = ("low", "medium", "high")
+KS = (1, 5, 10)
+NEIGHBOURS = 10
+GROUND_TRUTH_COLUMNS = ["key", "caption", "scene_key", "complexity_level", "object_count", "background"]
+
+Embeddings = torch.Tensor | np.ndarray
+
+
+# -- held-out scenes ----------------------------------------------------------------------------------
+@dataclass
+class HeldoutSet:
+    """Decoded held-out scenes with their captions and ground truth, row-aligned."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3], exactly what decode_image gives the pipeline
+    captions: list[str]
+    scene_keys: list[str]
+    complexity_level: np.ndarray  # str [N]: low | medium | high
+    object_count: np.ndarray  # int32 [N]
+    background: np.ndarray  # str [N]
+    bytes_per_pixel: np.ndarray  # float32 [N]: encoded size / pixels, the router's free feature
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def head(self, n: int) -> HeldoutSet:
+        """The first n scenes (a smaller set for quick checks; same scenes for every caller)."""
+        return HeldoutSet(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
+
+def _renderer_version() -> str:
+    """Hash of the scene renderer and decoder sources: a cache written by older code is never reused."""
+    digest = hashlib.sha256()
+    for module in (_render_module, _decode_module):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:12]
+
+
+def _cache_path(cache_dir: str | Path, seed: int, split: str, count: int, image_size: int) -> Path:
+    name = f"heldout-{split}-seed{seed}-n{count}-{image_size}px-{_renderer_version()}.npz"
+    return Path(cache_dir) / name
+
+
+def _render(seed: int, split: str, count: int, image_size: int) -> HeldoutSet:
+    images = np.empty((count, image_size, image_size, 3), np.uint8)
+    captions, keys, levels, counts, backgrounds = [], [], [], [], []
+    bytes_per_pixel = np.empty(count, np.float32)
+    for index in range(count):
+        scene, data, _ = make_example(seed, split, index)
+        images[index], (width, height) = decode_image(data, image_size)
+        bytes_per_pixel[index] = len(data) / (width * height)
+        captions.append(scene.caption)
+        keys.append(scene.scene_key)
+        levels.append(scene.complexity_level)
+        counts.append(scene.object_count)
+        backgrounds.append(scene.background)
+    return HeldoutSet(
+        images=images,
+        captions=captions,
+        scene_keys=keys,
+        complexity_level=np.asarray(levels, dtype=str),
+        object_count=np.asarray(counts, dtype=np.int32),
+        background=np.asarray(backgrounds, dtype=str),
+        bytes_per_pixel=bytes_per_pixel,
+    )
+
+
+def load_heldout(
+    seed: int = 0,
+    count: int = 2000,
+    image_size: int = 128,
+    split: str = "heldout",
+    cache_dir: str | Path | None = None,
+) -> HeldoutSet:
+    """Render (or read from the .npz cache) the first `count` scenes of `split`.
+
+    The "heldout" split is disjoint from training's "train" split. Rendering 2000 scenes takes ~15 s,
+    so callers that evaluate repeatedly pass a `cache_dir`; the cache is keyed by (seed, split, count,
+    size) and by the renderer's source, and written atomically so concurrent runs cannot read half a file.
+    """
+    path = _cache_path(cache_dir, seed, split, count, image_size) if cache_dir is not None else None
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            columns = {f.name: data[f.name] for f in fields(HeldoutSet)}
+        columns["captions"], columns["scene_keys"] = list(columns["captions"]), list(columns["scene_keys"])
+        return HeldoutSet(**columns)
+    heldout = _render(seed, split, count, image_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **{f.name: np.asarray(getattr(heldout, f.name)) for f in fields(heldout)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return heldout
+
+
+# -- reports ------------------------------------------------------------------------------------------
+@dataclass
+class SliceQuality:
+    """Metrics over one set of queries (all scenes, or one complexity level); gallery is always all."""
+
+    count: int
+    t2i: dict[int, float | None]  # k -> recall@k of text queries against all images
+    i2t: dict[int, float | None]  # k -> recall@k of image queries against all captions
+    ref_cosine: float | None = None  # mean cosine between each image's embedding and its reference one
+    neighbour_overlap: float | None = None  # mean |top-10 image neighbours ∩ reference's| / 10
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": self.count}
+        out.update({f"t2i_R@{k}": v for k, v in self.t2i.items()})
+        out.update({f"i2t_R@{k}": v for k, v in self.i2t.items()})
+        out.update(ref_cosine=self.ref_cosine, neighbour_overlap=self.neighbour_overlap)
+        return out
+
+
+@dataclass
+class QualityReport:
+    """Retrieval quality of one embedding set, overall and per complexity level, plus its compute."""
+
+    overall: SliceQuality
+    by_level: dict[str, SliceQuality]
+    name: str = ""
+    gflops_per_image: float | None = None  # mean analytic GFLOPs of the image encoder, when known
+    seconds_per_image: float | None = None  # wall-clock image-encode seconds per image, when measured
+    extra: dict[str, Any] = field(default_factory=dict)  # caller's context (model id, routes, …)
+
+    @property
+    def t2i(self) -> dict[int, float | None]:
+        return self.overall.t2i
+
+    @property
+    def i2t(self) -> dict[int, float | None]:
+        return self.overall.i2t
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: plain str keys, floats or None."""
+        return {
+            "name": self.name,
+            **self.overall.to_dict(),
+            "gflops_per_image": self.gflops_per_image,
+            "seconds_per_image": self.seconds_per_image,
+            "by_level": {level: s.to_dict() for level, s in self.by_level.items()},
+            "extra": self.extra,
+        }
+
+    def to_markdown(self) -> str:
+        """One row for all scenes and one per complexity level."""
+        has_ref = self.overall.ref_cosine is not None
+        head = ["slice", "n", *[f"T→I R@{k}" for k in self.t2i], *[f"I→T R@{k}" for k in self.i2t]]
+        if has_ref:
+            head += ["ref cos", "nbr overlap@10"]
+        rows = [("all", self.overall), *self.by_level.items()]
+        lines = [f"**{self.name}**", ""] if self.name else []
+        lines += [_md_row(head), _md_row(["---"] * len(head))]
+        for label, s in rows:
+            cells = [label, str(s.count), *map(_fmt, s.t2i.values()), *map(_fmt, s.i2t.values())]
+            if has_ref:
+                cells += [_fmt(s.ref_cosine), _fmt(s.neighbour_overlap)]
+            lines.append(_md_row(cells))
+        compute = []
+        if self.gflops_per_image is not None:
+            compute.append(f"{self.gflops_per_image:.3f} GFLOPs/image")
+        if self.seconds_per_image is not None:
+            compute.append(f"{self.seconds_per_image * 1e3:.2f} ms/image")
+        if compute:
+            lines += ["", "compute: " + ", ".join(compute)]
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def reports_markdown(reports: Sequence[QualityReport]) -> str:
+    """Side-by-side comparison: one row per report (all scenes), T→I R@10 per level, compute."""
+    head = ["model", "n", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@10"]
+    head += [f"T→I R@10 {level}" for level in LEVELS] + ["ref cos", "nbr overlap", "GFLOPs/img", "ms/img"]
+    lines = [_md_row(head), _md_row(["---"] * len(head))]
+    for r in reports:
+        o = r.overall
+        cells = [r.name or "?", str(o.count)]
+        cells += [_fmt(o.t2i.get(k)) for k in (1, 5, 10)] + [_fmt(o.i2t.get(k)) for k in (1, 10)]
+        cells += [_fmt(r.by_level[lv].t2i.get(10)) if lv in r.by_level else "–" for lv in LEVELS]
+        cells += [_fmt(o.ref_cosine), _fmt(o.neighbour_overlap), _fmt(r.gflops_per_image)]
+        cells.append(_fmt(None if r.seconds_per_image is None else r.seconds_per_image * 1e3, 2))
+        lines.append(_md_row(cells))
+    return "\n".join(lines)
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def _as_unit_tensor(x: Embeddings, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float()
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be [N, D], got shape {tuple(t.shape)}")
+    return F.normalize(t.detach().cpu(), dim=-1)  # recall_at_k ranks by dot product: cosine needs unit rows
+
+
+def _recall(
+    queries: torch.Tensor, gallery: torch.Tensor, query_keys: list[str], gallery_keys: list[str]
+) -> dict[int, float | None]:
+    ks = tuple(k for k in KS if k <= len(gallery))
+    if len(queries) == 0 or not ks:
+        return dict.fromkeys(KS)
+    found = recall_at_k(queries, gallery, query_keys, gallery_keys, ks)
+    return {k: found.get(k) for k in KS}
+
+
+def evaluate_embeddings(
+    image_emb: Embeddings,
+    text_emb: Embeddings,
+    heldout: HeldoutSet,
+    reference: Embeddings | None = None,
+    name: str = "",
+) -> QualityReport:
+    """Score row-aligned image and caption embeddings of `heldout` (and optionally a reference set).
+
+    Per level, only the queries are restricted (to that level's scenes); the gallery stays every image
+    (or caption), so a level's recall is comparable to the overall one and to other levels'.
+    """
+    images, texts = _as_unit_tensor(image_emb, "image_emb"), _as_unit_tensor(text_emb, "text_emb")
+    n = len(heldout)
+    if len(images) != n or len(texts) != n:
+        raise ValueError(f"{len(images)} image / {len(texts)} text embeddings for {n} held-out scenes")
+    keys = list(heldout.scene_keys)
+    ref_cos = overlap = None
+    if reference is not None:
+        ref = _as_unit_tensor(reference, "reference")
+        if ref.shape != images.shape:
+            raise ValueError(f"reference shape {tuple(ref.shape)} != image embeddings {tuple(images.shape)}")
+        ref_cos = (images * ref).sum(dim=1)
+        overlap = neighbour_overlap(images, ref, k=NEIGHBOURS) if n > NEIGHBOURS else None
+
+    def slice_quality(rows: np.ndarray) -> SliceQuality:
+        idx = torch.from_numpy(rows)
+        sub_keys = [keys[i] for i in rows]
+        return SliceQuality(
+            count=len(rows),
+            t2i=_recall(texts[idx], images, sub_keys, keys),
+            i2t=_recall(images[idx], texts, sub_keys, keys),
+            ref_cosine=float(ref_cos[idx].mean()) if ref_cos is not None and len(rows) else None,
+            neighbour_overlap=float(overlap[idx].mean()) if overlap is not None and len(rows) else None,
+        )
+
+    levels = np.asarray(heldout.complexity_level).astype(str)
+    names = list(LEVELS) + sorted(set(levels.tolist()) - set(LEVELS))
+    return QualityReport(
+        overall=slice_quality(np.arange(n)),
+        by_level={level: slice_quality(np.flatnonzero(levels == level)) for level in names},
+        name=name,
+    )
+
+
+# -- encoders and written tables ----------------------------------------------------------------------
+def load_model_settled(
+    cfg: ModelConfig, pretrained: str | bool | None = True, attempts: int = 4, wait_s: float = 5.0
+) -> LoadedModel:
+    """`load_model`, retried: the training job rewrites the embedded checkpoint in place every few minutes,
+    and a read that lands mid-write fails on a truncated file (it never succeeds with partial weights,
+    since safetensors checks that the header covers the whole file)."""
+    for attempt in range(attempts):
+        try:
+            return load_model(cfg, pretrained=pretrained)
+        except FileNotFoundError:
+            raise
+        except Exception:  # noqa: BLE001 - safetensors/open_clip raise several types on a torn file
+            if attempt == attempts - 1:
+                raise
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+@torch.inference_mode()
+def embed_texts(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Captions -> L2-normalised [N, D] with the model's own text tower (what a query would use)."""
+    model = loaded.model
+    out = [
+        model.encode_text(loaded.tokenizer(list(captions[i : i + batch_size])), normalize=True)
+        for i in range(0, len(captions), batch_size)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, int(model.text_projection.shape[-1]))
+
+
+def evaluate_encoder(
+    encoder: RoutedEncoder,
+    heldout: HeldoutSet,
+    route_ids: np.ndarray | None = None,
+    reference: Embeddings | None = None,
+    batch_size: int = 256,
+    name: str = "",
+) -> QualityReport:
+    """Encode the held-out images through the routed encoder (route 0 for all unless `route_ids`) and score.
+
+    Records the encoder's mean analytic GFLOPs and the measured image-encode seconds per image, so a
+    route's quality and cost come out of one call.
+    """
+    n = len(heldout)
+    routes = np.zeros(n, np.int64) if route_ids is None else np.asarray(route_ids, dtype=np.int64)
+    if routes.shape != (n,):
+        raise ValueError(f"route_ids must have shape ({n},), got {routes.shape}")
+    vectors, gflops = [], []
+    seconds = 0.0
+    for i in range(0, n, batch_size):
+        started = time.perf_counter()
+        out = encoder.encode(heldout.images[i : i + batch_size], routes[i : i + batch_size])
+        seconds += time.perf_counter() - started
+        vectors.append(out.vectors)
+        gflops.append(out.gflops)
+    texts = embed_texts(encoder.loaded, heldout.captions, batch_size)
+    report = evaluate_embeddings(np.concatenate(vectors), texts, heldout, reference, name=name)
+    report.gflops_per_image = float(np.concatenate(gflops).mean())
+    report.seconds_per_image = seconds / max(n, 1)
+    report.extra["model_id"] = encoder.loaded.model_id
+    report.extra["routes"] = {r.name: int((routes == j).sum()) for j, r in enumerate(encoder.routes)}
+    return report
+
+
+def _read_ground_truth(shard_paths: Sequence[str | Path], cfg: InputConfig) -> dict[str, dict[str, Any]]:
+    """Row id -> ground truth, with ids formed exactly as the reader forms them (shard name / key)."""
+    from pipeline.read import list_shards
+
+    shards = list_shards(cfg.model_copy(update={"paths": [str(p) for p in shard_paths]}))
+    truth: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        fs, path = fsspec.core.url_to_fs(shard.uri, **cfg.storage_options)
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh, columns=GROUND_TRUTH_COLUMNS)
+        for row in table.to_pylist():
+            truth[f"{shard.name}/{row['key']}"] = row
+    return truth
+
+
+def evaluate_table(
+    cfg: IndexConfig,
+    shard_paths: Sequence[str | Path] | None = None,
+    loaded: LoadedModel | None = None,
+    name: str = "",
+) -> QualityReport:
+    """Score a LanceDB table as the pipeline wrote it, against the corpus shards' ground truth.
+
+    `shard_paths` default to `cfg.input.paths` (so ids match the job's exactly); an id whose shard name
+    differs (e.g. the job listed a parent directory) is matched on the shard's file name and key instead.
+    Captions are embedded with `cfg.model`'s text tower; the table must hold that model's vectors.
+    """
+    from pipeline.write import connect
+
+    paths = list(shard_paths) if shard_paths is not None else list(cfg.input.paths)
+    if not paths:
+        raise ValueError("no shard paths: pass shard_paths or set input.paths")
+    truth = _read_ground_truth(paths, cfg.input)
+    by_file_key: dict[str, dict[str, Any] | None] = {}
+    for row_id, row in truth.items():
+        short = f"{Path(row_id.rsplit('/', 1)[0]).name}/{row['key']}"
+        by_file_key[short] = None if short in by_file_key else row  # ambiguous file names match nothing
+
+    table = connect(cfg.output).open_table(cfg.output.table)
+    data = table.to_arrow().select(["id", "vector", "gflops", "model_id"])
+    model_ids = set(data.column("model_id").to_pylist())
+    if model_ids - {cfg.model.model_id}:
+        raise ValueError(
+            f"table {cfg.output.table!r} holds vectors of {sorted(model_ids)}, but the text tower would be "
+            f"{cfg.model.model_id}; pass the matching model config"
+        )
+    rows, keep = [], []
+    for i, row_id in enumerate(data.column("id").to_pylist()):
+        prefix, key = row_id.rsplit("/", 1)
+        row = truth.get(row_id) or by_file_key.get(f"{Path(prefix).name}/{key}")
+        if row is not None:
+            rows.append(row)
+            keep.append(i)
+    if not rows:
+        raise ValueError(f"none of the {data.num_rows} table rows match a row of the shards {paths}")
+    data = data.take(keep)
+    vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    heldout = HeldoutSet(
+        images=np.zeros((len(rows), 0, 0, 3), np.uint8),  # the table holds vectors, not pixels
+        captions=[r["caption"] for r in rows],
+        scene_keys=[r["scene_key"] for r in rows],
+        complexity_level=np.asarray([r["complexity_level"] for r in rows], dtype=str),
+        object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
+        background=np.asarray([r["background"] for r in rows], dtype=str),
+    )
+    loaded = loaded or load_model_settled(cfg.model)
+    report = evaluate_embeddings(vectors, embed_texts(loaded, heldout.captions), heldout, name=name)
+    report.gflops_per_image = float(np.asarray(data.column("gflops").to_numpy(), np.float64).mean())
+    report.extra.update(
+        model_id=cfg.model.model_id,
+        table=f"{cfg.output.uri}/{cfg.output.table}",
+        table_rows=int(table.count_rows()),
+        ground_truth_rows=len(truth),
+    )
+    return report
