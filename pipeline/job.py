@@ -173,7 +173,7 @@ class _ShardAssembler:
             for timer in STAGE_TIMERS:
                 s.stage_seconds[timer] += float(merged[timer].sum())
         t0 = time.perf_counter()
-        self.writer.commit_shard(record, images, rejected, upsert=False)
+        self.writer.commit_shard(record, images, rejected, upsert=uri in self.interrupted)
         s = self.summary
         s.write_seconds += time.perf_counter() - t0
         s.shards_committed += 1

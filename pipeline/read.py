@@ -67,6 +67,9 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
     shards: dict[str, Shard] = {}
     for pattern in cfg.paths:
         fs, path = _filesystem(pattern, cfg.storage_options)
+        # fsspec reuses filesystem instances and s3fs caches listings in them: a second run in one process
+        # would otherwise see the first run's files and ETags (changed shards skipped, new ones missed).
+        fs.invalidate_cache()
         protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
         if fs.isdir(path):
             matches, root = fs.glob(posixpath.join(path, "**/*.parquet")), path.rstrip("/")

@@ -6,7 +6,8 @@ Protocol per shard (one writer, so no two merge_inserts ever race on a key):
 3. manifest row -> status 'done' with counts.
 A shard never seen before is appended; a shard left 'writing' by a crash is upserted on `id`, so rerunning
 after a kill at any moment leaves every id exactly once. 'done' shards with the same fingerprint and model
-are skipped on rerun.
+are skipped on rerun; a shard whose fingerprint changed is upserted too, and its rows that the new version
+no longer has are deleted in the same commit.
 """
 
 from __future__ import annotations
@@ -143,21 +144,29 @@ class LanceWriter:
             .execute(table)
         )
 
-    def _put(self, table, rows: pa.Table, upsert: bool) -> None:
-        if rows.num_rows == 0:
-            return
-        rows = rows.cast(table.schema)
+    def _put(self, table, rows: pa.Table, shard: str, upsert: bool) -> None:
+        """Append; or upsert on `id` and delete the shard's old rows it no longer has, in one commit."""
         if upsert:
-            table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        else:
-            table.add(rows)
+            this_shard = "shard = '{}'".format(shard.replace("'", "''"))
+            if rows.num_rows == 0:
+                table.delete(this_shard)
+                return
+            (
+                table.merge_insert("id")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(this_shard)
+                .execute(rows.cast(table.schema))
+            )
+        elif rows.num_rows:
+            table.add(rows.cast(table.schema))
 
     def commit_shard(self, record: ShardRecord, images: pa.Table, rejected: pa.Table, upsert: bool) -> None:
         """Make one shard's rows visible and mark it done (see the module docstring for the protocol)."""
         started = time.time()
         self._set_manifest(ShardRecord(record.shard, record.fingerprint, WRITING), started, None)
-        self._put(self.rejected, rejected, upsert)
-        self._put(self.images, images, upsert)
+        self._put(self.rejected, rejected, record.shard, upsert)
+        self._put(self.images, images, record.shard, upsert)
         self._set_manifest(record, started, time.time())
 
     def record_failed_shard(self, record: ShardRecord) -> None:

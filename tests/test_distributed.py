@@ -1,0 +1,364 @@
+"""The job as it really runs: S3 in and out (moto), a SIGKILLed CLI rerun to exactly once, ray job submit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from uuid import uuid4
+
+import lancedb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import free_port, index_config
+
+from pipeline.job import run_index
+from pipeline.query import Searcher
+from pipeline.read import inspect_shard, list_shards, read_chunks
+
+KEY = SECRET = "testing"  # moto accepts any credentials; the ones s3_server also puts in the env
+REGION = "us-east-1"
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.prefix) / "bin"  # the venv's: python, ray
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def _table(uri: str, name: str, **storage) -> pa.Table:
+    return lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
+
+
+def _input_ids(shard_dir: Path) -> list[str]:
+    ids = []
+    for path in sorted(shard_dir.glob("*.parquet")):
+        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+        ids += [f"{path.name}/{key}" for key in keys]
+    return ids
+
+
+def _assert_exactly_once(ids: list[str], expected: list[str]) -> None:
+    duplicated = {i: n for i, n in Counter(ids).items() if n > 1}
+    assert not duplicated, f"ids written more than once: {duplicated}"
+    assert sorted(ids) == sorted(expected)
+
+
+# --- 1. S3 in, S3 out ------------------------------------------------------------------------------------
+
+
+@ray.remote
+def _rows_read_without_env_credentials(plan, input_cfg) -> int:
+    """Read a shard in a Ray worker with the AWS env vars removed: only storage_options can authenticate."""
+    saved = {k: os.environ.pop(k) for k in AWS_ENV if k in os.environ}
+    try:
+        return sum(t.num_rows for rg in range(plan.row_groups) for t in read_chunks(plan, rg, input_cfg, 64))
+    finally:
+        os.environ.update(saved)
+
+
+@pytest.mark.slow
+def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_server, scene_shards, tmp_path):
+    import boto3
+    import s3fs
+
+    bucket = f"icar-{uuid4().hex[:8]}"
+    client = boto3.client(
+        "s3", endpoint_url=s3_server, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
+    )
+    client.create_bucket(Bucket=bucket)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key=KEY, secret=SECRET, skip_instance_cache=True)
+    for path in sorted(scene_shards.glob("*.parquet")):
+        fs.put_file(str(path), f"{bucket}/scenes/{path.name}")
+
+    input_options = {"endpoint_url": s3_server, "key": KEY, "secret": SECRET}
+    lance_options = {
+        "aws_endpoint": s3_server,
+        "allow_http": "true",
+        "aws_access_key_id": KEY,
+        "aws_secret_access_key": SECRET,
+        "aws_region": REGION,
+    }
+    cfg = index_config([f"s3://{bucket}/scenes/*.parquet"], f"s3://{bucket}/lance")
+    cfg.input.storage_options = input_options
+    cfg.output.storage_options = lance_options
+
+    # The Ray workers get the credentials from the config, not from the environment of the test process.
+    plan = inspect_shard(list_shards(cfg.input)[0], cfg.input)
+    assert plan.error is None and plan.shard.uri == f"s3://{bucket}/scenes/00000.parquet"
+    probe = cfg.input.model_copy(update={"storage_options": input_options | {"skip_instance_cache": True}})
+    assert ray.get(_rows_read_without_env_credentials.remote(plan, probe)) == 24
+
+    summary = run_index(cfg, log=lambda _: None)
+    assert (summary.shards_committed, summary.shards_failed, summary.rows_ok) == (3, 0, 72)
+
+    expected = _input_ids(scene_shards)
+    _assert_exactly_once(_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected)
+    assert fs.ls(f"{bucket}/lance")  # the tables really are objects in the bucket
+    manifest = _table(cfg.output.uri, "manifest", **lance_options).to_pylist()
+    etags = {}
+    for path in sorted(scene_shards.glob("*.parquet")):
+        head = client.head_object(Bucket=bucket, Key=f"scenes/{path.name}")
+        etags[f"s3://{bucket}/scenes/{path.name}"] = f"{head['ContentLength']}:{head['ETag'].strip(chr(34))}"
+    assert {m["shard"]: (m["status"], m["rows_ok"], m["fingerprint"]) for m in manifest} == {
+        uri: ("done", 24, fingerprint) for uri, fingerprint in etags.items()
+    }
+
+    again = run_index(cfg, log=lambda _: None)
+    assert (again.shards_already_done, again.shards_committed, again.rows_ok) == (3, 0, 0)
+    assert _table(cfg.output.uri, "images", **lance_options).num_rows == len(expected)
+
+    # Rewrite one shard with 4 rows fewer: a new ETag, so this rerun in the same process redoes that shard
+    # only, and the dropped rows leave the table with it.
+    changed = tmp_path / "00001.parquet"
+    pq.write_table(pq.read_table(scene_shards / "00001.parquet").slice(0, 20), changed)
+    fs.put_file(str(changed), f"{bucket}/scenes/00001.parquet")
+    third = run_index(cfg, log=lambda _: None)
+    assert (third.shards_already_done, third.shards_committed, third.rows_ok) == (2, 1, 20)
+    dropped = {f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]}
+    expected = [i for i in expected if i not in dropped]
+    _assert_exactly_once(_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected)
+
+
+# --- 2. SIGKILL the CLI mid-run, rerun, every row exactly once --------------------------------------------
+
+CORPUS_SHARDS, CORPUS_ROWS = 8, 8
+# ViT-B-32 (random weights) encodes slowly enough on CPU that shards commit seconds apart, leaving a wide
+# window to kill in; the kill/rerun protocol does not depend on the model.
+KILL_RUN_SETTINGS = ("model.name=ViT-B-32", "encoder.batch_size=4", "ray.decode_batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    from pipeline.scenes.shards import write_corpus
+
+    out = tmp_path_factory.mktemp("small")
+    write_corpus(out, seed=11, split="test", num_images=CORPUS_SHARDS * CORPUS_ROWS, shard_size=CORPUS_ROWS)
+    return out
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, parent pid, session id) of every process, from /proc (Linux)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                state, ppid, _, session = stat[stat.rindex(")") + 2 :].split()[:4]
+                table[int(entry)] = (state, int(ppid), int(session))
+    return table
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL all that a session we started runs, and wait until it is gone.
+
+    Its process group first (the crash), then the rest of the session (Ray workers run in process groups
+    of their own) and descendants that started sessions of their own (a Ray job's driver).
+    """
+    tree, table = {sid}, _processes()
+    while grown := {pid for pid, (_, ppid, _) in table.items() if ppid in tree} - tree:
+        tree |= grown
+
+    def alive() -> list[int]:
+        return [
+            pid
+            for pid, (state, _, session) in _processes().items()
+            if state not in "ZX" and (session == sid or pid in tree)
+        ]
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pids := alive():
+        assert time.monotonic() < deadline, f"processes of session {sid} survived SIGKILL: {pids}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _session_processes(sid: int) -> list[int]:
+    return [pid for pid, (state, _, session) in _processes().items() if session == sid and state not in "ZX"]
+
+
+def _statuses(manifest) -> Counter:
+    return Counter(manifest.to_arrow().column("status").to_pylist())
+
+
+@contextlib.contextmanager
+def _cli_index(corpus: Path, db: str, log: Path):
+    """The real CLI in its own session and Ray temp dir (short: Ray's socket paths have a length limit)."""
+    ray_tmp = tempfile.mkdtemp(prefix="icar-ray-", dir="/tmp")
+    cmd = [sys.executable, "-m", "pipeline.cli", "index", "--input", str(corpus), "--output", db]
+    for setting in ("ray.num_cpus=2", *KILL_RUN_SETTINGS):
+        cmd += ["--set", setting]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        _kill_session(proc.pid)
+        proc.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_when(proc: subprocess.Popen, db: str, log: Path, condition) -> Counter:
+    """Poll the manifest; when `condition` holds, freeze the driver (the only writer), confirm, SIGKILL.
+
+    Freezing first makes the check exact: the state read while stopped is the state the kill leaves.
+    Returns the manifest's status counts at the kill.
+    """
+    connection = lancedb.connect(db, read_consistency_interval=timedelta(0))
+    manifest = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the CLI exited ({proc.returncode}) before the kill:\n{log.read_text()[-3000:]}")
+        if manifest is None:
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                manifest = connection.open_table("manifest")
+        if manifest is not None and condition(connection, _statuses(manifest)):
+            os.kill(proc.pid, signal.SIGSTOP)
+            status = _statuses(manifest)
+            if condition(connection, status):
+                _kill_session(proc.pid)
+                return status
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.002)
+    pytest.fail(f"no kill point within the deadline:\n{log.read_text()[-3000:]}")
+
+
+def _some_done(connection, status: Counter) -> bool:
+    return 1 <= status["done"] < CORPUS_SHARDS
+
+
+def _shard_rows_written_but_not_done(connection, status: Counter) -> bool:
+    """A shard left 'writing' whose embeddings are already committed: appending it again would duplicate."""
+    if not status["writing"]:
+        return False
+    writing = connection.open_table("manifest").search().where("status = 'writing'").to_list()
+    images = connection.open_table("images")
+    return any(images.count_rows(f"shard = '{row['shard']}'") for row in writing)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "condition", [_some_done, _shard_rows_written_but_not_done], ids=["after-commits", "mid-shard"]
+)
+def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(ray_local, small_corpus, tmp_path, condition):
+    db = str(tmp_path / "db")
+    with _cli_index(small_corpus, db, tmp_path / "cli.log") as proc:
+        at_kill = _kill_when(proc, db, tmp_path / "cli.log", condition)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not _session_processes(proc.pid)
+    done = at_kill["done"]
+
+    cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS)
+    summary = run_index(cfg, log=lambda _: None)
+    assert (summary.shards_already_done, summary.shards_committed) == (done, CORPUS_SHARDS - done)
+    assert summary.rows_ok == CORPUS_ROWS * (CORPUS_SHARDS - done)
+
+    expected = _input_ids(small_corpus)
+    images = _table(db, "images")
+    _assert_exactly_once(images.column("id").to_pylist(), expected)
+    assert images.num_rows == len(expected) == CORPUS_SHARDS * CORPUS_ROWS
+    manifest = _table(db, "manifest").to_pylist()
+    assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
+        (f"{i:05d}.parquet", "done", CORPUS_ROWS) for i in range(CORPUS_SHARDS)
+    ]
+
+
+# --- 3. ray job submit to a real head node ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _ray_head(env: dict[str, str]):
+    """`ray start --head --block` in its own session; torn down by killing exactly that session.
+
+    Not `ray stop --force`: it kills every Ray process on the machine by name, including the session's
+    `ray_local` and anyone else's Ray.
+    """
+    gcs, dashboard, agent, client = (free_port() for _ in range(4))
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = Path(env["RAY_TMPDIR"]) / "head.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"ray start exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"dashboard not up:\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            time.sleep(1)
+        yield address
+    finally:
+        _kill_session(proc.pid)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_job_on_a_cluster_with_the_venv_python(scene_shards, tmp_path):
+    db = str(tmp_path / "db")
+    ray_tmp = tempfile.mkdtemp(prefix="icar-ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # A test-only cluster without token auth (Ray 2.60 enables it by default). The job driver runs with the
+    # raylet's environment, so the venv's bin/ first on PATH is what makes `python` the venv's python.
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": ray_tmp,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    try:
+        with _ray_head(env) as address:
+            index = shlex.join(
+                ["python", "jobs/index.py", "--input", str(scene_shards), "--output", db]
+                + ["--set", "encoder.batch_size=16", "--set", "ray.decode_batch_size=8"]
+            )
+            check = "python -c 'import sys; print(\"job python prefix:\", sys.prefix)'"
+            runtime_env = {"excludes": [".venv", ".git", "results", ".demo"]}
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+                 "--runtime-env-json", json.dumps(runtime_env), "--", "sh", "-c", f"{check} && {index}"],
+                env=env, capture_output=True, text=True, timeout=400,
+            )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    output = submit.stdout + submit.stderr
+    assert submit.returncode == 0, output[-5000:]
+    assert "succeeded" in output and f"job python prefix: {sys.prefix}" in output, output[-5000:]
+    assert "shards: 3 found, 0 already indexed, 3 committed, 0 failed" in output
+
+    cfg = index_config([str(scene_shards)], db)
+    searcher = Searcher.open(cfg)
+    searcher.check_model()
+    ids = searcher.table.to_arrow().column("id").to_pylist()
+    _assert_exactly_once(ids, _input_ids(scene_shards))
+    row = pq.read_table(scene_shards / "00001.parquet", columns=["key", "caption"]).to_pylist()[0]
+    hits = searcher.search(searcher.embed_text([row["caption"]]), k=5, where="id LIKE '00001.parquet/%'")
+    assert len(hits) == 5 and all(h["id"].startswith("00001.parquet/") for h in hits)
+    manifest = _table(db, "manifest").to_pylist()
+    assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
+        (f"{i:05d}.parquet", "done", 24) for i in range(3)
+    ]
