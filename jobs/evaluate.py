@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RouteSpec, load_config
+from pipeline.encode.model import load_model
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.evaluate import (
     QualityReport,
     evaluate_encoder,
     evaluate_table,
     load_heldout,
-    load_model_settled,
     reports_markdown,
 )
 
@@ -52,7 +52,7 @@ def run_models(args: argparse.Namespace) -> int:
     reports: list[QualityReport] = []
     for name, pretrained in runs:
         torch.manual_seed(args.seed)  # the random-init baseline is the same weights on every run
-        loaded = load_model_settled(cfg, pretrained=pretrained)
+        loaded = load_model(cfg, pretrained=pretrained)
         if loaded.image_size != args.image_size:
             raise SystemExit(
                 f"model {cfg.name} takes {loaded.image_size}px images; pass --image-size {loaded.image_size}"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import decode as _decode_module
-from pipeline.config import IndexConfig, InputConfig, ModelConfig
+from pipeline.config import IndexConfig, InputConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import LoadedModel, load_model
 from pipeline.encode.routed import RoutedEncoder
@@ -296,24 +296,6 @@ def evaluate_embeddings(
 
 
 # -- encoders and written tables ----------------------------------------------------------------------
-def load_model_settled(
-    cfg: ModelConfig, pretrained: str | bool | None = True, attempts: int = 4, wait_s: float = 5.0
-) -> LoadedModel:
-    """`load_model`, retried: the training job rewrites the embedded checkpoint in place every few minutes,
-    and a read that lands mid-write fails on a truncated file (it never succeeds with partial weights,
-    since safetensors checks that the header covers the whole file)."""
-    for attempt in range(attempts):
-        try:
-            return load_model(cfg, pretrained=pretrained)
-        except FileNotFoundError:
-            raise
-        except Exception:  # noqa: BLE001 - safetensors/open_clip raise several types on a torn file
-            if attempt == attempts - 1:
-                raise
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")
-
-
 @torch.inference_mode()
 def embed_texts(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Captions -> L2-normalised [N, D] with the model's own text tower (what a query would use)."""
@@ -424,7 +406,7 @@ def evaluate_table(
         object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
         background=np.asarray([r["background"] for r in rows], dtype=str),
     )
-    loaded = loaded or load_model_settled(cfg.model)
+    loaded = loaded or load_model(cfg.model)
     report = evaluate_embeddings(vectors, embed_texts(loaded, heldout.captions), heldout, name=name)
     report.gflops_per_image = float(np.asarray(data.column("gflops").to_numpy(), np.float64).mean())
     report.extra.update(

@@ -26,7 +26,6 @@ from pipeline.evaluate import (
     evaluate_encoder,
     evaluate_table,
     load_heldout,
-    load_model_settled,
     reports_markdown,
 )
 from pipeline.scenes.render import make_example
@@ -64,6 +63,7 @@ def fake_heldout(keys: list[str], levels: list[str]) -> HeldoutSet:
         complexity_level=np.asarray(levels),
         object_count=np.ones(n, np.int32),
         background=np.asarray(["plain"] * n),
+        bytes_per_pixel=np.zeros(n, np.float32),
     )
 
 
@@ -195,8 +195,7 @@ def heldout() -> HeldoutSet:
 
 @pytest.fixture(scope="module")
 def trained():
-    # the training job rewrites this checkpoint in place; load_model_settled retries a torn read
-    return load_model_settled(ModelConfig())
+    return load_model(ModelConfig())
 
 
 def test_trained_model_retrieves_well_and_random_init_does_not(heldout, trained):
