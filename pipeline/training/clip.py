@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import load_model, normalize_uint8
+from pipeline.evaluate import HeldoutSet, embed_texts, load_heldout
 from pipeline.metrics import multi_positive_infonce, recall_at_k
 from pipeline.scenes.render import make_example
 
@@ -55,35 +56,24 @@ class SceneStream(IterableDataset):
             index += step
 
 
-def heldout_set(seed: int, count: int, image_size: int) -> tuple[torch.Tensor, list[str], list[str]]:
-    images, captions, keys = [], [], []
-    for index in range(count):
-        scene, data, _ = make_example(seed, "heldout", index)
-        images.append(decode_image(data, image_size)[0])
-        captions.append(scene.caption)
-        keys.append(scene.scene_key)
-    return torch.from_numpy(np.stack(images)), captions, keys
-
-
 @torch.no_grad()
-def embed_all(loaded, images: torch.Tensor, captions: list[str], batch: int = 256):
-    model = loaded.model
-    img, txt = [], []
-    for i in range(0, len(images), batch):
-        x = normalize_uint8(images[i : i + batch], loaded.mean, loaded.std)
-        img.append(model.encode_image(x, normalize=True))
-        txt.append(model.encode_text(loaded.tokenizer(captions[i : i + batch]), normalize=True))
-    return torch.cat(img), torch.cat(txt)
-
-
-def evaluate_recall(loaded, heldout) -> dict[str, float]:
-    images, captions, keys = heldout
+def evaluate_recall(loaded, heldout: HeldoutSet, batch: int = 256) -> dict[str, float]:
+    """Held-out text->image and image->text recall, scene-key hits (the quality harness's metric)."""
     was_training = loaded.model.training
     loaded.model.eval()
-    img, txt = embed_all(loaded, images, captions)
+    pixels = torch.from_numpy(heldout.images)
+    img = torch.cat(
+        [
+            loaded.model.encode_image(
+                normalize_uint8(pixels[i : i + batch], loaded.mean, loaded.std), normalize=True
+            )
+            for i in range(0, len(heldout), batch)
+        ]
+    )
+    txt = embed_texts(loaded, heldout.captions, batch)
     loaded.model.train(was_training)
-    t2i = recall_at_k(txt, img, keys, keys)
-    i2t = recall_at_k(img, txt, keys, keys)
+    keys = heldout.scene_keys
+    t2i, i2t = recall_at_k(txt, img, keys, keys), recall_at_k(img, txt, keys, keys)
     return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
 
 
@@ -116,7 +106,7 @@ def train(settings: TrainSettings) -> dict:
 
     stream = SceneStream(settings.seed, loaded.image_size)
     loader = DataLoader(stream, batch_size=settings.batch_size, num_workers=1, prefetch_factor=4)
-    heldout = heldout_set(settings.seed, settings.eval_images, loaded.image_size)
+    heldout = load_heldout(settings.seed, settings.eval_images, loaded.image_size)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"{EMBEDDED_MODEL}.train_log.jsonl"

@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RouteSpec
-from pipeline.decode import decode_image
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import LoadedModel, normalize_uint8
+from pipeline.evaluate import load_heldout
 from pipeline.metrics import multi_positive_infonce
-from pipeline.scenes.render import make_example
 
 
 @dataclass
@@ -39,16 +38,6 @@ class HeadSettings:
     reduced_routes: list[RouteSpec] = field(default_factory=list)  # extra token paths the heads must serve
 
 
-def render_split(seed: int, split: str, count: int, image_size: int):
-    images, captions, keys = [], [], []
-    for index in range(count):
-        scene, data, _ = make_example(seed, split, index)
-        images.append(decode_image(data, image_size)[0])
-        captions.append(scene.caption)
-        keys.append(scene.scene_key)
-    return np.stack(images), captions, keys
-
-
 @torch.inference_mode()
 def exit_features(vit: AdaptiveViT, x: torch.Tensor, route: RouteSpec, depths: list[int]) -> torch.Tensor:
     """[B, len(depths), width]: the token each exit head reads, under `route`'s token path."""
@@ -57,7 +46,8 @@ def exit_features(vit: AdaptiveViT, x: torch.Tensor, route: RouteSpec, depths: l
 
 def cache_features(loaded: LoadedModel, settings: HeadSettings, log=print):
     """Run the frozen backbone once: exit features for each token path, full-depth and text embeddings."""
-    images, captions, keys = render_split(settings.seed, settings.split, settings.images, loaded.image_size)
+    sample = load_heldout(settings.seed, settings.images, loaded.image_size, split=settings.split)
+    images, captions, keys = sample.images, sample.captions, sample.scene_keys
     model = loaded.model
     vit = AdaptiveViT(model.visual, ExitHeads(model.visual, settings.depths))
     paths = [RouteSpec(name="plain")] + list(settings.reduced_routes)
