@@ -31,8 +31,9 @@ ROUTED_CONFIG = Path(__file__).resolve().parent.parent / "pipeline" / "configs" 
 def fixed_routes(depth: int, exits: list[int]) -> list[RouteSpec]:
     routes = [RouteSpec(name="full")]
     routes += [RouteSpec(name=f"exit{d}", exit_depth=d) for d in exits]
-    routes += [RouteSpec(name=f"tome{r}", merge="tome", merge_r=r) for r in (2, 4, 5)]
-    routes += [RouteSpec(name=f"energy{int(t * 100)}", energy_tau=t, prune_after=2) for t in (0.8, 0.9, 0.95)]
+    routes += [RouteSpec(name=f"tome{r}", merge="tome", merge_r=r) for r in (2, 4, 6, 8)]
+    taus = (0.98, 0.99, 0.995, 0.999)
+    routes += [RouteSpec(name=f"energy{t * 100:g}", energy_tau=t, prune_after=2) for t in taus]
     return routes
 
 

@@ -65,10 +65,10 @@ def candidate_routes(depth: int, exits: list[int]) -> list[RouteSpec]:
         tag = "full" if d == depth else f"d{d}"
         exit_depth = None if d == depth else d
         routes.append(RouteSpec(name=tag, exit_depth=exit_depth))
-        for r in (2, 4):
+        for r in (2, 4, 6, 8):
             routes.append(RouteSpec(name=f"{tag}-tome{r}", exit_depth=exit_depth, merge="tome", merge_r=r))
-        for tau in (0.9, 0.95):
-            name = f"{tag}-energy{int(tau * 100)}"
+        for tau in (0.99,):  # block-2 token features are low-rank: tau 0.9 keeps ~6 of 64 tokens
+            name = f"{tag}-energy{tau * 100:g}"
             routes.append(RouteSpec(name=name, exit_depth=exit_depth, energy_tau=tau, prune_after=2))
     return routes
 

@@ -1,0 +1,46 @@
+"""The training jobs run end to end at toy size and write what the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, RouteSpec
+from pipeline.encode.heads import ExitHeads
+from pipeline.encode.model import load_model
+from pipeline.training.clip import TrainSettings, train
+from pipeline.training.heads import HeadSettings, train_heads
+
+
+def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):
+    settings = TrainSettings(
+        steps=2, batch_size=8, warmup=1, eval_every=2, eval_images=16, threads=1, out=str(tmp_path)
+    )
+    summary = train(settings)
+    assert summary["final"]["step"] == 1 and 0 <= summary["final"]["t2i_R@10"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "icar-tiny-vit.train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1]
+    loaded = load_model(ModelConfig(pretrained=str(tmp_path / "icar-tiny-vit.safetensors")))
+    assert loaded.model.visual.conv1.weight.dtype == torch.float32  # fp16 on disk, fp32 in memory
+
+
+def test_exit_heads_training_moves_early_exits_toward_full_depth():
+    loaded = load_model(ModelConfig())
+    settings = HeadSettings(
+        depths=[4],
+        images=64,
+        epochs=3,
+        batch_size=32,
+        split="heads-test",
+        reduced_routes=[RouteSpec(name="t", merge="tome", merge_r=2)],
+    )
+    untrained = ExitHeads(loaded.model.visual, [4])
+    heads, report = train_heads(loaded, settings, log=lambda _: None)
+    assert heads.fingerprint == untrained.fingerprint
+    assert len(report["history"]) == 3
+    assert report["history"][-1]["loss"] < report["history"][0]["loss"]
+    assert report["train_cosine_to_full"][4] > 0.5
+    with pytest.raises(KeyError):
+        heads.project(torch.zeros(1, 192), 6)
