@@ -66,10 +66,11 @@ class HeldoutSet:
 
 
 def _renderer_version() -> str:
-    """Hash of the scene renderer and decoder sources: a cache written by older code is never reused."""
+    """Hash of the renderer and decoder sources and the set's fields: older caches are never reused."""
     digest = hashlib.sha256()
     for module in (_render_module, _decode_module):
         digest.update(inspect.getsource(module).encode())
+    digest.update(",".join(f.name for f in fields(HeldoutSet)).encode())
     return digest.hexdigest()[:12]
 
 

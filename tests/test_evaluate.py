@@ -204,7 +204,7 @@ def test_trained_model_retrieves_well_and_random_init_does_not(heldout, trained)
     random_model = load_model(ModelConfig(), pretrained=False)
     baseline = evaluate_encoder(RoutedEncoder(random_model, [RouteSpec(name="full")]), heldout, name="random")
     print("\n" + reports_markdown([report, baseline]))
-    assert report.t2i[10] >= 0.6 and report.i2t[10] >= 0.6
+    assert report.t2i[10] >= 0.9 and report.i2t[10] >= 0.9  # measured 0.956 / 0.925 on 2000 scenes
     assert baseline.t2i[10] < 0.3 and baseline.i2t[10] < 0.3
     assert report.gflops_per_image == pytest.approx(baseline.gflops_per_image) and report.gflops_per_image > 0
     assert report.seconds_per_image > 0 and report.extra["routes"] == {"full": HELDOUT_IMAGES}
