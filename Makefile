@@ -19,6 +19,12 @@ test: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python jobs/bench.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python jobs/bench.py --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests
 

@@ -1,0 +1,309 @@
+"""The benchmark's outputs: `<UTC>.json` + `latest.json` (everything measured), `latest.md` (the
+answers first, then one table per section) and PNG plots, all in one directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: float | None, spec: str = ".2f", none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def answers(r: dict[str, Any]) -> dict[str, str]:
+    """The four questions the summary must answer, each in one sentence with its numbers."""
+    emb = r["encoder"][0]
+    eq = emb.get("equal_quality")
+    if eq and eq.get("point"):
+        s = eq["speedup"]
+        own = next(p for p in emb["points"] if p["name"] == eq["point"])["speedup_vs_full_route"]
+        speed = (
+            f"{s['median']:.2f}x faster than open_clip encode_image (round spread {s['min']:.2f}-"
+            f"{s['max']:.2f}x; {_fmt(own and own['median'])}x vs our own full-depth forward) with "
+            f"`{eq['point']}` on {emb['model']}, the fastest point whose {eq['rule']}"
+        )
+    elif eq:
+        speed = f"no adaptive point of {emb['model']} meets {eq['rule']}"
+    else:
+        best = max(
+            (p for p in emb["points"] if p["kind"] != "baseline" and p["name"] != "full"),
+            key=lambda p: p["speedup"]["median"],
+        )
+        note = emb["quality_note"] or "no frontier quality"
+        speed = (
+            f"unknown at equal quality ({note}); speed alone: fastest point `{best['name']}` "
+            f"{best['speedup']['median']:.2f}x vs encode_image"
+        )
+    peak = r["machine"]["peak_gflops"]
+    fractions = ", ".join(f"{e['model']} {e['points'][0]['fraction_of_peak']:.0%}" for e in r["encoder"])
+    adaptive = [p["fraction_of_peak"] for p in emb["points"] if p["kind"] != "baseline"]
+    p = r["pipeline"]
+    b = p["stages"]["bottleneck"]
+    rate = p["steady_images_per_second"] or p["end_to_end_images_per_second"]
+    alone = p["encoder_alone_images_per_second"][f"{p['num_cpus']} threads"]["median"]
+    q = {t["dtype"]: t for t in r["query"]["tables"]}
+    default = {d: t["settings"]["default"] for d, t in q.items()}
+    query = "; ".join(
+        f"{d}: p50 {s['latency_ms']['p50']:.1f} ms, p99 {s['latency_ms']['p99']:.1f} ms, "
+        f"recall@10 {s['recall@10']:.2f} (default settings)"
+        for d, s in default.items()
+    )
+    return {
+        "adaptive_vs_full": f"Adaptive vs full at equal quality: {speed}.",
+        "matmul_peak": (
+            f"Full-depth encode_image reaches this share of the measured {peak:.0f} GFLOP/s fp32 matmul peak "
+            f"(multiply-add = 2 FLOPs): {fractions}; the adaptive points on {emb['model']} reach "
+            f"{min(adaptive):.0%}-{max(adaptive):.0%}."
+        ),
+        "pipeline": (
+            f"The Ray job keeps {p['fraction_of_encoder']:.0%} of the encoder-alone speed on the same "
+            f"{p['num_cpus']} CPUs ({rate:.1f} vs {alone:.1f} images/s, {p['reported_rate']} rate); "
+            f"limiting resource: {b['resource']} at {b['utilisation']:.0%} busy, "
+            f"heaviest stage `{b['stage']}`."
+        ),
+        "query": f"Queries on {r['query']['rows']:,} x {r['query']['dim']}-d clustered vectors: {query}.",
+    }
+
+
+def _encoder_md(e: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**{e['model']}** ({e['weights']} weights; heads: {e['heads']}), {e['images']} images at "
+        f"{e['image_size']} px, batch {e['batch_size']}, {e['rounds']} alternating rounds, "
+        f"{e['threads']} threads",
+        "",
+        "| point | images/s median (min-max) | speedup vs encode_image | vs own full | GFLOPs/img "
+        "| achieved GFLOP/s | of peak | t2i R@10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in e["points"]:
+        s, v = p["images_per_second"], p["speedup"]
+        lines.append(
+            f"| {p['name']} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | {v['median']:.2f}x "
+            f"({v['min']:.2f}-{v['max']:.2f}) | {_fmt((p['speedup_vs_full_route'] or {}).get('median'))}x "
+            f"| {p['gflops_per_image']:.3f} | {p['achieved_gflops']:.1f} "
+            f"| {p['fraction_of_peak']:.0%} | {_fmt(p.get('t2i_R@10'), '.4f')} |"
+        )
+    if e.get("routed_share"):
+        lines.append(f"\nrouted share: {', '.join(f'{k} {v:.0%}' for k, v in e['routed_share'].items())}")
+    if e.get("quality_source") is not None or e.get("quality_note"):
+        lines.append(
+            f"\nquality from {e.get('quality_source')} (not recomputed). {e.get('quality_note', '')}"
+        )
+    return lines + [""]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    h, a, m, p, rt, q, pr = (
+        r["host"],
+        r["answers"],
+        r["machine"],
+        r["pipeline"],
+        r["router"],
+        r["query"],
+        r["projection"],
+    )
+    lines = [
+        f"# Benchmark ({r['mode']}) — {r['started_utc']}",
+        "",
+        f"{h['cpu_count']} CPUs, {h['threads']} torch threads, torch {h['torch']}, Python {h['python']}; "
+        f"load average at start {h['load_average_start'][0]:.2f}, at end {h['load_average_end'][0]:.2f}; "
+        f"suite took {r['seconds']:.0f} s. Command: `python jobs/bench.py"
+        f"{'' if r['mode'] == 'full' else ' --' + r['mode']}`.",
+        "",
+        "## Answers",
+        "",
+        *[f"- {text}" for text in a.values()],
+        "",
+        "## 1. Encoder speed (alternating A B A B… in one process, same images and threads)",
+        "",
+        "Speedups are medians of same-round ratios. `full` is the adaptive forward at full depth with no "
+        "reduction (same output as encode_image): its ratio to encode_image is the implementation alone "
+        "(fused attention, own block loop); the *vs own full* column isolates the work the route saves. "
+        "`routed` is the calibrated router (routing itself is timed in section 4). GFLOPs/img are the "
+        "encoder's analytic counts (pipeline/encode/flops.py).",
+        "",
+    ]
+    for e in r["encoder"]:
+        lines += _encoder_md(e)
+    lines += [
+        "![encoder](encoder.png)",
+        "",
+        "## 2. Machine limit",
+        "",
+        f"fp32 matmul {m['size']}x{m['size']}, {m['threads']} threads: peak {m['peak_gflops']:.1f} GFLOP/s "
+        f"(median {m['median_gflops']:.1f}). Convention: {m['convention']}. Achieved = the encoder's own "
+        "analytic GFLOPs/image x median images/s (tables above).",
+        "",
+        "## 3. Pipeline efficiency (`run_index`, local Ray)",
+        "",
+        f"{p['images']} generated scenes in {p['shards']} shards, Ray num_cpus={p['num_cpus']}, router: "
+        f"{p['config']}, encoder {p['encoder']['actors']} actor x {p['encoder']['cpus_per_actor']:g} CPU "
+        f"({p['encoder']['threads']} torch threads); routes {p['routes']}.",
+        "",
+        "| rate | images/s |",
+        "|---|---|",
+        f"| Ray start-up (ray.init, separate) | {_fmt(p['ray_start_s'], '.1f')} s |",
+        f"| pipeline end to end (run_index incl. actor start-up, excl. ray.init; {p['run_seconds']:.1f} s) "
+        f"| {p['end_to_end_images_per_second']:.1f} |",
+        f"| pipeline steady state (first to last shard commit) "
+        f"| {_fmt(p['steady_images_per_second'], '.1f')} |",
+        *[
+            f"| encoder alone, {name} (same images, routes, batch size) | {s['median']:.1f} "
+            f"({s['min']:.1f}-{s['max']:.1f}) |"
+            for name, s in p["encoder_alone_images_per_second"].items()
+        ],
+        "",
+        f"Steady state: {p['steady_note']}.",
+        "",
+        f"Reported ({p['reported_rate']}): pipeline keeps **{p['fraction_of_encoder']:.0%}** of the encoder "
+        f"alone at {p['num_cpus']} threads ({p['fraction_of_encoder_at_actor_threads']:.0%} of it at the "
+        "actor's thread count).",
+        "",
+        "| stage | busy s (summed over workers) | ms/image |",
+        "|---|---|---|",
+        *[
+            f"| {k} | {v:.2f} | {p['stages']['ms_per_image'][k]:.2f} |"
+            for k, v in p["stages"]["busy_seconds"].items()
+        ],
+        "",
+        "| resource | stages | slots | busy share of wall time |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {', '.join(v['stages'])} | {v['slots']:g} | {v['utilisation']:.0%} |"
+            for k, v in p["stages"]["resources"].items()
+        ],
+        "",
+        f"Bottleneck: **{p['stages']['bottleneck']['resource']}**, heaviest stage "
+        f"`{p['stages']['bottleneck']['stage']}`.",
+        "",
+        "![pipeline](pipeline.png)",
+        "",
+        "## 4. Router cost",
+        "",
+        f"{rt['images']} images at {rt['image_size']} px, scorer `{rt['scorer']}`: complexity features + "
+        f"scorer {1e6 * rt['router']['cpu_s_per_image']:.0f} CPU-µs/image vs the encoder "
+        f"{1e3 * rt['encoder']['cpu_s_per_image']:.2f} CPU-ms/image "
+        f"(**{rt['router_share_of_encoder_cpu']:.1%}** of the encoder's CPU time; wall "
+        f"{1e6 * rt['router']['wall_s_per_image']:.0f} µs vs "
+        f"{1e3 * rt['encoder']['wall_s_per_image']:.2f} ms).",
+        "",
+        "## 5. Query (LanceDB)",
+        "",
+        f"{q['rows']:,} rows x {q['dim']}-d, {q['queries']} queries, k={q['k']}; vectors: {q['vectors']}; "
+        f"exact: {q['exact']}; lancedb {q['lancedb']}.",
+        "",
+        "| dtype | index | build s | data MB | index MB | settings | p50 ms | p99 ms | recall@10 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in q["tables"]:
+        idx = f"IVF_PQ {t['index']['num_partitions']} part. / {t['index']['num_sub_vectors']} sub-vec."
+        for name, s in t["settings"].items():
+            lines.append(
+                f"| {t['dtype']} | {idx} | {t['index_build_s']:.1f} | {t['data_bytes'] / 1e6:.0f} "
+                f"| {t['index_bytes'] / 1e6:.1f} | {name} | {s['latency_ms']['p50']:.1f} "
+                f"| {s['latency_ms']['p99']:.1f} | {s['recall@10']:.3f} |"
+            )
+        if t["flat_scan_latency_ms"]:
+            lines.append(
+                f"| {t['dtype']} | none (bypass_vector_index) | | | | exact scan | "
+                f"{t['flat_scan_latency_ms']['p50']:.1f} | {t['flat_scan_latency_ms']['p99']:.1f} | 1.000 |"
+            )
+    lines += [
+        "",
+        "![query](query.png)",
+        "",
+        "## 6. Scale projection: 2B images, ViT-L-14",
+        "",
+        *[f"- {x}" for x in pr["assumptions"]],
+        "",
+        "| encoder | GPUs | images/s per GPU | wall hours | GPU-hours | cost $ |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {row['encoder']} | {row['gpus']} | {row['images_per_second_per_gpu']:.0f} "
+            f"| {row['hours']:.1f} | {row['gpu_hours']:,.0f} | {row['usd']:,.0f} |"
+            for row in pr["rows"]
+        ],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(r: dict[str, Any], out: Path) -> None:
+    """encoder.png (images/s per point, spread as error bars), pipeline.png, query.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encoders = r["encoder"]
+    fig, axes = plt.subplots(1, len(encoders), figsize=(5 * len(encoders), 4), squeeze=False)
+    for ax, e in zip(axes[0], encoders, strict=True):
+        names = [p["name"] for p in e["points"]]
+        med = [p["images_per_second"]["median"] for p in e["points"]]
+        err = [
+            [m - p["images_per_second"]["min"] for m, p in zip(med, e["points"], strict=True)],
+            [p["images_per_second"]["max"] - m for m, p in zip(med, e["points"], strict=True)],
+        ]
+        colours = ["grey" if p["kind"] == "baseline" else "tab:blue" for p in e["points"]]
+        ax.barh(names, med, xerr=err, color=colours)
+        for y, p in enumerate(e["points"]):
+            ax.annotate(f" {p['speedup']['median']:.2f}x", (med[y], y), va="center", fontsize=8)
+        ax.set(title=f"{e['model']} ({e['weights'].split(' ')[0]})", xlabel="images/s (median, min-max)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "encoder.png", dpi=100)
+    plt.close(fig)
+
+    p = r["pipeline"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = {f"encoder alone\n{k}": v["median"] for k, v in p["encoder_alone_images_per_second"].items()}
+    rates["pipeline\nend to end"] = p["end_to_end_images_per_second"]
+    if p["steady_images_per_second"]:
+        rates["pipeline\nsteady"] = p["steady_images_per_second"]
+    left.bar(list(rates), list(rates.values()), color="tab:blue")
+    left.set(ylabel="images/s", title="pipeline vs encoder alone")
+    stages = p["stages"]["ms_per_image"]
+    right.bar(list(stages), list(stages.values()), color="tab:orange")
+    right.set(
+        ylabel="busy ms / image (summed over workers)",
+        title=f"bottleneck: {p['stages']['bottleneck']['stage']}",
+    )
+    fig.tight_layout()
+    fig.savefig(out / "pipeline.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels, p50, p99, recall = [], [], [], []
+    for t in r["query"]["tables"]:
+        for name, s in t["settings"].items():
+            labels.append(f"{t['dtype']}\n{name}")
+            p50.append(s["latency_ms"]["p50"])
+            p99.append(s["latency_ms"]["p99"])
+            recall.append(s["recall@10"])
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99")
+    for x, rec, top in zip(xs, recall, p99, strict=True):
+        ax.annotate(f"R@10 {rec:.2f}", (x, top), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set(ylabel="ms / query", title=f"LanceDB IVF_PQ, {r['query']['rows']:,} x {r['query']['dim']}-d")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "query.png", dpi=100)
+    plt.close(fig)
+
+
+def write(r: dict[str, Any], out_dir: Path, started: datetime) -> Path:
+    """Write every output; returns the timestamped JSON's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamped = out / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    stamped.write_text(json.dumps(r, indent=2, default=float))
+    shutil.copyfile(stamped, out / "latest.json")
+    (out / "latest.md").write_text(markdown(r))
+    plots(r, out)
+    return stamped

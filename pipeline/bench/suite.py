@@ -1,0 +1,268 @@
+"""The benchmark suite at a named size: builds each measurement's inputs, runs the measurements in
+order, and hands the results to the report. Sizes are the only difference between tiny (tests), quick
+and full; the code path is the same."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.bench import encoder as enc
+from pipeline.bench import machine, pipeline_run, projection, query, report, router
+from pipeline.config import ModelConfig, RouteSpec, load_config
+from pipeline.encode.heads import ExitHeads
+from pipeline.encode.model import load_model, resolve_heads
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.evaluate import load_heldout
+from pipeline.score import load_scorer
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ROUTED_CONFIG = ROOT / "pipeline" / "configs" / "routed.yaml"
+FRONTIER = ROOT / "results" / "frontier.json"
+UNTRAINED_HEADS = "untrained ExitHeads(visual, [6, 8]): exit points measure speed only, not quality"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    embedded_images: int
+    embedded_batch: int
+    rounds: int
+    random_models: tuple[tuple[str, int, int], ...]  # (open_clip name, images, batch size)
+    random_rounds: int
+    matmul_size: int
+    matmul_repeats: int
+    pipeline_images: int
+    shard_size: int
+    pipeline_encoder_images: int
+    router_images: int
+    query_rows: int
+    query_count: int
+    flat_queries: int
+
+
+SIZES = {
+    "tiny": Sizes(8, 8, 1, (("ViT-B-32", 2, 2), ("ViT-B-16", 2, 2)), 1, 256, 2, 48, 16, 16, 16, 2000, 20, 2),
+    "quick": Sizes(
+        128,
+        64,
+        3,
+        (("ViT-B-32", 32, 32), ("ViT-B-16", 8, 8)),
+        2,
+        2048,
+        3,
+        600,
+        100,
+        256,
+        256,
+        100_000,
+        100,
+        3,
+    ),
+    "full": Sizes(
+        512,
+        64,
+        5,
+        (("ViT-B-32", 64, 32), ("ViT-B-16", 32, 16)),
+        3,
+        3072,
+        5,
+        4000,
+        200,
+        512,
+        1024,
+        1_000_000,
+        200,
+        5,
+    ),
+}
+
+
+def embedded_case(sizes: Sizes, routed_config: Path, point_names: list[str]) -> enc.EncoderCase:
+    """The embedded model with its shipped heads (untrained stand-ins if none) and calibrated router,
+    at the default operating points plus `point_names` (the frontier's)."""
+    cfg = ModelConfig()
+    loaded = load_model(cfg)
+    heads_path = resolve_heads(cfg)
+    if heads_path:
+        heads, note = ExitHeads.load(heads_path, loaded.model.visual), f"trained ({Path(heads_path).name})"
+    else:
+        heads, note = ExitHeads(loaded.model.visual, [6, 8]), UNTRAINED_HEADS
+    router_cfg = load_config(routed_config).router if routed_config.exists() else None
+    if router_cfg is not None:
+        try:
+            RoutedEncoder(loaded, router_cfg.routes, heads)
+        except ValueError as exc:  # a route the available heads cannot serve
+            note += f"; calibrated router skipped: {exc}"
+            router_cfg = None
+    heldout = load_heldout(0, sizes.embedded_images, loaded.image_size)  # frontier's first scenes
+    return enc.EncoderCase(
+        model_name=cfg.name,
+        loaded=loaded,
+        heads=heads,
+        heads_note=note,
+        images=heldout.images,
+        bytes_per_pixel=heldout.bytes_per_pixel,
+        batch_size=sizes.embedded_batch,
+        routes=[r for r in enc.fixed_routes(point_names) if r.exit_depth in (None, *heads.depths)],
+        router=router_cfg,
+    )
+
+
+def random_case(name: str, images: int, batch: int) -> enc.EncoderCase:
+    """A standard open_clip architecture with random weights: speed only (no quality is claimed)."""
+    torch.manual_seed(0)
+    loaded = load_model(ModelConfig(name=name), pretrained=False)
+    heldout = load_heldout(0, images, loaded.image_size)
+    return enc.EncoderCase(
+        model_name=name,
+        loaded=loaded,
+        heads=ExitHeads(loaded.model.visual, [6, 8]),
+        heads_note=UNTRAINED_HEADS,
+        images=heldout.images,
+        bytes_per_pixel=heldout.bytes_per_pixel,
+        batch_size=batch,
+        routes=enc.fixed_routes(),
+        weights="random (open_clip.create_model, no pretrained tag)",
+    )
+
+
+def projection_input(embedded: dict[str, Any]) -> tuple[float | None, str, float | None]:
+    """The ratio to project with: equal-quality point, else the calibrated router, else ToMe (speed only)."""
+    points = {p["name"]: p for p in embedded["points"]}
+    full = points[enc.BASELINE]["gflops_per_image"]
+    eq = embedded.get("equal_quality") or {}
+    if eq.get("point"):
+        name, source = eq["point"], f"{eq['point']} on {embedded['model']}, equal quality ({eq['rule']})"
+    elif "routed" in points:
+        name, source = "routed", f"calibrated router on {embedded['model']}, quality not established"
+    else:
+        name, source = "tome4", f"tome4 on {embedded['model']}: speed only, quality not established"
+    point = points[name]
+    # vs our own full-depth route: the work saved, without the attention-kernel gain over open_clip
+    ratio = (point["speedup_vs_full_route"] or point["speedup"])["median"]
+    return ratio, source + " vs the adaptive forward at full depth", point["gflops_per_image"] / full
+
+
+def run_suite(
+    mode: str,
+    out_dir: Path,
+    threads: int | None = None,
+    routed_config: Path = ROUTED_CONFIG,
+    frontier: Path = FRONTIER,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every section at `mode`'s size; write <UTC>.json, latest.json, latest.md and plots to out_dir."""
+    saved_threads = torch.get_num_threads()
+    try:
+        return _run(
+            SIZES[mode], mode, Path(out_dir), threads or os.cpu_count() or 1, routed_config, frontier, log
+        )
+    finally:
+        torch.set_num_threads(saved_threads)  # callers (tests) keep their own thread count
+
+
+def _run(
+    sizes: Sizes,
+    mode: str,
+    out_dir: Path,
+    threads: int,
+    routed_config: Path,
+    frontier: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    started, started_utc = time.perf_counter(), datetime.now(UTC)
+    result: dict[str, Any] = {
+        "mode": mode,
+        "sizes": asdict(sizes),
+        "started_utc": started_utc.isoformat(timespec="seconds"),
+        "host": {
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average_start": os.getloadavg(),
+        },
+    }
+
+    clock = time.perf_counter()
+    section_seconds: dict[str, float] = {}
+
+    def done(section: str) -> None:
+        nonlocal clock
+        section_seconds[section] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    log("[1/6] encoder speed: embedded model")
+    quality = enc.frontier_quality(frontier, resolve_heads(ModelConfig()))
+    case = embedded_case(sizes, routed_config, list(quality["points"]))
+    embedded = enc.measure_encoder(case, sizes.rounds)
+    if case.heads_note == UNTRAINED_HEADS:  # the frontier's exit quality belongs to trained heads
+        exits = {r.name for r in case.routes if r.exit_depth} | {"routed"}
+        quality["points"] = {k: v for k, v in quality["points"].items() if k not in exits}
+    enc.attach_quality(embedded, quality)
+    encoders = [embedded]
+    for name, images, batch in sizes.random_models:
+        log(f"[1/6] encoder speed: {name} (random weights)")
+        encoders.append(enc.measure_encoder(random_case(name, images, batch), sizes.random_rounds))
+    result["encoder"] = encoders
+    done("encoder")
+
+    log("[2/6] machine limit: fp32 matmul peak")
+    result["machine"] = machine.matmul_peak(sizes.matmul_size, sizes.matmul_repeats)
+    machine.attach_achieved(encoders, result["machine"]["peak_gflops"])
+    done("machine")
+
+    log("[4/6] router cost")  # before the pipeline, while the embedded model and images are loaded
+    n = sizes.router_images
+    images, bpp = case.images[:n], case.bytes_per_pixel[:n]
+    if case.router:
+        job_encoder = RoutedEncoder(case.loaded, case.router.routes, case.heads)
+        ids = enc.route_images(case.router, images, bpp)
+    else:
+        job_encoder = RoutedEncoder(case.loaded, [RouteSpec(name="full")], case.heads)
+        ids = np.zeros(len(images), np.int32)
+    spec = case.router.scorer if case.router else "handcrafted"
+    result["router"] = router.measure_router(images, bpp, load_scorer(spec), job_encoder, ids)
+    result["router"]["scorer"] = spec
+    done("router")
+
+    with tempfile.TemporaryDirectory(prefix="icar-bench-") as tmp:
+        log("[3/6] pipeline efficiency: run_index on local Ray")
+        result["pipeline"] = pipeline_run.measure_pipeline(
+            Path(tmp) / "pipeline",
+            sizes.pipeline_images,
+            sizes.shard_size,
+            routed_config,
+            num_cpus=2,
+            encoder_images=sizes.pipeline_encoder_images,
+            rounds=max(1, sizes.rounds - 2),
+            log=log,
+        )
+        torch.set_num_threads(threads)
+        done("pipeline")
+        log(f"[5/6] query: {sizes.query_rows:,} rows x 512-d, float32 and float16")
+        (Path(tmp) / "query").mkdir()
+        result["query"] = query.measure_query(
+            Path(tmp) / "query", sizes.query_rows, 512, sizes.query_count, sizes.flat_queries
+        )
+        done("query")
+
+    log("[6/6] scale projection")
+    result["projection"] = projection.project(*projection_input(embedded))
+    result["host"]["load_average_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - started
+    result["section_seconds"] = section_seconds
+    result["answers"] = report.answers(result)
+    report.write(result, out_dir, started_utc)
+    return result
