@@ -7,6 +7,9 @@ import socket
 import sys
 from pathlib import Path
 
+import lancedb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/imagefactory.py
@@ -71,3 +74,17 @@ def index_config(input_paths: list[str], output_uri: str, *overrides: str):
             *overrides,
         ],
     )
+
+
+def lance_table(uri: str, name: str, **storage) -> pa.Table:
+    """A LanceDB table read back whole, for assertions."""
+    return lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
+
+
+def input_ids(shard_dir: Path) -> list[str]:
+    """The row ids the pipeline must write for a folder of shards: `<file name>/<key>`."""
+    ids = []
+    for path in sorted(shard_dir.glob("*.parquet")):
+        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+        ids += [f"{path.name}/{key}" for key in keys]
+    return ids

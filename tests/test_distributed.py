@@ -19,11 +19,10 @@ from pathlib import Path
 from uuid import uuid4
 
 import lancedb
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import free_port, index_config
+from conftest import free_port, index_config, input_ids, lance_table
 
 from pipeline.job import run_index
 from pipeline.query import Searcher
@@ -34,18 +33,6 @@ REGION = "us-east-1"
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.prefix) / "bin"  # the venv's: python, ray
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
-def _table(uri: str, name: str, **storage) -> pa.Table:
-    return lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
-
-
-def _input_ids(shard_dir: Path) -> list[str]:
-    ids = []
-    for path in sorted(shard_dir.glob("*.parquet")):
-        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
-        ids += [f"{path.name}/{key}" for key in keys]
-    return ids
 
 
 def _assert_exactly_once(ids: list[str], expected: list[str]) -> None:
@@ -102,10 +89,12 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     summary = run_index(cfg, log=lambda _: None)
     assert (summary.shards_committed, summary.shards_failed, summary.rows_ok) == (3, 0, 72)
 
-    expected = _input_ids(scene_shards)
-    _assert_exactly_once(_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected)
+    expected = input_ids(scene_shards)
+    _assert_exactly_once(
+        lance_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected
+    )
     assert fs.ls(f"{bucket}/lance")  # the tables really are objects in the bucket
-    manifest = _table(cfg.output.uri, "manifest", **lance_options).to_pylist()
+    manifest = lance_table(cfg.output.uri, "manifest", **lance_options).to_pylist()
     etags = {}
     for path in sorted(scene_shards.glob("*.parquet")):
         head = client.head_object(Bucket=bucket, Key=f"scenes/{path.name}")
@@ -116,7 +105,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
 
     again = run_index(cfg, log=lambda _: None)
     assert (again.shards_already_done, again.shards_committed, again.rows_ok) == (3, 0, 0)
-    assert _table(cfg.output.uri, "images", **lance_options).num_rows == len(expected)
+    assert lance_table(cfg.output.uri, "images", **lance_options).num_rows == len(expected)
 
     # Rewrite one shard with 4 rows fewer: a new ETag, so this rerun in the same process redoes that shard
     # only, and the dropped rows leave the table with it.
@@ -125,9 +114,13 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     fs.put_file(str(changed), f"{bucket}/scenes/00001.parquet")
     third = run_index(cfg, log=lambda _: None)
     assert (third.shards_already_done, third.shards_committed, third.rows_ok) == (2, 1, 20)
-    dropped = {f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]}
+    dropped = {
+        f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]
+    }
     expected = [i for i in expected if i not in dropped]
-    _assert_exactly_once(_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected)
+    _assert_exactly_once(
+        lance_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected
+    )
 
 
 # --- 2. SIGKILL the CLI mid-run, rerun, every row exactly once --------------------------------------------
@@ -271,11 +264,11 @@ def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(ray_local, small_cor
     assert (summary.shards_already_done, summary.shards_committed) == (done, CORPUS_SHARDS - done)
     assert summary.rows_ok == CORPUS_ROWS * (CORPUS_SHARDS - done)
 
-    expected = _input_ids(small_corpus)
-    images = _table(db, "images")
+    expected = input_ids(small_corpus)
+    images = lance_table(db, "images")
     _assert_exactly_once(images.column("id").to_pylist(), expected)
     assert images.num_rows == len(expected) == CORPUS_SHARDS * CORPUS_ROWS
-    manifest = _table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
         (f"{i:05d}.parquet", "done", CORPUS_ROWS) for i in range(CORPUS_SHARDS)
     ]
@@ -354,11 +347,11 @@ def test_ray_job_submit_runs_the_job_on_a_cluster_with_the_venv_python(scene_sha
     searcher = Searcher.open(cfg)
     searcher.check_model()
     ids = searcher.table.to_arrow().column("id").to_pylist()
-    _assert_exactly_once(ids, _input_ids(scene_shards))
+    _assert_exactly_once(ids, input_ids(scene_shards))
     row = pq.read_table(scene_shards / "00001.parquet", columns=["key", "caption"]).to_pylist()[0]
     hits = searcher.search(searcher.embed_text([row["caption"]]), k=5, where="id LIKE '00001.parquet/%'")
     assert len(hits) == 5 and all(h["id"].startswith("00001.parquet/") for h in hits)
-    manifest = _table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
         (f"{i:05d}.parquet", "done", 24) for i in range(3)
     ]

@@ -12,24 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import index_config
+from conftest import index_config, input_ids, lance_table
 
 from pipeline.decode import decode_image
 from pipeline.encode.model import load_model, normalize_uint8
 from pipeline.job import run_index
 from pipeline.query import Searcher, build_indexes
-
-
-def _table(uri: str, name: str, **storage) -> pa.Table:
-    return lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
-
-
-def _input_ids(shard_dir: Path) -> list[str]:
-    ids = []
-    for path in sorted(shard_dir.glob("*.parquet")):
-        keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()
-        ids += [f"{path.name}/{key}" for key in keys]
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +30,8 @@ def indexed(ray_local, scene_shards, tmp_path_factory):
 
 def test_every_input_row_is_indexed_once_with_its_route_and_compute(indexed, scene_shards):
     cfg, summary = indexed
-    images = _table(cfg.output.uri, "images")
-    expected = _input_ids(scene_shards)
+    images = lance_table(cfg.output.uri, "images")
+    expected = input_ids(scene_shards)
     assert sorted(images.column("id").to_pylist()) == sorted(expected)
     assert (summary.rows_ok, summary.rows_failed, summary.rows_skipped) == (72, 0, 0)
     assert summary.shards_committed == 3 and summary.routes == Counter({"full": 72})
@@ -56,7 +44,7 @@ def test_every_input_row_is_indexed_once_with_its_route_and_compute(indexed, sce
     assert set(images.column("model_id").to_pylist()) == {"icar-tiny-vit:embedded"}
     complexity = images.column("complexity").to_numpy()
     assert np.all((complexity >= 0) & (complexity < 1)) and complexity.std() > 0.05
-    manifest = _table(cfg.output.uri, "manifest").to_pylist()
+    manifest = lance_table(cfg.output.uri, "manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
         ("00000.parquet", "done", 24),
         ("00001.parquet", "done", 24),
@@ -82,15 +70,17 @@ def test_written_embedding_equals_open_clip_encode_image(indexed, scene_shards):
 
 def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
     cfg, _ = indexed
-    before = _table(cfg.output.uri, "images").num_rows
+    before = lance_table(cfg.output.uri, "images").num_rows
     summary = run_index(cfg, log=lambda _: None)
     assert (summary.shards_already_done, summary.shards_committed, summary.rows_ok) == (3, 0, 0)
-    assert _table(cfg.output.uri, "images").num_rows == before
+    assert lance_table(cfg.output.uri, "images").num_rows == before
 
 
 def test_text_query_finds_the_scene_it_describes(indexed, scene_shards):
     cfg, _ = indexed
-    rows = pq.read_table(scene_shards / "00002.parquet", columns=["key", "caption", "scene_key"]).to_pylist()
+    rows = pq.read_table(
+        scene_shards / "00002.parquet", columns=["key", "caption", "scene_key"]
+    ).to_pylist()
     searcher = Searcher.open(cfg)
     searcher.check_model()
     hits = 0
@@ -122,8 +112,14 @@ def test_build_indexes_then_query_still_answers(ray_local, scene_shards, tmp_pat
 
 def _write_shard(path: Path, rows: list[dict]) -> None:
     schema = pa.schema(
-        [("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("jpg", pa.binary()),
-         ("status", pa.string()), ("error_message", pa.string())]
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("jpg", pa.binary()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+        ]
     )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
@@ -147,9 +143,9 @@ def test_bad_rows_and_bad_shards_are_recorded_never_dropped(ray_local, tmp_path)
     assert summary.rows_ok == len(good)
     assert summary.rows_skipped == 2  # the null image and the failed download
     assert summary.rows_failed == len(bad) - 1
-    images = _table(cfg.output.uri, "images")
+    images = lance_table(cfg.output.uri, "images")
     assert sorted(images.column("id").to_pylist()) == sorted(f"mixed.parquet/g-{n}" for n in good)
-    rejected = {r["id"]: r for r in _table(cfg.output.uri, "rejected").to_pylist()}
+    rejected = {r["id"]: r for r in lance_table(cfg.output.uri, "rejected").to_pylist()}
     assert set(rejected) == {f"mixed.parquet/b-{n}" for n in bad} | {"mixed.parquet/dl-failed"}
     assert rejected["mixed.parquet/dl-failed"]["status"] == "skipped"
     assert "HTTP 404" in rejected["mixed.parquet/dl-failed"]["reason"]
@@ -159,7 +155,7 @@ def test_bad_rows_and_bad_shards_are_recorded_never_dropped(ray_local, tmp_path)
             row = rejected[f"mixed.parquet/b-{name}"]
             assert row["status"] == "failed" and any(r in row["reason"] for r in reasons), row
 
-    manifest = {Path(m["shard"]).name: m for m in _table(cfg.output.uri, "manifest").to_pylist()}
+    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "manifest").to_pylist()}
     assert manifest["empty.parquet"]["status"] == "done" and manifest["empty.parquet"]["rows_ok"] == 0
     assert manifest["truncated.parquet"]["status"] == "failed"
     assert "truncated.parquet" in manifest["truncated.parquet"]["error"]
