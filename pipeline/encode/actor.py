@@ -15,7 +15,7 @@ from pipeline.prepare import OK, Batch
 
 
 class EncodeStage:
-    """Ray actor class (map_batches with concurrency=n); the model loads once per actor."""
+    """Ray actor class (map_batches with an ActorPoolStrategy); the model loads once per actor."""
 
     def __init__(self, cfg: dict[str, Any]):
         config = IndexConfig.model_validate(cfg)
