@@ -98,6 +98,7 @@ def test_projection_prints_its_assumptions_and_scales_with_gpus():
 
 
 def test_steady_rate_refuses_a_burst_of_commits():
-    assert steady_rate([(10.0, 10), (10.1, 20), (10.2, 30)], run_seconds=20.0)[0] is None
-    rate, _ = steady_rate([(2.0, 10), (6.0, 50), (10.0, 90)], run_seconds=12.0)
+    assert steady_rate([(10.0, 10), (10.1, 20), (10.2, 30), (10.3, 40)])[0] is None
+    assert steady_rate([(2.0, 10), (10.0, 90)])[0] is None
+    rate, _ = steady_rate([(2.0, 10), (4.0, 30), (6.0, 50), (10.0, 90)])
     assert rate == pytest.approx(10.0)

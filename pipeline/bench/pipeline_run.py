@@ -32,20 +32,23 @@ from pipeline.score import complexity_features, load_scorer
 from pipeline.speed import alternate, throughput
 
 _PROGRESS = re.compile(r"\| (\d+) images in")
-MIN_STEADY_SPAN = 0.25  # commits must spread over a quarter of the run for a steady-state rate
+MIN_STEADY_COMMITS = 4
+MIN_STEADY_SPAN_S = 1.0
 
 
-def steady_rate(commits: list[tuple[float, int]], run_seconds: float) -> tuple[float | None, str]:
-    """Rows/s between the first and last shard commit, if commits are spread enough to mean anything.
+def steady_rate(commits: list[tuple[float, int]]) -> tuple[float | None, str]:
+    """Rows/s from the first to the last shard commit (start-up and the first shard's fill excluded).
 
-    When shards commit in one burst at the end (tiny corpora) the span is noise, so no rate is given."""
-    if len(commits) < 3:
+    Given only when enough shards commit over enough time; a burst of commits at the end of a tiny run
+    would divide by noise."""
+    if len(commits) < MIN_STEADY_COMMITS:
         return None, f"{len(commits)} shard commits: too few for a steady-state rate"
     (t_first, n_first), (t_last, n_last) = commits[0], commits[-1]
-    if t_last - t_first < MIN_STEADY_SPAN * run_seconds:
-        return None, f"shard commits span {t_last - t_first:.1f} s of {run_seconds:.1f} s: too bursty"
+    if t_last - t_first < MIN_STEADY_SPAN_S:
+        return None, f"shard commits span only {t_last - t_first:.2f} s: too bursty for a rate"
     return (n_last - n_first) / (t_last - t_first), (
-        f"rows committed after the first shard / time from first to last commit ({t_last - t_first:.1f} s)"
+        f"{n_last - n_first} rows committed after the first shard in the {t_last - t_first:.1f} s from "
+        f"first to last of {len(commits)} shard commits"
     )
 
 
@@ -60,31 +63,40 @@ def bench_config(corpus: Path, output: Path, routed_config: Path | None, num_cpu
 
 
 def stage_breakdown(summary: RunSummary, cfg: IndexConfig, num_cpus: int) -> dict[str, Any]:
-    """Busy seconds per stage and per resource; the bottleneck is the busiest resource per slot.
+    """Busy seconds per stage, grouped by the resource that runs them; the bottleneck is the resource
+    with the lowest capacity (slots / busy seconds per image: the rate it could sustain on its own).
 
     read/decode/score share the prepare tasks' CPUs, encode the actor pool, write the driver."""
     busy = {k[2:]: v for k, v in summary.stage_seconds.items()} | {"write": summary.write_seconds}
-    encode_slots = cfg.encoder.actors
     prepare_slots = max(1.0, num_cpus - cfg.encoder.actors * cfg.encoder.cpus_per_actor)
     resources = {
         "prepare tasks (read+decode+score)": (("read", "decode", "score"), prepare_slots),
-        "encoder actors (encode)": (("encode",), encode_slots),
+        "encoder actors (encode)": (("encode",), float(cfg.encoder.actors)),
         "driver (write)": (("write",), 1.0),
     }
-    wall = max(summary.seconds, 1e-9)
-    util = {
-        name: {"stages": list(stages), "slots": slots, "busy_s": sum(busy[s] for s in stages)}
-        | {"utilisation": sum(busy[s] for s in stages) / slots / wall}
-        for name, (stages, slots) in resources.items()
-    }
-    limiting = max(util, key=lambda k: util[k]["utilisation"])
-    heaviest = max(util[limiting]["stages"], key=lambda s: busy[s])
     rows = max(summary.rows_ok, 1)
+    wall = max(summary.seconds, 1e-9)
+    table = {}
+    for name, (stages, slots) in resources.items():
+        seconds = sum(busy[s] for s in stages)
+        table[name] = {
+            "stages": list(stages),
+            "slots": slots,
+            "busy_s": seconds,
+            "capacity_images_per_second": slots * rows / max(seconds, 1e-9),
+            "busy_share_of_run": seconds / slots / wall,  # the run includes start-up, so this is low
+        }
+    limiting = min(table, key=lambda k: table[k]["capacity_images_per_second"])
+    heaviest = max(table[limiting]["stages"], key=lambda s: busy[s])
     return {
         "busy_seconds": busy,
         "ms_per_image": {k: 1e3 * v / rows for k, v in busy.items()},
-        "resources": util,
-        "bottleneck": {"resource": limiting, "stage": heaviest, "utilisation": util[limiting]["utilisation"]},
+        "resources": table,
+        "bottleneck": {
+            "resource": limiting,
+            "stage": heaviest,
+            "capacity_images_per_second": table[limiting]["capacity_images_per_second"],
+        },
     }
 
 
@@ -171,7 +183,7 @@ def measure_pipeline(
     finally:
         if started_here:
             ray.shutdown()
-    steady, steady_note = steady_rate(commits, summary.seconds)
+    steady, steady_note = steady_rate(commits)
 
     threads = cfg.encoder.torch_threads or max(1, int(cfg.encoder.cpus_per_actor))
     encoder = job_encoder(cfg)

@@ -62,8 +62,8 @@ def answers(r: dict[str, Any]) -> dict[str, str]:
         "pipeline": (
             f"The Ray job keeps {p['fraction_of_encoder']:.0%} of the encoder-alone speed on the same "
             f"{p['num_cpus']} CPUs ({rate:.1f} vs {alone:.1f} images/s, {p['reported_rate']} rate); "
-            f"limiting resource: {b['resource']} at {b['utilisation']:.0%} busy, "
-            f"heaviest stage `{b['stage']}`."
+            f"limiting resource: {b['resource']} (capacity {b['capacity_images_per_second']:.0f} images/s "
+            f"from its busy time), heaviest stage `{b['stage']}`."
         ),
         "query": f"Queries on {r['query']['rows']:,} x {r['query']['dim']}-d clustered vectors: {query}.",
     }
@@ -170,10 +170,16 @@ def markdown(r: dict[str, Any]) -> str:
             for k, v in p["stages"]["busy_seconds"].items()
         ],
         "",
-        "| resource | stages | slots | busy share of wall time |",
-        "|---|---|---|---|",
+        f"Resources: the encoder pool holds {p['encoder']['actors']} x {p['encoder']['cpus_per_actor']:g} of "
+        f"the {p['num_cpus']} CPUs, prepare tasks the rest, the driver writes. Capacity = the rate a "
+        "resource could sustain alone from its busy time (start-up excluded); busy share of run includes "
+        "start-up.",
+        "",
+        "| resource | stages | slots | capacity images/s (slots / busy s per image) | busy share of run |",
+        "|---|---|---|---|---|",
         *[
-            f"| {k} | {', '.join(v['stages'])} | {v['slots']:g} | {v['utilisation']:.0%} |"
+            f"| {k} | {', '.join(v['stages'])} | {v['slots']:g} | {v['capacity_images_per_second']:.0f} "
+            f"| {v['busy_share_of_run']:.0%} |"
             for k, v in p["stages"]["resources"].items()
         ],
         "",
@@ -199,20 +205,29 @@ def markdown(r: dict[str, Any]) -> str:
         "| dtype | index | build s | data MB | index MB | settings | p50 ms | p99 ms | recall@10 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    contrast = []
     for t in q["tables"]:
-        idx = f"IVF_PQ {t['index']['num_partitions']} part. / {t['index']['num_sub_vectors']} sub-vec."
+        i = t["index"]
+        idx = (
+            f"IVF_PQ {i['num_partitions']} part., {i['num_sub_vectors']} sub-vec., "
+            f"k-means {i['max_iterations']} it."
+        )
         for name, s in t["settings"].items():
             lines.append(
                 f"| {t['dtype']} | {idx} | {t['index_build_s']:.1f} | {t['data_bytes'] / 1e6:.0f} "
                 f"| {t['index_bytes'] / 1e6:.1f} | {name} | {s['latency_ms']['p50']:.1f} "
                 f"| {s['latency_ms']['p99']:.1f} | {s['recall@10']:.3f} |"
             )
+        c = t["exact_cosine"]
+        contrast.append(f"{t['dtype']}: exact top-1 cosine {c['top1']:.3f}, top-10 {c['top10']:.3f}")
         if t["flat_scan_latency_ms"]:
             lines.append(
                 f"| {t['dtype']} | none (bypass_vector_index) | | | | exact scan | "
                 f"{t['flat_scan_latency_ms']['p50']:.1f} | {t['flat_scan_latency_ms']['p99']:.1f} | 1.000 |"
             )
     lines += [
+        "",
+        "Neighbour contrast (mean over queries) — " + "; ".join(contrast) + ".",
         "",
         "![query](query.png)",
         "",

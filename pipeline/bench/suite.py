@@ -51,40 +51,28 @@ class Sizes:
 
 
 SIZES = {
-    "tiny": Sizes(8, 8, 1, (("ViT-B-32", 2, 2), ("ViT-B-16", 2, 2)), 1, 256, 2, 48, 16, 16, 16, 2000, 20, 2),
+    "tiny": Sizes(
+        embedded_images=8, embedded_batch=8, rounds=1,
+        random_models=(("ViT-B-32", 2, 2), ("ViT-B-16", 2, 2)), random_rounds=1,
+        matmul_size=256, matmul_repeats=2,
+        pipeline_images=48, shard_size=16, pipeline_encoder_images=16, router_images=8,
+        query_rows=2000, query_count=20, flat_queries=2,
+    ),
     "quick": Sizes(
-        128,
-        64,
-        3,
-        (("ViT-B-32", 32, 32), ("ViT-B-16", 8, 8)),
-        2,
-        2048,
-        3,
-        600,
-        100,
-        256,
-        256,
-        50_000,  # 100k rows took 137 s of the 3-minute budget (index build x 2 dtypes)
-        100,
-        3,
+        embedded_images=64, embedded_batch=64, rounds=3,
+        random_models=(("ViT-B-32", 16, 16), ("ViT-B-16", 4, 4)), random_rounds=2,
+        matmul_size=2048, matmul_repeats=3,
+        pipeline_images=1000, shard_size=100, pipeline_encoder_images=256, router_images=64,
+        query_rows=100_000, query_count=100, flat_queries=3,
     ),
     "full": Sizes(
-        512,
-        64,
-        5,
-        (("ViT-B-32", 64, 32), ("ViT-B-16", 32, 16)),
-        3,
-        3072,
-        5,
-        4000,
-        200,
-        512,
-        1024,
-        1_000_000,
-        200,
-        5,
+        embedded_images=384, embedded_batch=64, rounds=5,
+        random_models=(("ViT-B-32", 64, 32), ("ViT-B-16", 16, 16)), random_rounds=3,
+        matmul_size=3072, matmul_repeats=5,
+        pipeline_images=4000, shard_size=200, pipeline_encoder_images=512, router_images=384,
+        query_rows=1_000_000, query_count=200, flat_queries=5,
     ),
-}
+}  # fmt: skip
 
 
 def embedded_case(sizes: Sizes, routed_config: Path, point_names: list[str]) -> enc.EncoderCase:
