@@ -3,7 +3,7 @@ query latency and a scale projection, written to results/bench/ (<UTC>.json, lat
 PNG plots).
 
     python jobs/bench.py            # full: < 20 min on 2 cores, 1M-row query table
-    python jobs/bench.py --quick    # < 3 min, 50k-row query table
+    python jobs/bench.py --quick    # < 3 min, 100k-row query table
     python jobs/bench.py --tiny     # seconds; what tests/test_bench.py runs
 
 Timings are only meaningful on an otherwise idle machine; the JSON records the load average.
