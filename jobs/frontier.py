@@ -78,8 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    router = load_config(args.routed_config).router
-    probe = RoutedEncoder.from_config(load_config(args.routed_config).model, router.routes)
+    routed = load_config(args.routed_config)
+    router = routed.router
+    probe = RoutedEncoder.from_config(routed.model, router.routes)
     loaded, heads = probe.loaded, probe.vit.heads
     fixed = fixed_routes(probe.vit.depth, args.exits)
     fixed_encoder = RoutedEncoder(loaded, fixed, heads)

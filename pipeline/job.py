@@ -124,7 +124,7 @@ class _ShardAssembler:
         plan = self.plans[uri]
         parts = self.parts.pop(uri, [])
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
-        model_id = self.writer.model_id
+        model_id, s = self.writer.model_id, self.summary
         record = ShardRecord(uri, plan.shard.fingerprint, DONE)
         images = rejected = pa.table({})
         if merged is not None:
@@ -167,14 +167,12 @@ class _ShardAssembler:
                 if bad.any()
                 else pa.table({})
             )
-            s = self.summary
             s.routes.update(merged["route_name"][ok].astype(str).tolist())
             s.gflops_sum += float(merged["gflops"][ok].sum())
             for timer in STAGE_TIMERS:
                 s.stage_seconds[timer] += float(merged[timer].sum())
         t0 = time.perf_counter()
         self.writer.commit_shard(record, images, rejected, upsert=uri in self.interrupted)
-        s = self.summary
         s.write_seconds += time.perf_counter() - t0
         s.shards_committed += 1
         s.rows_ok += record.rows_ok
