@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--exits", type=int, nargs="+", default=[4, 6, 8, 10])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--timing-images", type=int, default=512, help="images each route is timed on")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median kept)")
     parser.add_argument("--results", default="results/calibration.json")
     parser.add_argument("--config-out", default=str(CONFIG_OUT))
     args = parser.parse_args()
@@ -72,13 +74,15 @@ def main() -> None:
     encoder = RoutedEncoder(probe.loaded, routes, probe.vit.heads)
     sample = load_heldout(args.seed, args.images, probe.loaded.image_size, split="calib")
     print(f"measuring {len(routes)} routes on {len(sample)} calibration images")
-    measurements = measure_routes(encoder, sample.images, routes, args.batch_size)
+    measurements = measure_routes(
+        encoder, sample.images, routes, args.batch_size, args.timing_images, args.rounds
+    )
     full = next(m for m in measurements if m.route.name == "full").embeddings
     text = embed_texts(probe.loaded, sample.captions)
     for m in measurements:
         cos = float((m.embeddings * full).sum(-1).mean())
         ms = m.seconds_per_image * 1e3
-        print(f"  {m.route.name:<18} {ms:6.2f} ms/img  {m.gflops.mean():.3f} GFLOPs  cos {cos:.4f}")
+        print(f"  {m.route.name:<24} {ms:6.2f} ms/img  {m.gflops.mean():.3f} GFLOPs  cos {cos:.4f}")
 
     features = complexity_features(sample.images, sample.bytes_per_pixel)
     labels = cheapest_route_labels(measurements, full, floor.min_cosine)

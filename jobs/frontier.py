@@ -2,7 +2,8 @@
 
     python jobs/frontier.py --images 2000 --timing-images 512 --rounds 3
 
-Points: open_clip full depth; every fixed exit; ToMe at several r; energy budgets at several tau; the
+Points: open_clip full depth; every fixed exit; ToMe at several constant r and front-loaded schedules
+(tome-keep70-floor16: 70% of tokens kept per block down to 16); energy budgets at several tau; the
 calibrated router (pipeline/configs/routed.yaml). Quality from the harness (R@10, mean cosine to full);
 speed measured alternately against open_clip's encode_image on the same images and threads.
 Writes results/frontier.json, results/frontier.md and results/frontier.png.
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.calibrate import MERGE_SCHEDULES, schedule_route
 from pipeline.config import RouteSpec, load_config
 from pipeline.encode.model import normalize_uint8
 from pipeline.encode.routed import RoutedEncoder
@@ -32,6 +34,7 @@ def fixed_routes(depth: int, exits: list[int]) -> list[RouteSpec]:
     routes = [RouteSpec(name="full")]
     routes += [RouteSpec(name=f"exit{d}", exit_depth=d) for d in exits]
     routes += [RouteSpec(name=f"tome{r}", merge="tome", merge_r=r) for r in (2, 4, 6, 8)]
+    routes += [schedule_route("tome", keep, floor) for keep, floor in MERGE_SCHEDULES]
     taus = (0.98, 0.99, 0.995, 0.999)
     routes += [RouteSpec(name=f"energy{t * 100:g}", energy_tau=t, prune_after=2) for t in taus]
     return routes

@@ -11,7 +11,7 @@ only gathers precomputed similarities, the search costs seconds.
 from __future__ import annotations
 
 import itertools
-import time
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from pipeline.config import RouteSpec
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.metrics import recall_at_k
+from pipeline.speed import alternate
 
 
 @dataclass
@@ -58,15 +59,34 @@ class RouterPlan:
         }
 
 
+# Front-loaded ToMe schedules (fraction kept per block, token floor): the candidates worth measuring on
+# the embedded model; a constant r collapses the last blocks to 2-3 tokens, these stop at the floor.
+MERGE_SCHEDULES: tuple[tuple[float, int], ...] = tuple(
+    (keep, floor) for keep in (0.65, 0.7, 0.75, 0.8) for floor in (8, 16)
+)
+
+
+def schedule_route(name: str, keep: float, floor: int, exit_depth: int | None = None) -> RouteSpec:
+    """ToMe keeping `keep` of the tokens per block down to `floor`, named `<name>-keep70-floor16`."""
+    return RouteSpec(
+        name=f"{name}-keep{round(keep * 100)}-floor{floor}",
+        exit_depth=exit_depth,
+        merge="tome",
+        merge_keep=keep,
+        merge_floor=floor,
+    )
+
+
 def candidate_routes(depth: int, exits: list[int]) -> list[RouteSpec]:
-    """Exits x token paths: plain, ToMe merging, energy-budget pruning."""
+    """Exits x token paths: plain, constant-r ToMe, front-loaded ToMe schedules, energy-budget pruning."""
     routes = []
     for d in [*exits, depth]:
         tag = "full" if d == depth else f"d{d}"
         exit_depth = None if d == depth else d
         routes.append(RouteSpec(name=tag, exit_depth=exit_depth))
-        for r in (2, 4, 6, 8):
+        for r in (4, 6, 8):
             routes.append(RouteSpec(name=f"{tag}-tome{r}", exit_depth=exit_depth, merge="tome", merge_r=r))
+        routes += [schedule_route(tag, keep, floor, exit_depth) for keep, floor in MERGE_SCHEDULES]
         for tau in (0.99,):  # block-2 token features are low-rank: tau 0.9 keeps ~6 of 64 tokens
             name = f"{tag}-energy{tau * 100:g}"
             routes.append(RouteSpec(name=name, exit_depth=exit_depth, energy_tau=tau, prune_after=2))
@@ -74,30 +94,36 @@ def candidate_routes(depth: int, exits: list[int]) -> list[RouteSpec]:
 
 
 def measure_routes(
-    encoder: RoutedEncoder, images: np.ndarray, routes: list[RouteSpec], batch_size: int = 64
+    encoder: RoutedEncoder,
+    images: np.ndarray,
+    routes: list[RouteSpec],
+    batch_size: int = 64,
+    timing_images: int = 512,
+    rounds: int = 3,
 ) -> list[RouteMeasurement]:
-    """Embed all images on every route, timing each route's dense batches."""
-    out = []
-    for i, route in enumerate(routes):
-        ids = np.full(min(batch_size, len(images)), i, np.int32)
-        encoder.encode(images[: len(ids)], ids)  # warm-up: first-call allocations are not the route's cost
-        vectors, gflops, seconds = [], [], 0.0
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            t0 = time.perf_counter()
-            result = encoder.encode(chunk, np.full(len(chunk), i, np.int32))
-            seconds += time.perf_counter() - t0
-            vectors.append(result.vectors)
-            gflops.append(result.gflops)
-        out.append(
-            RouteMeasurement(
-                route,
-                torch.from_numpy(np.concatenate(vectors)),
-                np.concatenate(gflops),
-                seconds / len(images),
+    """Embed all images on every route, then time each route's dense batches on the first
+    `timing_images`, routes alternating round by round so machine noise hits them alike."""
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    embedded = []
+    for i in range(len(routes)):
+        results = [encoder.encode(b, np.full(len(b), i, np.int32)) for b in batches]
+        embedded.append(
+            (
+                torch.from_numpy(np.concatenate([r.vectors for r in results])),
+                np.concatenate([r.gflops for r in results]),
             )
         )
-    return out
+    timed = batches[: max(1, -(-min(timing_images, len(images)) // batch_size))]
+    n_timed = sum(len(b) for b in timed)
+    calls = {
+        str(i): lambda i=i: [encoder.encode(b, np.full(len(b), i, np.int32)) for b in timed]
+        for i in range(len(routes))
+    }
+    seconds = alternate(calls, rounds)
+    return [
+        RouteMeasurement(route, emb, gflops, statistics.median(seconds[str(i)]) / n_timed)
+        for i, (route, (emb, gflops)) in enumerate(zip(routes, embedded, strict=True))
+    ]
 
 
 class _Evaluator:

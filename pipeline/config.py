@@ -3,6 +3,7 @@ validated before any work starts so a typo fails in a second, not after an hour 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +46,13 @@ class RouteSpec(_Section):
     name: str
     exit_depth: int | None = Field(None, ge=1, description="blocks to run; None = full depth")
     merge: Literal["none", "tome", "crossget"] = Field("none", description="token merging after attention")
-    merge_r: int = Field(0, ge=0, description="tokens merged away per block")
+    merge_r: int = Field(0, ge=0, description="tokens merged away per block (ToMe's constant schedule)")
+    merge_keep: float | None = Field(
+        None, ge=0.5, lt=1, description="instead of merge_r: fraction of tokens each block keeps"
+    )
+    merge_floor: int = Field(
+        0, ge=0, description="blocks holding this many tokens (CLS included) or fewer merge nothing"
+    )
     energy_tau: float | None = Field(
         None, gt=0, le=1, description="keep the fewest tokens holding this fraction of spectral energy"
     )
@@ -56,9 +63,23 @@ class RouteSpec(_Section):
     def _one_budget(self) -> RouteSpec:
         if self.energy_tau is not None and self.keep_tokens is not None:
             raise ValueError(f"route {self.name!r}: set energy_tau or keep_tokens, not both")
-        if self.merge != "none" and self.merge_r == 0:
-            raise ValueError(f"route {self.name!r}: merge={self.merge!r} needs merge_r > 0")
+        if self.merge != "none" and (self.merge_r > 0) == (self.merge_keep is not None):
+            raise ValueError(
+                f"route {self.name!r}: merge={self.merge!r} needs exactly one of merge_r > 0 or merge_keep"
+            )
         return self
+
+    def merge_count(self, tokens: int) -> int:
+        """Tokens to merge away in a block that holds `tokens` (the matcher may clip it further).
+
+        A front-loaded schedule (`merge_keep` with a floor) merges most where tokens are many and
+        redundant and stops before the few last tokens collapse; on the embedded model it beats a constant
+        r by a wide margin at equal FLOPs (results/frontier.md).
+        """
+        if self.merge == "none":
+            return 0
+        r = self.merge_r if self.merge_keep is None else tokens - math.ceil(tokens * self.merge_keep)
+        return max(0, min(r, tokens - self.merge_floor))
 
     @property
     def prunes(self) -> bool:

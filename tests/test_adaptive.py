@@ -65,6 +65,26 @@ def test_tome_merges_r_tokens_per_block(embedded):
     assert (out.gflops < 0.8 * full.gflops).all()
 
 
+def test_front_loaded_schedule_stops_at_its_floor_and_spends_less(embedded):
+    vit = AdaptiveViT(embedded.model.visual)
+    x = _images(3, embedded.image_size)
+    route = RouteSpec(name="s", merge="tome", merge_keep=0.7, merge_floor=16)
+    out = vit(x, route)
+    assert out.tokens.tolist() == [16] * 3
+    # blocks attend over 65, 46, 33, 24, 17 tokens, then 16 for the remaining 7 (merges after attention)
+    attended, kept = [65, 46, 33, 24, 17] + [16] * 7, [46, 33, 24, 17, 16] + [16] * 7
+    similarity = sum(2.0 * n * n * 64 / 1e9 for n in attended[:5])  # one matching per merging block
+    expected = (
+        stem_gflops(192, 768, 64)
+        + sum(block_gflops(192, 4.0, a, k) for a, k in zip(attended, kept, strict=True))
+        + similarity
+        + head_gflops(192, 128)
+    )
+    assert out.gflops.tolist() == pytest.approx([expected] * 3, rel=1e-6)
+    one_by_one = torch.cat([vit(x[i : i + 1], route).embeddings for i in range(3)])
+    assert torch.allclose(out.embeddings, one_by_one, atol=1e-5)
+
+
 def test_pruned_batch_equals_each_image_alone(embedded):
     """Grouping a batch by energy budget must not change any image's embedding."""
     vit = AdaptiveViT(embedded.model.visual)

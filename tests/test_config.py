@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, RouteSpec, load_config
 
 
 def test_yaml_and_overrides_combine(tmp_path):
@@ -39,6 +39,31 @@ def test_route_cannot_have_two_budgets():
     routes = "[{name: a, energy_tau: 0.9, keep_tokens: 8}]"
     with pytest.raises(ConfigError, match="set energy_tau or keep_tokens, not both"):
         load_config(None, [f"router.routes={routes}"])
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "{name: a, merge: tome}",
+        "{name: a, merge: tome, merge_r: 4, merge_keep: 0.7}",
+        "{name: a, merge: tome, merge_keep: 0.3}",
+    ],
+)
+def test_merging_needs_exactly_one_valid_schedule(route):
+    with pytest.raises(ConfigError, match="merge_r > 0 or merge_keep|merge_keep"):
+        load_config(None, [f"router.routes=[{route}]"])
+
+
+def test_merge_schedules_count_tokens_per_block():
+    constant = RouteSpec(name="c", merge="tome", merge_r=6)
+    assert [constant.merge_count(n) for n in (65, 7)] == [6, 6]
+    front = RouteSpec(name="f", merge="tome", merge_keep=0.7, merge_floor=16)
+    tokens, schedule = 65, []
+    while (r := front.merge_count(tokens)) > 0:
+        schedule.append(r)
+        tokens -= r
+    assert schedule == [19, 13, 9, 7, 1] and tokens == 16  # ceil(0.7 n) kept, never below the floor
+    assert RouteSpec(name="n", merge_keep=0.7).merge_count(65) == 0  # merge: none ignores the schedule
 
 
 def test_thresholds_must_ascend():

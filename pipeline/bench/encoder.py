@@ -16,6 +16,7 @@ import numpy as np
 import open_clip
 import torch
 
+from pipeline.calibrate import schedule_route
 from pipeline.config import RouterConfig, RouteSpec
 from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.heads import ExitHeads
@@ -30,11 +31,15 @@ FULL_ROUTE = "full"  # the adaptive forward at full depth: its ratio to BASELINE
 EQUAL_QUALITY_R10_DROP = 0.01  # "equal quality": text->image R@10 at most 1 point (absolute) below full
 
 
-_POINT_NAME = re.compile(r"^(?:(?P<full>full)|exit(?P<exit>\d+)|tome(?P<tome>\d+)|energy(?P<energy>[\d.]+))$")
+_POINT_NAME = re.compile(
+    r"^(?:(?P<full>full)|exit(?P<exit>\d+)|tome(?P<tome>\d+)|tome-keep(?P<keep>\d+)-floor(?P<floor>\d+)"
+    r"|energy(?P<energy>[\d.]+))$"
+)
 
 
 def route_from_name(name: str) -> RouteSpec | None:
-    """The fixed route behind a jobs/frontier.py point name (full, exit6, tome4, energy99.5), else None."""
+    """The fixed route behind a jobs/frontier.py point name (full, exit6, tome4, tome-keep70-floor16,
+    energy99.5), else None."""
     match = _POINT_NAME.match(name)
     if match is None:
         return None
@@ -42,6 +47,8 @@ def route_from_name(name: str) -> RouteSpec | None:
         return RouteSpec(name=name, exit_depth=int(match["exit"]))
     if match["tome"]:
         return RouteSpec(name=name, merge="tome", merge_r=int(match["tome"]))
+    if match["keep"]:
+        return schedule_route("tome", int(match["keep"]) / 100, int(match["floor"]))
     if match["energy"]:
         return RouteSpec(name=name, energy_tau=round(float(match["energy"]) / 100, 6), prune_after=2)
     return RouteSpec(name=name)
@@ -59,7 +66,7 @@ def fixed_routes(extra_names: list[str] | tuple[str, ...] = ()) -> list[RouteSpe
             return (0, 0.0)
         if r.prunes:
             return (3, r.energy_tau or 0.0)
-        return (kind[r.merge], float(r.exit_depth or r.merge_r))
+        return (kind[r.merge], r.exit_depth or 0, r.merge_r, r.merge_keep or 0.0, r.merge_floor)
 
     return sorted(routes, key=order)
 

@@ -4,7 +4,8 @@ Modifications against open_clip's `VisionTransformer.forward` (the weights are r
 - the block loop is ours, so it can stop after `exit_depth` blocks and pool through that depth's exit head;
 - attention runs through `scaled_dot_product_attention` on the block's own in/out projections (fused),
   with ToMe's proportional-attention bias once tokens stand for more than one patch;
-- patch tokens may be merged between each block's attention and MLP (ToMe / CrossGET);
+- patch tokens may be merged between each block's attention and MLP (ToMe / CrossGET), r tokens per block
+  or a kept fraction down to a floor (`RouteSpec.merge_count`);
 - after `prune_after` blocks, tokens may be pruned to a per-image energy budget (or a fixed count), the
   dropped ones fused into one token; the batch is then split into groups of equal budget so every forward
   stays one dense tensor and saved FLOPs become saved seconds.
@@ -98,12 +99,12 @@ class AdaptiveViT(nn.Module):
             bias = tok.proportional_attention_bias(size, x.dtype) if weighted else None
             attn_out, keys, cls_attention = self._attention(block, x, bias, want_cls and i == stop - 1)
             x = x + attn_out
-            if route.merge != "none":
+            r = route.merge_count(n_attn)
+            if r > 0:
                 match = (
                     tok.bipartite_soft_matching if route.merge == "tome" else tok.complete_graph_soft_matching
                 )
-                plan = match(keys, route.merge_r)
-                x, size = plan.merge(x, size)
+                x, size = match(keys, r).merge(x, size)
                 gflops += 2.0 * n_attn * n_attn * keys.shape[-1] / 1e9  # similarity matrix
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
             gflops += block_gflops(self.width, self.mlp_ratio, n_attn, x.shape[1])
