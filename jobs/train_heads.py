@@ -4,6 +4,10 @@
         --reduced-routes '[{"name": "tome4", "merge": "tome", "merge_r": 4}]'
 
 Writes the heads (stamped with the base model's fingerprint) and a JSON summary next to them.
+With --finetune-backbone the vision tower trains too (lr --backbone-lr; full depth joins the loss,
+distilled toward the original model): the tuned checkpoint is written to --backbone-out and the heads are
+stamped for it, so use both together (model.pretrained = that checkpoint, model.heads = these heads).
+Fine-tuning runs the backbone every step, so use far fewer epochs than the frozen default.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from pipeline.config import ModelConfig, RouteSpec
 from pipeline.encode.model import MODELS_DIR, load_model
+from pipeline.training.clip import save_checkpoint
 from pipeline.training.heads import HeadSettings, train_heads
 
 
@@ -31,6 +36,9 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=HeadSettings.distill_weight)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reduced-routes", default="[]", help="JSON list of RouteSpec dicts")
+    parser.add_argument("--finetune-backbone", action="store_true", help="train the vision tower too")
+    parser.add_argument("--backbone-lr", type=float, default=HeadSettings.backbone_lr)
+    parser.add_argument("--backbone-out", default=None, help="default: <out>.backbone.safetensors")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(MODELS_DIR / "icar-tiny-vit.heads.safetensors"))
     args = parser.parse_args()
@@ -45,9 +53,16 @@ def main() -> None:
         epochs=args.epochs,
         distill_weight=args.distill_weight,
         reduced_routes=[RouteSpec(**r) for r in json.loads(args.reduced_routes)],
+        finetune_backbone=args.finetune_backbone,
+        backbone_lr=args.backbone_lr,
     )
     heads, report = train_heads(loaded, settings)
     out = Path(args.out)
+    if args.finetune_backbone:
+        backbone = Path(args.backbone_out or out.with_suffix(".backbone.safetensors"))
+        save_checkpoint(loaded.model, backbone, torch.float32)  # exact: the heads' fingerprint is of these
+        model_cfg = ModelConfig(name=args.model, pretrained=str(backbone))
+        print(f"fine-tuned checkpoint: {backbone}")
     heads.save(out, model_cfg.model_id)
     summary = {"command_args": vars(args), "model_id": model_cfg.model_id, **report}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))

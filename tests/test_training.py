@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import ModelConfig, RouteSpec
-from pipeline.encode.heads import ExitHeads
+from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model
 from pipeline.training.clip import TrainSettings, train
 from pipeline.training.heads import HeadSettings, train_heads
@@ -44,3 +46,26 @@ def test_exit_heads_training_moves_early_exits_toward_full_depth():
     assert report["train_cosine_to_full"][4] > 0.5
     with pytest.raises(KeyError):
         heads.project(torch.zeros(1, 192), 6)
+
+
+def test_backbone_fine_tuning_writes_a_new_model_its_heads_are_bound_to(tmp_path, monkeypatch):
+    out = tmp_path / "tuned.heads.safetensors"
+    argv = ["train_heads", "--depths", "4", "--images", "64", "--epochs", "2", "--finetune-backbone"]
+    monkeypatch.setattr("sys.argv", [*argv, "--backbone-lr", "1e-4", "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    job = Path(__file__).resolve().parent.parent / "jobs" / "train_heads.py"
+    runpy.run_path(str(job), run_name="__main__")
+    torch.set_num_threads(threads)
+    original = load_model(ModelConfig())
+    tuned = load_model(ModelConfig(pretrained=str(tmp_path / "tuned.heads.backbone.safetensors")))
+    before, after = original.model.visual.state_dict(), tuned.model.visual.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the tower did train
+    text_before, text_after = original.model.state_dict(), tuned.model.state_dict()
+    assert torch.equal(text_before["token_embedding.weight"], text_after["token_embedding.weight"])
+    heads = ExitHeads.load(out, tuned.model.visual)
+    assert heads.depths == [4]
+    with pytest.raises(HeadsMismatchError):
+        ExitHeads.load(out, original.model.visual)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["model_id"].endswith("tuned.heads.backbone.safetensors")
+    assert summary["train_cosine_to_full"]["12"] > 0.95  # distillation keeps full depth where it was

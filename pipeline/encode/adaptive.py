@@ -155,6 +155,22 @@ class AdaptiveViT(nn.Module):
         embeddings = F.normalize(self.project(pooled, depth), dim=-1)
         return RouteOutput(embeddings, tokens, gflops + head_gflops(self.width, self.embed_dim), depth)
 
+    def exit_tokens(self, images: torch.Tensor, route: RouteSpec, depths: list[int]) -> torch.Tensor:
+        """[B, len(depths), C]: the token each exit in `depths` (ascending) reads under `route`.
+
+        One pass through the deepest exit when the route does not prune (pruning groups images by budget
+        after `prune_after`, so pruned routes run once per depth). Used to train heads on their own tokens.
+        """
+        if route.prunes:
+            return torch.stack([self.pooled_tokens(images, route, d)[0] for d in depths], dim=1)
+        x = self.visual._embeds(images)
+        state, done, pooled = _State(x, x.new_ones(x.shape[0], x.shape[1], 1), 0.0), 0, []
+        for depth in depths:
+            state = self._run_blocks(state, done, depth, route, want_cls=False)
+            pooled.append(self._pool(state))
+            done = depth
+        return torch.stack(pooled, dim=1)
+
     def pooled_tokens(self, images: torch.Tensor, route: RouteSpec, depth: int):
         """Run `depth` blocks on the route's token path -> (pooled token [B, C], tokens [B], GFLOPs [B]).
 

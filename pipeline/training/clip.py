@@ -77,9 +77,10 @@ def evaluate_recall(loaded, heldout: HeldoutSet, batch: int = 256) -> dict[str, 
     return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
 
 
-def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """fp16 safetensors: half the bytes, and open_clip's loader casts back to the model's dtype."""
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+def save_checkpoint(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float16) -> None:
+    """safetensors; fp16 halves the bytes and open_clip's loader casts back to the model's dtype. Use
+    float32 when something (exit heads' fingerprint) must match the in-memory weights exactly."""
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
 
 

@@ -1,10 +1,13 @@
-"""Dual-path training of the exit heads with the backbone frozen.
+"""Dual-path training of the exit heads, with the backbone frozen (default) or fine-tuned.
 
 Loss per exit depth = InfoNCE(exit embedding, caption embedding)            (caption-level quality)
                     + distill_weight * (1 - cos(exit embedding, full-depth embedding))  (instance-level)
-The frozen backbone runs once per image; its CLS tokens at every exit depth are cached, so the heads
-train for many epochs in seconds. Heads see the tokens of every route they serve (plain and reduced), so
-they stay calibrated when an exit is combined with merging or pruning.
+Frozen: the backbone runs once per image; its CLS tokens at every exit depth are cached, so the heads
+train for many epochs in seconds. Fine-tuned: the vision tower trains with the heads (a much smaller
+learning rate), and full depth joins the loss, distilled toward the original model's embeddings, so the
+final embedding stays in the text tower's space; the result is a new model whose checkpoint must be
+saved with the heads. Heads see the tokens of every route they serve (plain and reduced), so they stay
+calibrated when an exit is combined with merging or pruning.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
-from pipeline.encode.heads import ExitHeads
+from pipeline.encode.heads import ExitHeads, model_fingerprint
 from pipeline.encode.model import LoadedModel, normalize_uint8
 from pipeline.evaluate import load_heldout
 from pipeline.metrics import multi_positive_infonce
@@ -36,45 +39,69 @@ class HeadSettings:
     lr: float = 2e-3
     distill_weight: float = 4.0
     reduced_routes: list[RouteSpec] = field(default_factory=list)  # extra token paths the heads must serve
+    finetune_backbone: bool = False  # also train the vision tower: a new model, saved beside the heads
+    backbone_lr: float = 1e-5
 
 
-@torch.inference_mode()
-def exit_features(vit: AdaptiveViT, x: torch.Tensor, route: RouteSpec, depths: list[int]) -> torch.Tensor:
-    """[B, len(depths), width]: the token each exit head reads, under `route`'s token path."""
-    return torch.stack([vit.pooled_tokens(x, route, depth)[0] for depth in depths], dim=1)
+@dataclass
+class _Targets:
+    """What every exit is pulled toward, computed once with the original (frozen) model."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    full: torch.Tensor  # [N, D] original full-depth image embeddings
+    text: torch.Tensor  # [N, D] caption embeddings
+    key_ids: torch.Tensor  # [N] scene id: captions of equal scenes are all positives
 
 
-def cache_features(loaded: LoadedModel, settings: HeadSettings, log=print):
-    """Run the frozen backbone once: exit features for each token path, full-depth and text embeddings."""
+def _targets(loaded: LoadedModel, settings: HeadSettings, log) -> _Targets:
     sample = load_heldout(settings.seed, settings.images, loaded.image_size, split=settings.split)
-    images, captions, keys = sample.images, sample.captions, sample.scene_keys
-    model = loaded.model
-    vit = AdaptiveViT(model.visual, ExitHeads(model.visual, settings.depths))
-    paths = [RouteSpec(name="plain")] + list(settings.reduced_routes)
-    feats, full, text = [[] for _ in paths], [], []
-    started = time.time()
+    model, full, text, started = loaded.model, [], [], time.time()
     with torch.inference_mode():
-        for i in range(0, len(images), 256):
-            x = normalize_uint8(torch.from_numpy(images[i : i + 256]), loaded.mean, loaded.std)
-            for p, route in enumerate(paths):
-                feats[p].append(exit_features(vit, x, route, settings.depths))
+        for i in range(0, len(sample), 256):
+            x = normalize_uint8(torch.from_numpy(sample.images[i : i + 256]), loaded.mean, loaded.std)
             full.append(model.encode_image(x, normalize=True))
-            text.append(model.encode_text(loaded.tokenizer(captions[i : i + 256]), normalize=True))
-            log(f"cached {min(i + 256, len(images))}/{len(images)} images ({time.time() - started:.0f} s)")
-    key_ids = torch.as_tensor(np.unique(np.asarray(keys), return_inverse=True)[1])
-    return [torch.cat(f) for f in feats], torch.cat(full), torch.cat(text), key_ids
+            text.append(model.encode_text(loaded.tokenizer(sample.captions[i : i + 256]), normalize=True))
+            log(f"targets {min(i + 256, len(sample))}/{len(sample)} images ({time.time() - started:.0f} s)")
+    key_ids = torch.as_tensor(np.unique(np.asarray(sample.scene_keys), return_inverse=True)[1])
+    return _Targets(sample.images, torch.cat(full), torch.cat(text), key_ids)
+
+
+def _token_paths(settings: HeadSettings) -> list[RouteSpec]:
+    return [RouteSpec(name="plain"), *settings.reduced_routes]
+
+
+def _dual_path_loss(emb: torch.Tensor, t: _Targets, rows: torch.Tensor, scale: torch.Tensor, weight: float):
+    """InfoNCE against the captions + distillation toward the original full-depth embedding."""
+    contrastive = multi_positive_infonce(emb, t.text[rows], t.key_ids[rows], scale)
+    return contrastive + weight * (1 - (emb * t.full[rows]).sum(-1)).mean()
+
+
+def _pixels(loaded: LoadedModel, t: _Targets, rows: torch.Tensor) -> torch.Tensor:
+    return normalize_uint8(torch.from_numpy(t.images[rows.numpy()]), loaded.mean, loaded.std)
 
 
 def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple[ExitHeads, dict]:
+    """Train exit heads at `settings.depths`; with `finetune_backbone`, `loaded.model.visual` changes too
+    (and the heads are stamped with the fine-tuned tower's fingerprint)."""
     torch.manual_seed(settings.seed)
-    feats, full, text, key_ids = cache_features(loaded, settings, log)
-    heads = ExitHeads(loaded.model.visual, settings.depths)
-    heads.train()
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=settings.lr, weight_decay=0.01)
+    t = _targets(loaded, settings, log)
+    visual = loaded.model.visual
+    heads = ExitHeads(visual, settings.depths)
+    vit = AdaptiveViT(visual, heads)
+    paths = _token_paths(settings)
+    # frozen: the exit tokens never change, so compute them once; fine-tuned: every step, with gradients
+    depths = settings.depths + [vit.depth] if settings.finetune_backbone else settings.depths
+    cached = None if settings.finetune_backbone else _cache_exit_tokens(loaded, vit, t, paths, depths)
+    groups = [{"params": heads.parameters(), "lr": settings.lr}]
+    if settings.finetune_backbone:
+        visual.requires_grad_(True)
+        groups.append({"params": visual.parameters(), "lr": settings.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scale = loaded.model.logit_scale.exp().detach()
-    n = full.shape[0]
+    n = len(t.full)
     steps = settings.epochs * math.ceil(n / settings.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    heads.train()
     history = []
     for epoch in range(settings.epochs):
         order = torch.randperm(n)
@@ -82,23 +109,40 @@ def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple
         for i in range(0, n, settings.batch_size):
             rows = order[i : i + settings.batch_size]
             loss = torch.zeros(())
-            for path_feats in feats:
-                for j, depth in enumerate(settings.depths):
-                    emb = F.normalize(heads.project(path_feats[rows, j], depth), dim=-1)
-                    contrastive = multi_positive_infonce(emb, text[rows], key_ids[rows], scale)
-                    distill = (1 - (emb * full[rows]).sum(-1)).mean()
-                    loss = loss + contrastive + settings.distill_weight * distill
+            pixels = None if cached else _pixels(loaded, t, rows)
+            for p, route in enumerate(paths):
+                tokens = cached[p][rows] if cached else vit.exit_tokens(pixels, route, depths)
+                for j, depth in enumerate(depths):
+                    emb = F.normalize(vit.project(tokens[:, j], depth), dim=-1)
+                    loss = loss + _dual_path_loss(emb, t, rows, scale, settings.distill_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(rows)
         history.append({"epoch": epoch, "loss": total / n})
+        log(f"epoch {epoch}: loss {total / n:.4f}")
     heads.eval()
+    if settings.finetune_backbone:
+        visual.requires_grad_(False)
+        heads.fingerprint = model_fingerprint(visual)  # the heads belong to the tower they were tuned with
+    plain = _cache_exit_tokens(loaded, vit, t, paths[:1], [*settings.depths, vit.depth])[0]
     with torch.no_grad():
         agreement = {
-            depth: float((F.normalize(heads.project(feats[0][:, j], depth), dim=-1) * full).sum(-1).mean())
-            for j, depth in enumerate(settings.depths)
+            depth: float((F.normalize(vit.project(plain[:, j], depth), dim=-1) * t.full).sum(-1).mean())
+            for j, depth in enumerate([*settings.depths, vit.depth])
         }
-    log(f"train-set mean cosine to full depth per exit: {agreement}")
+    log(f"train-set mean cosine to the original full depth, per exit: {agreement}")
     return heads, {"history": history, "train_cosine_to_full": agreement}
+
+
+@torch.inference_mode()
+def _cache_exit_tokens(
+    loaded: LoadedModel, vit: AdaptiveViT, t: _Targets, paths: list[RouteSpec], depths: list[int]
+) -> list[torch.Tensor]:
+    """Per token path, [N, len(depths), width]: the token each exit reads."""
+    rows = torch.arange(len(t.full))
+    return [
+        torch.cat([vit.exit_tokens(_pixels(loaded, t, r), route, depths) for r in rows.split(256)])
+        for route in paths
+    ]
