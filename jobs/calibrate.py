@@ -1,7 +1,7 @@
 """Calibrate the router: measure candidate routes on a captioned sample, compare the handcrafted scorer with
 a learned one, and write the cheapest router meeting the quality floor as a pipeline config.
 
-    python jobs/calibrate.py --images 2000 --min-cosine 0.95 --min-recall-ratio 0.99
+    python jobs/calibrate.py --images 2000 --min-cosine 0.985 --min-recall-ratio 0.99
 
 Outputs: pipeline/configs/routed.yaml (router section used by `make demo`), the learned scorer (if it wins)
 next to the model, and results/calibration.json with every measurement and the router comparison.
@@ -43,10 +43,14 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def time_scorer(scorer, images: np.ndarray, bpp: np.ndarray) -> float:
-    t0 = time.perf_counter()
-    scorer(complexity_features(images, bpp))
-    return (time.perf_counter() - t0) / len(images)
+def time_scorer(scorer, images: np.ndarray, bpp: np.ndarray, repeats: int = 3) -> float:
+    """CPU seconds per image of features + score, best of `repeats` (noise only ever adds time)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        scorer(complexity_features(images, bpp))
+        best = min(best, time.perf_counter() - t0)
+    return best / len(images)
 
 
 def main() -> None:
@@ -55,9 +59,9 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-cosine", type=float, default=0.95)
-    parser.add_argument("--min-recall-ratio", type=float, default=0.99)
-    parser.add_argument("--exits", type=int, nargs="+", default=[4, 6, 8, 10])
+    parser.add_argument("--min-cosine", type=float, default=QualityFloor.min_cosine)
+    parser.add_argument("--min-recall-ratio", type=float, default=QualityFloor.min_recall_ratio)
+    parser.add_argument("--exits", type=int, nargs="+", default=[6, 8, 10])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--timing-images", type=int, default=512, help="images each route is timed on")
@@ -103,7 +107,7 @@ def main() -> None:
             "rank_correlation_with_cheapest_route": rank_correlation(scores[test], labels[test]),
             "cpu_seconds_per_image": cpu,
         }
-        plan = search_router(scores[fit], *on(fit), floor)
+        plan = search_router(scores[fit], *on(fit), floor, router_seconds=cpu)
         if plan is not None:
             result = apply_plan(plan, scores[test], *on(test))
             if len(plan.routes) > 1:  # the router's own CPU time counts; a one-route plan never scores
@@ -112,26 +116,32 @@ def main() -> None:
         comparison[name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if k != "fit_plan"}, indent=1))
 
-    def total_cost(entry: dict) -> float:
+    def rank(entry: dict) -> tuple[int, float]:
+        """Held-out verdict: meeting the floor first, then the lowest total cost; failing all, best R@10."""
         test_result = entry.get("test")
         if test_result is None:
-            return float("inf")
-        ok = test_result["mean_cosine"] >= floor.min_cosine and (
-            test_result["t2i_R@10"] >= floor.min_recall_ratio * test_result["full_R@10"]
-        )
-        return test_result["seconds_per_image"] if ok else float("inf")
+            return (2, 0.0)
+        ratio = test_result["t2i_R@10"] / test_result["full_R@10"]
+        if test_result["mean_cosine"] >= floor.min_cosine and ratio >= floor.min_recall_ratio:
+            return (0, test_result["seconds_per_image"])
+        return (1, -ratio)
 
-    winner = min(comparison, key=lambda k: total_cost(comparison[k]))
+    winner = min(comparison, key=lambda k: rank(comparison[k]))
     scores = scorers[winner](features)
-    final: RouterPlan | None = search_router(scores, measurements, full, text, keys.tolist(), floor)
+    cpu = comparison[winner]["cpu_seconds_per_image"]
+
+    def search_all(all_scores: np.ndarray) -> RouterPlan | None:
+        return search_router(all_scores, measurements, full, text, keys.tolist(), floor, router_seconds=cpu)
+
+    final = search_all(scores)
     if final is None:
         raise SystemExit("no router meets the quality floor on the calibration sample")
-    scorer_spec = "handcrafted"
-    if winner == "learned":
+    scorer_spec = "handcrafted"  # a one-route plan never scores, so it needs no learned file
+    if winner == "learned" and len(final.routes) > 1:
         learned_all = LearnedScorer.fit(features, labels)
         learned_all.save(MODELS_DIR / "icar-tiny-vit.router.json")
         scorer_spec = "icar-tiny-vit.router.json"
-        final = search_router(learned_all(features), measurements, full, text, keys.tolist(), floor) or final
+        final = search_all(learned_all(features)) or final
     router = {
         "scorer": scorer_spec,
         "thresholds": final.thresholds,

@@ -1,13 +1,16 @@
-"""Calibration picks the cheapest router that meets the quality floor, from measured routes."""
+"""Calibration picks the cheapest router that meets the quality floor, from measured routes; the learned
+scorer it may ship fits and round-trips."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.calibrate import QualityFloor, RouteMeasurement, cheapest_route_labels, search_router
 from pipeline.config import RouteSpec
+from pipeline.score import LearnedScorer, load_scorer
 
 N = 40
 
@@ -54,3 +57,16 @@ def test_cheapest_route_label_is_the_rank_of_the_cheapest_good_enough_route():
     routes, full, scores = _measurements()
     labels = cheapest_route_labels(routes, full, min_cosine=0.95)
     np.testing.assert_array_equal(labels, np.where(scores < 0.5, 0.0, 2.0))
+
+
+def test_learned_scorer_fits_a_linear_target_and_round_trips_through_its_file(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 22)).astype(np.float32)
+    target = (2.0 * features[:, 0] - features[:, 5] + 1.0).astype(np.float32)
+    scorer = LearnedScorer.fit(features, target, l2=1e-3)
+    np.testing.assert_allclose(scorer(features), target, atol=1e-2)
+    scorer.save(tmp_path / "router.json")
+    reloaded = load_scorer(str(tmp_path / "router.json"))
+    np.testing.assert_allclose(reloaded(features), scorer(features), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no such learned-scorer file"):
+        load_scorer(str(tmp_path / "missing.json"))

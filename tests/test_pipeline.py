@@ -16,6 +16,7 @@ from conftest import index_config, input_ids, lance_table
 
 from pipeline.decode import decode_image
 from pipeline.encode.model import load_model, normalize_uint8
+from pipeline.encode.routed import RoutedEncoder
 from pipeline.job import run_index
 from pipeline.query import Searcher, build_indexes
 
@@ -66,6 +67,35 @@ def test_written_embedding_equals_open_clip_encode_image(indexed, scene_shards):
     rows = {r["id"]: r["vector"] for r in table.search().where(f"id IN {tuple(ids)}").limit(None).to_list()}
     written = np.stack([np.asarray(rows[i], np.float32) for i in ids])
     np.testing.assert_allclose(written, reference, atol=1e-5)
+
+
+def test_routed_job_gives_each_row_its_route_and_that_routes_embedding(indexed, scene_shards, tmp_path):
+    """Two routes split at the median complexity: rows are regrouped by route on the way to the encoder,
+    and each must still land with its own route, token count and embedding."""
+    cfg, _ = indexed
+    first = lance_table(cfg.output.uri, "images")
+    threshold = float(np.median(first.column("complexity").to_numpy()))
+    routes = "[{name: cheap, exit_depth: 6, merge: tome, merge_keep: 0.7, merge_floor: 16}, {name: full}]"
+    routed_cfg = index_config(
+        [str(scene_shards)], str(tmp_path), f"router.routes={routes}", f"router.thresholds=[{threshold}]"
+    )
+    summary = run_index(routed_cfg, log=lambda _: None)
+    assert summary.rows_ok == 72 and summary.routes == Counter({"cheap": 36, "full": 36})
+    rows = {r["id"]: r for r in lance_table(routed_cfg.output.uri, "images").to_pylist()}
+    for r in rows.values():
+        cheap = r["complexity"] < threshold
+        assert (r["route"], r["exit_depth"], r["tokens"]) == (
+            ("cheap", 6, 16) if cheap else ("full", 12, 65)
+        )
+    shard = pq.read_table(scene_shards / "00002.parquet", columns=["key", "jpg"])
+    ids = [f"00002.parquet/{k}" for k in shard.column("key").to_pylist()]
+    encoder = RoutedEncoder.from_config(routed_cfg.model, routed_cfg.router.routes)
+    size = encoder.loaded.image_size
+    pixels = np.stack([decode_image(b, size)[0] for b in shard.column("jpg").to_pylist()])
+    route_ids = np.array([0 if rows[i]["route"] == "cheap" else 1 for i in ids], np.int32)
+    expected = encoder.encode(pixels, route_ids).vectors
+    written = np.stack([np.asarray(rows[i]["vector"], np.float32) for i in ids])
+    np.testing.assert_allclose(written, expected, atol=1e-5)
 
 
 def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
