@@ -31,12 +31,15 @@ def complexity_features(images: np.ndarray, bytes_per_pixel: np.ndarray) -> np.n
     the router's CPU cost falls STRIDE² times.
     """
     pixels = images[:, ::STRIDE, ::STRIDE].astype(np.float32)
-    grey = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+    # channel planes with plain elementwise ops: numpy's matmul and reductions over a trailing axis of
+    # 3 take a slow path, and this function is the router's whole CPU cost
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    grey = 0.299 * r + 0.587 * g + 0.114 * b
     gx = np.abs(np.diff(grey, axis=2))[:, :-1, :]
     gy = np.abs(np.diff(grey, axis=1))[:, :, :-1]
     magnitude = gx + gy
     n, h, w = magnitude.shape
-    saturation = pixels.max(axis=3) - pixels.min(axis=3)
+    saturation = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
     cells = magnitude[:, : h // GRID * GRID, : w // GRID * GRID]
     cells = cells.reshape(n, GRID, h // GRID, GRID, w // GRID).mean(axis=(2, 4)).reshape(n, -1)
     columns = [
