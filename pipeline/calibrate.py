@@ -1,10 +1,11 @@
 """Calibration: measure every candidate route on a captioned sample, then pick the router that meets a
-quality floor at the lowest measured cost.
+quality floor at the lowest measured cost (or, given a compute budget, the most faithful one within it).
 
 For each route we keep each image's embedding, GFLOPs and the route's measured seconds per image (one
 dense batch per route, as the encoder actor runs it). A router is a ladder of routes plus ascending score
 thresholds; for a given scorer we search ladders and threshold quantiles for the cheapest assignment whose
-mean cosine to full depth and text->image R@10 stay above the floor. Because every candidate assignment
+mean cosine to full depth and text->image R@10 stay above the floor (or for the highest mean cosine within
+the GFLOPs budget). Because every candidate assignment
 only gathers precomputed similarities, the search costs seconds.
 """
 
@@ -39,6 +40,31 @@ class QualityFloor:
 
     min_cosine: float = 0.985  # mean cosine of routed embeddings to full-depth ones
     min_recall_ratio: float = 0.99  # routed text->image R@10 / full-depth R@10
+
+    def admits(self, cosine: float, recall_ratio: float, gflops: float) -> bool:
+        return cosine >= self.min_cosine and recall_ratio >= self.min_recall_ratio
+
+    def cost(self, cosine: float, seconds: float) -> float:
+        """Lower is better: among plans meeting the floor, the fastest."""
+        return seconds
+
+
+@dataclass
+class ComputeBudget:
+    """The other calibration target: the best quality (mean cosine to full depth) within a GFLOPs budget
+    per image. GFLOPs, not seconds, so a budget set on one machine means the same on another."""
+
+    max_gflops: float
+
+    def admits(self, cosine: float, recall_ratio: float, gflops: float) -> bool:
+        return gflops <= self.max_gflops
+
+    def cost(self, cosine: float, seconds: float) -> float:
+        """Lower is better: among plans within budget, the closest to full depth."""
+        return -cosine
+
+
+Target = QualityFloor | ComputeBudget
 
 
 @dataclass
@@ -179,12 +205,13 @@ def search_router(
     full: torch.Tensor,
     text: torch.Tensor,
     keys: list[str],
-    floor: QualityFloor,
+    target: Target,
     max_routes: int = 3,
     quantiles: int = 10,
     router_seconds: float = 0.0,
 ) -> RouterPlan | None:
-    """The cheapest (ladder, thresholds) meeting `floor` on this sample, or None if none does.
+    """The best (ladder, thresholds) on this sample for `target` (the fastest meeting a quality floor, or
+    the most faithful within a compute budget), or None if no plan is admissible.
 
     A ladder of two or more routes pays `router_seconds` per image (the scorer's own CPU time), so
     routing is chosen only where it saves more than it costs; a single route needs no scorer."""
@@ -192,6 +219,7 @@ def search_router(
     order = pareto_routes(ev)  # ladders go from cheaper to dearer routes, none dominated
     grid = np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1])
     best: RouterPlan | None = None
+    best_cost = float("inf")
     for size in range(1, max_routes + 1):
         for ladder in itertools.combinations(order.tolist(), size):
             for cut in itertools.combinations(grid.tolist(), size - 1):
@@ -199,11 +227,13 @@ def search_router(
                 assign = np.asarray(ladder)[bucket]
                 seconds, gflops = ev.cost(assign)
                 seconds += router_seconds if size > 1 else 0.0
-                if best is not None and seconds >= best.seconds_per_image:
-                    continue
+                if isinstance(target, QualityFloor) and seconds >= best_cost:
+                    continue  # cannot win: skip the (dearer) quality evaluation
                 cosine, recall = ev.quality(assign)
-                if cosine < floor.min_cosine or recall < floor.min_recall_ratio * ev.full_recall:
+                cost = target.cost(cosine, seconds)
+                if cost >= best_cost or not target.admits(cosine, recall / ev.full_recall, gflops):
                     continue
+                best_cost = cost
                 share = [float((bucket == j).mean()) for j in range(size)]
                 best = RouterPlan(
                     [measurements[r].route for r in ladder],

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.calibrate import QualityFloor, RouteMeasurement, cheapest_route_labels, search_router
+from pipeline.calibrate import (
+    ComputeBudget,
+    QualityFloor,
+    RouteMeasurement,
+    cheapest_route_labels,
+    search_router,
+)
 from pipeline.config import RouteSpec
 from pipeline.score import LearnedScorer, load_scorer
 
@@ -51,6 +57,19 @@ def test_search_returns_none_when_no_route_meets_the_floor():
     routes, full, scores = _measurements()
     keys = [f"scene{i}" for i in range(N)]
     assert search_router(scores, routes[:2], full, full, keys, QualityFloor(0.99, 0.99)) is None
+
+
+def test_compute_budget_buys_the_most_faithful_plan_it_can_afford():
+    routes, full, scores = _measurements()
+    keys = [f"scene{i}" for i in range(N)]
+    # 0.61 GFLOPs/image affords full depth on at most 50% of images (cheap 0.2, full 1.0 GFLOPs)
+    plan = search_router(scores, routes, full, full, keys, ComputeBudget(max_gflops=0.61))
+    assert plan is not None and [r.name for r in plan.routes] == ["cheap", "full"]
+    assert plan.share == [0.5, 0.5] and plan.gflops_per_image == pytest.approx(0.6)
+    assert plan.mean_cosine == pytest.approx(1.0, abs=1e-5)  # easy half exact on cheap, rest on full
+    tight = search_router(scores, routes, full, full, keys, ComputeBudget(max_gflops=0.21))
+    assert [r.name for r in tight.routes] == ["cheap"]
+    assert search_router(scores, routes, full, full, keys, ComputeBudget(max_gflops=0.1)) is None
 
 
 def test_cheapest_route_label_is_the_rank_of_the_cheapest_good_enough_route():
