@@ -57,7 +57,7 @@ def route_from_name(name: str) -> RouteSpec | None:
 def fixed_routes(extra_names: list[str] | tuple[str, ...] = ()) -> list[RouteSpec]:
     """Default operating points plus any named ones (e.g. every fixed point of the frontier, so the
     equal-quality choice sees them all), ordered full, exits, ToMe, energy; names as jobs/frontier.py's."""
-    names = {"full", "exit6", "exit8", "tome4", "energy90", *extra_names}
+    names = {"full", "exit6", "exit8", "tome4", "tome-keep75-floor16", "energy90", *extra_names}
     routes = [r for r in map(route_from_name, names) if r is not None]
     kind = {"none": 1, "tome": 2}
 
