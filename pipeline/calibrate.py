@@ -160,9 +160,15 @@ class _Evaluator:
     """Scores an assignment (image -> route) using precomputed text-image similarities per route."""
 
     def __init__(
-        self, measurements: list[RouteMeasurement], full: torch.Tensor, text: torch.Tensor, keys: list[str]
+        self,
+        measurements: list[RouteMeasurement],
+        full: torch.Tensor,
+        text: torch.Tensor,
+        keys: list[str],
+        router_seconds: float = 0.0,
     ):
         self.m = measurements
+        self.router_seconds = router_seconds  # the scorer's CPU time, paid only by multi-route plans
         self.sims = torch.stack([text @ m.embeddings.T for m in measurements])  # [R, Q, N]
         self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
         _, inverse = np.unique(np.asarray(keys), return_inverse=True)
@@ -181,8 +187,8 @@ class _Evaluator:
         cosine = float(self.cos[idx, torch.arange(n)].mean())
         return cosine, recall
 
-    def cost(self, assign: np.ndarray) -> tuple[float, float]:
-        seconds = float(self.seconds[assign].mean())
+    def cost(self, assign: np.ndarray, routes_in_plan: int) -> tuple[float, float]:
+        seconds = float(self.seconds[assign].mean()) + (self.router_seconds if routes_in_plan > 1 else 0.0)
         gflops = float(self.gflops[assign, np.arange(len(assign))].mean())
         return seconds, gflops
 
@@ -215,7 +221,7 @@ def search_router(
 
     A ladder of two or more routes pays `router_seconds` per image (the scorer's own CPU time), so
     routing is chosen only where it saves more than it costs; a single route needs no scorer."""
-    ev = _Evaluator(measurements, full, text, keys)
+    ev = _Evaluator(measurements, full, text, keys, router_seconds)
     order = pareto_routes(ev)  # ladders go from cheaper to dearer routes, none dominated
     grid = np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1])
     best: RouterPlan | None = None
@@ -225,8 +231,7 @@ def search_router(
             for cut in itertools.combinations(grid.tolist(), size - 1):
                 bucket = np.searchsorted(np.asarray(cut), scores, side="right")
                 assign = np.asarray(ladder)[bucket]
-                seconds, gflops = ev.cost(assign)
-                seconds += router_seconds if size > 1 else 0.0
+                seconds, gflops = ev.cost(assign, size)
                 if isinstance(target, QualityFloor) and seconds >= best_cost:
                     continue  # cannot win: skip the (dearer) quality evaluation
                 cosine, recall = ev.quality(assign)
@@ -254,14 +259,16 @@ def apply_plan(
     full: torch.Tensor,
     text: torch.Tensor,
     keys: list[str],
+    router_seconds: float = 0.0,
 ) -> dict[str, float]:
-    """Quality and cost of a router on a sample it was not fitted on (the honest estimate)."""
-    ev = _Evaluator(measurements, full, text, keys)
+    """Quality and cost (the scorer's CPU time included) of a router on a sample it was not fitted on
+    (the honest estimate)."""
+    ev = _Evaluator(measurements, full, text, keys, router_seconds)
     index = {m.route.name: i for i, m in enumerate(measurements)}
     ladder = np.asarray([index[r.name] for r in plan.routes])
     assign = ladder[np.searchsorted(np.asarray(plan.thresholds), scores, side="right")]
     cosine, recall = ev.quality(assign)
-    seconds, gflops = ev.cost(assign)
+    seconds, gflops = ev.cost(assign, len(plan.routes))
     return {
         "mean_cosine": cosine,
         "t2i_R@10": recall,
