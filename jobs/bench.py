@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.bench.suite import FRONTIER, ROUTED_CONFIG, run_suite
+from pipeline.lab.bench.suite import FRONTIER, ROUTED_CONFIG, run_suite
 
 
 def main() -> None:

@@ -20,7 +20,10 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline.calibrate import (
+from pipeline.config import ModelConfig
+from pipeline.encode.model import MODELS_DIR
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.calibrate import (
     ComputeBudget,
     QualityFloor,
     RouterPlan,
@@ -32,10 +35,8 @@ from pipeline.calibrate import (
     search_router,
     subset,
 )
-from pipeline.config import ModelConfig
-from pipeline.encode.model import MODELS_DIR
-from pipeline.encode.routed import RoutedEncoder
-from pipeline.evaluate import embed_texts, load_heldout
+from pipeline.lab.heldout import load_heldout
+from pipeline.lab.quality import embed_texts
 from pipeline.score import HandcraftedScorer, LearnedScorer, complexity_features
 
 CONFIG_OUT = Path(__file__).resolve().parent.parent / "pipeline" / "configs" / "routed.yaml"

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.job import run_index
+from pipeline.lab.scenes.shards import write_corpus
 from pipeline.query import Searcher
-from pipeline.scenes.shards import write_corpus
 
-ROUTED_CONFIG = Path(__file__).resolve().parent.parent / "pipeline" / "configs" / "routed.yaml"
 QUERIES = [
     "a red circle on a plain background",
     "a large blue star on a checkerboard background",
@@ -41,7 +40,7 @@ def main() -> None:
         print(f"writing {args.images} scenes to {corpus}")
         write_corpus(corpus, seed=0, split="demo", num_images=args.images, shard_size=args.shard_size)
     overrides = [f"input.paths={json.dumps([str(corpus)])}", f"output.uri={Path(args.out) / 'lancedb'}"]
-    cfg = load_config(ROUTED_CONFIG if ROUTED_CONFIG.exists() else None, overrides)
+    cfg = load_config(None, overrides)  # the embedded model with its shipped calibrated routes
     summary = run_index(cfg)
     print("\n" + summary.render() + "\n")
 
@@ -50,10 +49,8 @@ def main() -> None:
         print(f'query: "{text}"')
         for rank, row in enumerate(searcher.search(searcher.embed_text([text]), k=args.k), 1):
             print(f"  {rank}. {row['score']:.3f}  {row['caption']}  [{row['route']}]")
-    print(
-        f"\ntable: {cfg.output.uri}/{cfg.output.table}.lance — try: icar query 'a pink cross' "
-        f"--output {cfg.output.uri} --config {ROUTED_CONFIG if ROUTED_CONFIG.exists() else ''}"
-    )
+    table = f"{cfg.output.uri}/{cfg.output.table}.lance"
+    print(f"\ntable: {table} — try: icar query 'a pink cross' --output {cfg.output.uri}")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import torch
 from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RouteSpec, load_config
 from pipeline.encode.model import load_model
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.evaluate import (
+from pipeline.lab.heldout import load_heldout
+from pipeline.lab.quality import (
     QualityReport,
     evaluate_encoder,
     evaluate_table,
-    load_heldout,
     reports_markdown,
 )
 

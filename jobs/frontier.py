@@ -18,16 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.calibrate import MERGE_SCHEDULES, schedule_route
 from pipeline.config import RouteSpec, load_config
 from pipeline.encode.model import normalize_uint8
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.evaluate import embed_texts, evaluate_embeddings, load_heldout
+from pipeline.lab.calibrate import MERGE_SCHEDULES, schedule_route
+from pipeline.lab.heldout import load_heldout
+from pipeline.lab.quality import embed_texts, evaluate_embeddings
+from pipeline.lab.timing import alternate, throughput
 from pipeline.route import assign_routes
 from pipeline.score import complexity_features, load_scorer
-from pipeline.speed import alternate, throughput
 
-ROUTED_CONFIG = Path(__file__).resolve().parent.parent / "pipeline" / "configs" / "routed.yaml"
+ROUTED_CONFIG = Path(__file__).resolve().parent.parent / "pipeline" / "models" / "icar-tiny-vit.routes.yaml"
 
 
 def fixed_routes(depth: int, exits: list[int]) -> list[RouteSpec]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.scenes.shards import write_corpus
+from pipeline.lab.scenes.shards import write_corpus
 
 
 def summarize(paths: list[Path]) -> str:

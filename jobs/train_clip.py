@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipeline.training.clip import TrainSettings, train
+from pipeline.lab.training.clip import TrainSettings, train
 
 
 def plot_curves(log_path: Path, png_path: Path) -> None:

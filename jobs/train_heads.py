@@ -20,8 +20,8 @@ import torch
 
 from pipeline.config import ModelConfig, RouteSpec
 from pipeline.encode.model import MODELS_DIR, load_model
-from pipeline.training.clip import save_checkpoint
-from pipeline.training.heads import HeadSettings, train_heads
+from pipeline.lab.training.clip import save_checkpoint
+from pipeline.lab.training.heads import HeadSettings, train_heads
 
 
 def main() -> None:

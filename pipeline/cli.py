@@ -1,16 +1,21 @@
-"""`icar`: index shards, query the table, build its indexes. Every command takes --config and --set."""
+"""`icar`: index shards, query the table, build its indexes. Every command takes --config and --set.
+
+Other packages add commands through the `icar.commands` entry-point group (a `register(subparsers)`
+function); that is how the lab's `icar calibrate` joins without the runtime importing the lab.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 
 from pipeline.config import ConfigError, IndexConfig, load_config
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see configs/ and the README)")
+    parser.add_argument("--config", help="YAML config file (see the README's configuration table)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -98,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--partitions", type=int, help="IVF partitions (default sqrt(rows))")
     build.add_argument("--sub-vectors", type=int, help="PQ sub-vectors (default dim/16)")
     build.set_defaults(func=cmd_build_index)
+
+    for plugin in entry_points(group="icar.commands"):
+        plugin.load()(sub)
 
     args = parser.parse_args(argv)
     if args.command == "query" and not (args.text or args.image):

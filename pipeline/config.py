@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "icar-tiny-vit"
+MODELS_DIR = Path(__file__).resolve().parent / "models"  # shipped, read-only: configs, weights, routes
 
 
 class _Section(BaseModel):
@@ -148,6 +149,16 @@ class RayConfig(_Section):
     decode_batch_size: int = Field(256, gt=0)
 
 
+def shipped_routes_path(model: ModelConfig) -> Path | None:
+    """The calibrated router shipped for a model, if any: `models/<name>.routes.yaml`.
+
+    It belongs to the shipped checkpoint and heads, so a model with its own weights or heads gets none."""
+    if model.pretrained is not None or model.heads is not None:
+        return None
+    path = MODELS_DIR / f"{model.name}.routes.yaml"
+    return path if path.exists() else None
+
+
 class IndexConfig(_Section):
     input: InputConfig = Field(default_factory=InputConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
@@ -156,6 +167,22 @@ class IndexConfig(_Section):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_router(cls, data: Any) -> Any:
+        """No router section: use the model's shipped calibrated routes (one full-depth route if none)."""
+        if not isinstance(data, dict) or "router" in data:
+            return data
+        model = data.get("model") or {}
+        try:
+            model = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
+        except ValidationError:
+            return data  # reported, with its field names, by the normal validation
+        path = shipped_routes_path(model)
+        if path is None:
+            return data
+        return {**data, "router": yaml.safe_load(path.read_text())["router"]}
 
     @field_validator("input")
     @classmethod

@@ -54,7 +54,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def scene_shards(tmp_path_factory) -> Path:
     """Three img2dataset-style shards of 24 rendered scenes each (two row groups per shard)."""
-    from pipeline.scenes.shards import write_corpus
+    from pipeline.lab.scenes.shards import write_corpus
 
     out = tmp_path_factory.mktemp("scenes")
     write_corpus(out, seed=7, split="test", num_images=72, shard_size=24)
@@ -62,8 +62,10 @@ def scene_shards(tmp_path_factory) -> Path:
 
 
 def index_config(input_paths: list[str], output_uri: str, *overrides: str):
+    """A small-batch job config; full depth (so embeddings equal encode_image) unless a router is given."""
     from pipeline.config import load_config
 
+    router = [] if any(o.startswith("router.") for o in overrides) else ['router.routes=[{"name": "full"}]']
     return load_config(
         None,
         [
@@ -71,6 +73,7 @@ def index_config(input_paths: list[str], output_uri: str, *overrides: str):
             f"output.uri={output_uri}",
             "encoder.batch_size=16",
             "ray.decode_batch_size=8",
+            *router,
             *overrides,
         ],
     )

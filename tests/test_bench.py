@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from pipeline.bench.encoder import BASELINE
-from pipeline.bench.pipeline_run import steady_rate
-from pipeline.bench.projection import FULL_IMAGES_PER_GPU_SECOND, IMAGES, project
-from pipeline.bench.suite import run_suite
+from pipeline.lab.bench.encoder import BASELINE
+from pipeline.lab.bench.pipeline_run import steady_rate
+from pipeline.lab.bench.projection import FULL_IMAGES_PER_GPU_SECOND, IMAGES, project
+from pipeline.lab.bench.suite import run_suite
 
 STAGES = {"read", "decode", "score", "encode", "write"}
 FRONTIER_R10 = {BASELINE: 0.5, "full": 0.5, "exit6": 0.3, "exit8": 0.495, "tome4": 0.492, "energy90": 0.2}

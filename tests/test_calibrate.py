@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.calibrate import (
+from pipeline.config import RouteSpec
+from pipeline.lab.calibrate import (
     ComputeBudget,
     QualityFloor,
     RouteMeasurement,
     cheapest_route_labels,
     search_router,
 )
-from pipeline.config import RouteSpec
 from pipeline.score import LearnedScorer, load_scorer
 
 N = 40

@@ -133,7 +133,7 @@ KILL_RUN_SETTINGS = ("model.name=ViT-B-32", "encoder.batch_size=4", "ray.decode_
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> Path:
-    from pipeline.scenes.shards import write_corpus
+    from pipeline.lab.scenes.shards import write_corpus
 
     out = tmp_path_factory.mktemp("small")
     write_corpus(out, seed=11, split="test", num_images=CORPUS_SHARDS * CORPUS_ROWS, shard_size=CORPUS_ROWS)

@@ -18,18 +18,17 @@ from pipeline.config import ModelConfig, RouteSpec, load_config
 from pipeline.decode import decode_image
 from pipeline.encode.model import load_model
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.evaluate import (
+from pipeline.lab.heldout import HeldoutSet, load_heldout
+from pipeline.lab.quality import (
     LEVELS,
-    HeldoutSet,
     embed_texts,
     evaluate_embeddings,
     evaluate_encoder,
     evaluate_table,
-    load_heldout,
     reports_markdown,
 )
-from pipeline.scenes.render import make_example
-from pipeline.scenes.shards import SHARD_SCHEMA
+from pipeline.lab.scenes.render import make_example
+from pipeline.lab.scenes.shards import SHARD_SCHEMA
 from pipeline.write import images_schema
 
 HELDOUT_IMAGES = 300

@@ -12,8 +12,8 @@ import torch
 from pipeline.config import ModelConfig, RouteSpec
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model
-from pipeline.training.clip import TrainSettings, train
-from pipeline.training.heads import HeadSettings, train_heads
+from pipeline.lab.training.clip import TrainSettings, train
+from pipeline.lab.training.heads import HeadSettings, train_heads
 
 
 def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 
-from pipeline.config import EMBEDDED_MODEL, ModelConfig
+from pipeline.config import EMBEDDED_MODEL, MODELS_DIR, ModelConfig
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 EMBEDDED_CHECKPOINT = MODELS_DIR / f"{EMBEDDED_MODEL}.safetensors"
 EMBEDDED_HEADS = MODELS_DIR / f"{EMBEDDED_MODEL}.heads.safetensors"
 # open_clip's eval normalisation (OPENAI_DATASET_MEAN / STD), used unless a model config overrides it

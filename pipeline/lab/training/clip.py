@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import load_model, normalize_uint8
-from pipeline.evaluate import HeldoutSet, embed_texts, load_heldout
-from pipeline.metrics import multi_positive_infonce, recall_at_k
-from pipeline.scenes.render import make_example
+from pipeline.lab.heldout import HeldoutSet, load_heldout
+from pipeline.lab.metrics import multi_positive_infonce, recall_at_k
+from pipeline.lab.quality import embed_texts
+from pipeline.lab.scenes.render import make_example
 
 
 @dataclass

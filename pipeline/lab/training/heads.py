@@ -24,8 +24,8 @@ from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, model_fingerprint
 from pipeline.encode.model import LoadedModel, normalize_uint8
-from pipeline.evaluate import load_heldout
-from pipeline.metrics import multi_positive_infonce
+from pipeline.lab.heldout import load_heldout
+from pipeline.lab.metrics import multi_positive_infonce
 
 
 @dataclass

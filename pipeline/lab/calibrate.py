@@ -20,8 +20,8 @@ import torch
 
 from pipeline.config import RouteSpec
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.metrics import recall_at_k
-from pipeline.speed import alternate
+from pipeline.lab.metrics import recall_at_k
+from pipeline.lab.timing import alternate
 
 
 @dataclass

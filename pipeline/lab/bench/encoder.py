@@ -16,15 +16,15 @@ import numpy as np
 import open_clip
 import torch
 
-from pipeline.calibrate import schedule_route
 from pipeline.config import RouterConfig, RouteSpec
 from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import LoadedModel, normalize_uint8
 from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.calibrate import schedule_route
+from pipeline.lab.timing import alternate, throughput
 from pipeline.route import assign_routes
 from pipeline.score import complexity_features, load_scorer
-from pipeline.speed import alternate, throughput
 
 BASELINE = "open_clip encode_image"
 FULL_ROUTE = "full"  # the adaptive forward at full depth: its ratio to BASELINE is implementation alone

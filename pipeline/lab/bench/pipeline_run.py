@@ -26,10 +26,10 @@ from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.job import RunSummary, run_index
+from pipeline.lab.scenes.shards import write_corpus
+from pipeline.lab.timing import alternate, throughput
 from pipeline.route import assign_routes
-from pipeline.scenes.shards import write_corpus
 from pipeline.score import complexity_features, load_scorer
-from pipeline.speed import alternate, throughput
 
 _PROGRESS = re.compile(r"\| (\d+) images in")
 MIN_STEADY_COMMITS = 4

@@ -17,17 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bench import encoder as enc
-from pipeline.bench import machine, pipeline_run, projection, query, report, router
 from pipeline.config import ModelConfig, RouteSpec, load_config
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.evaluate import load_heldout
+from pipeline.lab.bench import encoder as enc
+from pipeline.lab.bench import machine, pipeline_run, projection, query, report, router
+from pipeline.lab.heldout import load_heldout
 from pipeline.score import load_scorer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-ROUTED_CONFIG = ROOT / "pipeline" / "configs" / "routed.yaml"
+ROUTED_CONFIG = ROOT / "pipeline" / "models" / "icar-tiny-vit.routes.yaml"
 FRONTIER = ROOT / "results" / "frontier.json"
 UNTRAINED_HEADS = "untrained ExitHeads(visual, [6, 8]): exit points measure speed only, not quality"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.scenes.render import make_example
+from pipeline.lab.scenes.render import make_example
 
 SHARD_SCHEMA = pa.schema(
     [
