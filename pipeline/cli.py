@@ -39,11 +39,20 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from pipeline.job import run_index
+    from pipeline.progress import Progress, StderrFilter
 
     cfg = config_from_args(args)
     if not cfg.input.paths:
         raise ConfigError("input.paths is empty: pass --input PATH... or set it in the config")
-    summary = run_index(cfg)
+    progress = Progress(verbose=args.verbose)
+    try:
+        if args.verbose:
+            summary = run_index(cfg, progress, verbose=True)
+        else:
+            with StderrFilter():
+                summary = run_index(cfg, progress)
+    finally:
+        progress.close()
     print(summary.render())
     return 1 if summary.shards_failed else 0
 
@@ -87,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         "index", help="index parquet shards into LanceDB (embedded Ray unless ray.address)"
     )
     _config_args(index)
+    index.add_argument(
+        "--verbose", action="store_true", help="a line per shard plus Ray's and Ray Data's own logs"
+    )
     index.set_defaults(func=cmd_index)
 
     query = sub.add_parser("query", help="search the table by text or by an image file")

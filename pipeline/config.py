@@ -128,7 +128,12 @@ class ModelConfig(_Section):
 
 class EncoderConfig(_Section):
     batch_size: int = Field(64, gt=0, description="rows per encoder batch (split by route inside)")
-    actors: int = Field(1, ge=1, description="encoder actors in the pool")
+    actors: int | None = Field(
+        None,
+        ge=1,
+        description="encoder actors; None = one per GPU of the cluster (gpus_per_actor > 0), else one per "
+        "cpus_per_actor CPUs",
+    )
     gpus_per_actor: float = Field(0.0, ge=0, description="0 on CPU clusters, 1 per actor on GPU clusters")
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 = cpus_per_actor")
@@ -147,6 +152,7 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None = start an embedded local Ray")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded Ray (ignored with address)")
     decode_batch_size: int = Field(256, gt=0)
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode/score task")
 
 
 def shipped_routes_path(model: ModelConfig) -> Path | None:

@@ -6,10 +6,10 @@ stream row groups through the two Ray stages, and commit each shard as soon as a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,10 +19,11 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import IndexConfig
-from pipeline.encode.actor import EncodeStage
+from pipeline.encode.actor import DecodeEncodeStage, EncodeStage
 from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.model import register_embedded_models
 from pipeline.prepare import FAILED, OK, SKIPPED, prepare_unit, work_unit
+from pipeline.progress import Progress, quiet_ray_data
 from pipeline.read import ShardPlan, inspect_shard, list_shards
 from pipeline.score import load_scorer
 from pipeline.write import DONE, REJECTED_SCHEMA, LanceWriter, ShardRecord
@@ -48,6 +49,7 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_TIMERS, 0.0))
     write_seconds: float = 0.0
     failed_shards: dict[str, str] = field(default_factory=dict)
+    commits: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows ok so far)
 
     @property
     def images_per_second(self) -> float:
@@ -81,16 +83,20 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def init_ray(cfg: IndexConfig) -> None:
-    """Connect to the configured cluster, the one a `ray job submit` set up, or start a local Ray."""
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus)
+def init_ray(cfg: IndexConfig, verbose: bool = False) -> None:
+    """Connect to the configured cluster, the one a `ray job submit` set up, or start a local Ray.
+
+    The embedded Ray keeps token authentication on (Ray's default) but starts without a dashboard and,
+    unless `verbose`, without start-up chatter; a cluster's dashboard is the place to watch a big job."""
+    if not ray.is_initialized():
+        level = logging.INFO if verbose else logging.ERROR
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, logging_level=level)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=level)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=verbose, logging_level=level)
+    quiet_ray_data(verbose)
 
 
 class _ShardAssembler:
@@ -102,11 +108,11 @@ class _ShardAssembler:
         plans: dict[str, ShardPlan],
         interrupted: set[str],
         summary: RunSummary,
-        log: Callable[[str], None],
+        progress: Progress,
         started: float,
     ):
         self.writer, self.plans, self.interrupted = writer, plans, interrupted
-        self.summary, self.log, self.started = summary, log, started
+        self.summary, self.progress, self.started = summary, progress, started
         self.parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
         self.rows: Counter = Counter()
 
@@ -115,6 +121,7 @@ class _ShardAssembler:
             mask = batch["shard"] == uri
             self.parts[uri].append({k: v[mask] for k, v in batch.items()})
             self.rows[uri] += int(mask.sum())
+            self.progress.advance(int(mask.sum()))
             if self.rows[uri] == self.plans[uri].num_rows:
                 self.commit(uri)
             elif self.rows[uri] > self.plans[uri].num_rows:
@@ -178,16 +185,64 @@ class _ShardAssembler:
         s.rows_ok += record.rows_ok
         s.rows_failed += record.rows_failed
         s.rows_skipped += record.rows_skipped
-        elapsed = time.time() - self.started
-        self.log(
-            f"[{s.shards_committed + s.shards_failed}/{s.shards_total - s.shards_already_done} shards] "
-            f"{plan.shard.name}: {record.rows_ok} ok, {record.rows_failed} failed, {record.rows_skipped} "
-            f"skipped | {s.rows_ok} images in {elapsed:.0f} s ({s.rows_ok / max(elapsed, 1e-9):.1f}/s)"
+        s.commits.append((time.time() - self.started, s.rows_ok))
+        self.progress.shard_done(
+            f"committed {plan.shard.name}: {record.rows_ok} ok, {record.rows_failed} failed, "
+            f"{record.rows_skipped} skipped"
         )
 
 
-def run_index(cfg: IndexConfig, log: Callable[[str], None] = print) -> RunSummary:
-    """Index every shard of `cfg.input` not yet committed for this model; return the run's summary."""
+def encoder_actors(cfg: IndexConfig) -> int:
+    """The configured pool size, else as many actors as the cluster's GPUs (or CPUs) can hold."""
+    if cfg.encoder.actors is not None:
+        return cfg.encoder.actors
+    resources = ray.cluster_resources()
+    if cfg.encoder.gpus_per_actor > 0:
+        return max(1, int(resources.get("GPU", 0) / cfg.encoder.gpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) / cfg.encoder.cpus_per_actor))
+
+
+def stream(work: list[dict], cfg: IndexConfig, image_size: int) -> ray.data.Dataset:
+    """Row groups -> embedded rows, with the resources declared where each stage is declared.
+
+    GPU encoders: decode/score run on CPU tasks of their own (a memory reservation of its own keeps Ray
+    from fusing them into the GPU actors), so the GPUs never wait on JPEG decoding. CPU encoders: the
+    stages share the same cores anyway, so one actor per core decodes, scores and encodes its own rows."""
+    cfg_dict = cfg.model_dump()
+    units = ray.data.from_items(work, override_num_blocks=len(work))
+    encoder_args = {
+        # never more actors than row groups: an idle actor costs a model load and Ray warns about it
+        "compute": ray.data.ActorPoolStrategy(size=min(encoder_actors(cfg), len(work))),
+        "num_cpus": cfg.encoder.cpus_per_actor,
+    }
+    if cfg.encoder.gpus_per_actor == 0:
+        return units.map_batches(
+            DecodeEncodeStage,
+            fn_constructor_kwargs={"cfg": cfg_dict, "image_size": image_size},
+            batch_size=1,
+            **encoder_args,
+        )
+    return units.map_batches(
+        prepare_unit,
+        batch_size=1,
+        fn_kwargs={"cfg": cfg_dict, "image_size": image_size},
+        num_cpus=cfg.ray.decode_cpus,
+        memory=PREPARE_TASK_MEMORY,
+    ).map_batches(
+        EncodeStage,
+        fn_constructor_kwargs={"cfg": cfg_dict},
+        batch_size=cfg.encoder.batch_size,
+        num_gpus=cfg.encoder.gpus_per_actor,
+        **encoder_args,
+    )
+
+
+def run_index(cfg: IndexConfig, progress: Progress | None = None, verbose: bool = False) -> RunSummary:
+    """Index every shard of `cfg.input` not yet committed for this model; return the run's summary.
+
+    `progress` gets the job's events (silent by default: a library does not print); `verbose` lets Ray
+    and Ray Data log as they normally do."""
+    progress = progress or Progress.silent()
     started = time.time()
     register_embedded_models()
     model_cfg = open_clip.get_model_config(cfg.model.name)
@@ -199,18 +254,23 @@ def run_index(cfg: IndexConfig, log: Callable[[str], None] = print) -> RunSummar
 
     load_scorer(cfg.router.scorer)  # a missing learned-scorer file fails here, before any work
     shards = list_shards(cfg.input)
+    init_ray(cfg, verbose)  # before LanceDB is opened: Ray forks its processes, LanceDB warns on fork
     writer = LanceWriter(cfg.output, cfg.model.model_id, int(model_cfg["embed_dim"]))
     done, interrupted = writer.committed(), writer.interrupted()
     pending = [s for s in shards if done.get(s.uri) != s.fingerprint]
     changed = {s.uri for s in pending if s.uri in done}  # rewritten since indexed: upsert over old rows
     summary.shards_total, summary.shards_already_done = len(shards), len(shards) - len(pending)
-    log(f"{len(shards)} shards found, {summary.shards_already_done} already indexed, {len(pending)} to do")
+    progress.note(
+        f"{len(shards)} shards found, {summary.shards_already_done} already indexed, {len(pending)} to do; "
+        f"routes: {', '.join(r.name for r in cfg.router.routes)}"
+    )
     with ThreadPoolExecutor(max_workers=16) as pool:
         plans = list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
 
     assembler = _ShardAssembler(
-        writer, {p.shard.uri: p for p in plans}, interrupted | changed, summary, log, started
+        writer, {p.shard.uri: p for p in plans}, interrupted | changed, summary, progress, started
     )
+    progress.start(len(plans), sum(p.num_rows for p in plans if not p.error))
     units = []
     for plan in plans:
         if plan.error:
@@ -219,35 +279,15 @@ def run_index(cfg: IndexConfig, log: Callable[[str], None] = print) -> RunSummar
             )
             summary.shards_failed += 1
             summary.failed_shards[plan.shard.uri] = plan.error
-            log(f"FAILED {plan.error}")
+            progress.note(f"FAILED {plan.error}")
+            progress.shard_done(None)
         elif plan.num_rows == 0:
             assembler.commit(plan.shard.uri)
         else:
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
 
     if units:
-        init_ray(cfg)
-        cfg_dict = cfg.model_dump()
-        dataset = (
-            ray.data.from_items(units, override_num_blocks=len(units))
-            # A memory reservation of its own keeps Ray from fusing this stage into the encoder actors:
-            # decoding must run on CPU tasks in parallel, never inside the (GPU) encoder.
-            .map_batches(
-                prepare_unit,
-                batch_size=1,
-                fn_kwargs={"cfg": cfg_dict, "image_size": image_size},
-                num_cpus=1,
-                memory=PREPARE_TASK_MEMORY,
-            )
-            .map_batches(
-                EncodeStage,
-                fn_constructor_kwargs={"cfg": cfg_dict},
-                batch_size=cfg.encoder.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=cfg.encoder.actors),
-                num_cpus=cfg.encoder.cpus_per_actor,
-                num_gpus=cfg.encoder.gpus_per_actor or None,
-            )
-        )
+        dataset = stream(units, cfg, image_size)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
         missing = {uri: n for uri, n in assembler.rows.items() if assembler.parts.get(uri)}

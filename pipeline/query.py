@@ -46,7 +46,7 @@ class Searcher:
         query = table.search(vector.reshape(-1).tolist()).distance_type("cosine").limit(k)
         if where:
             query = query.where(where, prefilter=True)
-        rows = query.select(RESULT_COLUMNS).to_list()
+        rows = query.select([*RESULT_COLUMNS, "_distance"]).to_list()
         for row in rows:
             row["score"] = 1.0 - row.pop("_distance")
         return rows

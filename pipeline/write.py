@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import lancedb
 import pyarrow as pa
 
 from pipeline.config import OutputConfig
+
+if TYPE_CHECKING:
+    import lancedb
 
 WRITING, DONE, FAILED = "writing", "done", "failed"
 
@@ -83,6 +86,10 @@ class ShardRecord:
 
 
 def connect(cfg: OutputConfig) -> lancedb.DBConnection:
+    """Open the output database. lancedb is imported here, not at module load: importing it installs a
+    fork hook that warns in every process forked afterwards, and the job starts Ray (which forks) first."""
+    import lancedb
+
     return lancedb.connect(cfg.uri, storage_options=cfg.storage_options or None)
 
 

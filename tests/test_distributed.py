@@ -86,7 +86,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     probe = cfg.input.model_copy(update={"storage_options": input_options | {"skip_instance_cache": True}})
     assert ray.get(_rows_read_without_env_credentials.remote(plan, probe)) == 24
 
-    summary = run_index(cfg, log=lambda _: None)
+    summary = run_index(cfg)
     assert (summary.shards_committed, summary.shards_failed, summary.rows_ok) == (3, 0, 72)
 
     expected = input_ids(scene_shards)
@@ -103,7 +103,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
         uri: ("done", 24, fingerprint) for uri, fingerprint in etags.items()
     }
 
-    again = run_index(cfg, log=lambda _: None)
+    again = run_index(cfg)
     assert (again.shards_already_done, again.shards_committed, again.rows_ok) == (3, 0, 0)
     assert lance_table(cfg.output.uri, "images", **lance_options).num_rows == len(expected)
 
@@ -112,7 +112,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     changed = tmp_path / "00001.parquet"
     pq.write_table(pq.read_table(scene_shards / "00001.parquet").slice(0, 20), changed)
     fs.put_file(str(changed), f"{bucket}/scenes/00001.parquet")
-    third = run_index(cfg, log=lambda _: None)
+    third = run_index(cfg)
     assert (third.shards_already_done, third.shards_committed, third.rows_ok) == (2, 1, 20)
     dropped = {
         f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]
@@ -260,7 +260,7 @@ def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(ray_local, small_cor
     done = at_kill["done"]
 
     cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS)
-    summary = run_index(cfg, log=lambda _: None)
+    summary = run_index(cfg)
     assert (summary.shards_already_done, summary.shards_committed) == (done, CORPUS_SHARDS - done)
     assert summary.rows_ok == CORPUS_ROWS * (CORPUS_SHARDS - done)
 
@@ -286,7 +286,7 @@ def _ray_head(env: dict[str, str]):
     """
     gcs, dashboard, agent, client = (free_port() for _ in range(4))
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=1", f"--port={gcs}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
         "--disable-usage-stats",
@@ -328,6 +328,9 @@ def test_ray_job_submit_runs_the_job_on_a_cluster_with_the_venv_python(scene_sha
             index = shlex.join(
                 ["python", "jobs/index.py", "--input", str(scene_shards), "--output", db]
                 + ["--set", "encoder.batch_size=16", "--set", "ray.decode_batch_size=8"]
+                # the GPU plan (decode tasks apart from the encoder actor) on a logical GPU; no CUDA
+                # here, so the actor encodes on its CPU
+                + ["--set", "encoder.gpus_per_actor=1"]
             )
             check = "python -c 'import sys; print(\"job python prefix:\", sys.prefix)'"
             runtime_env = {"excludes": [".venv", ".git", "results", ".demo"]}

@@ -25,7 +25,7 @@ from pipeline.query import Searcher, build_indexes
 def indexed(ray_local, scene_shards, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lance"))
     cfg = index_config([str(scene_shards)], out)
-    summary = run_index(cfg, log=lambda _: None)
+    summary = run_index(cfg)
     return cfg, summary
 
 
@@ -79,7 +79,7 @@ def test_routed_job_gives_each_row_its_route_and_that_routes_embedding(indexed, 
     routed_cfg = index_config(
         [str(scene_shards)], str(tmp_path), f"router.routes={routes}", f"router.thresholds=[{threshold}]"
     )
-    summary = run_index(routed_cfg, log=lambda _: None)
+    summary = run_index(routed_cfg)
     assert summary.rows_ok == 72 and summary.routes == Counter({"cheap": 36, "full": 36})
     rows = {r["id"]: r for r in lance_table(routed_cfg.output.uri, "images").to_pylist()}
     for r in rows.values():
@@ -101,7 +101,7 @@ def test_routed_job_gives_each_row_its_route_and_that_routes_embedding(indexed, 
 def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
     cfg, _ = indexed
     before = lance_table(cfg.output.uri, "images").num_rows
-    summary = run_index(cfg, log=lambda _: None)
+    summary = run_index(cfg)
     assert (summary.shards_already_done, summary.shards_committed, summary.rows_ok) == (3, 0, 0)
     assert lance_table(cfg.output.uri, "images").num_rows == before
 
@@ -130,7 +130,7 @@ def test_where_filter_restricts_results(indexed):
 
 def test_build_indexes_then_query_still_answers(ray_local, scene_shards, tmp_path):
     cfg = index_config([str(scene_shards)], str(tmp_path / "db"))
-    run_index(cfg, log=lambda _: None)
+    run_index(cfg)
     info = build_indexes(cfg, partitions=2, sub_vectors=8)
     assert info["rows"] == 72
     table = lancedb.connect(cfg.output.uri).open_table("images")
@@ -168,7 +168,7 @@ def test_bad_rows_and_bad_shards_are_recorded_never_dropped(ray_local, tmp_path)
     pq.write_table(pa.table({"key": ["a"], "caption": ["no image column"]}), shards / "noimage.parquet")
 
     cfg = index_config([str(shards)], str(tmp_path / "db"))
-    summary = run_index(cfg, log=lambda _: None)
+    summary = run_index(cfg)
 
     assert summary.rows_ok == len(good)
     assert summary.rows_skipped == 2  # the null image and the failed download

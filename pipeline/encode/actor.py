@@ -1,9 +1,13 @@
 """Stage 4 on the actor pool: each actor holds one model and embeds the ok rows of every batch it gets,
-one forward pass per route present in the batch."""
+one forward pass per route present in the batch.
+
+`EncodeStage` takes prepared rows (GPU encoders, fed by CPU decode tasks); `DecodeEncodeStage` takes row
+groups and prepares them itself (CPU encoders: each core decodes, scores and encodes its own rows)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -11,13 +15,14 @@ import torch
 
 from pipeline.config import IndexConfig
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.prepare import OK, Batch
+from pipeline.prepare import OK, Batch, prepare_unit
 
 
 class EncodeStage:
     """Ray actor class (map_batches with an ActorPoolStrategy); the model loads once per actor."""
 
     def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
         config = IndexConfig.model_validate(cfg)
         threads = config.encoder.torch_threads or max(1, int(config.encoder.cpus_per_actor))
         torch.set_num_threads(threads)
@@ -48,3 +53,22 @@ class EncodeStage:
             t_encode=t_encode,
         )
         return out
+
+
+class DecodeEncodeStage(EncodeStage):
+    """CPU encoders: row groups in, embedded rows out, in encoder batches.
+
+    On CPU nodes decoding and encoding compete for the same cores; running both in one actor per core
+    keeps every core busy with no pixels shipped between processes (Ray's own fusion of the two
+    map_batches would bundle many row groups into one actor task and starve the other actors)."""
+
+    def __init__(self, cfg: dict[str, Any], image_size: int):
+        super().__init__(cfg)
+        self.image_size = image_size
+        self.batch_size = IndexConfig.model_validate(cfg).encoder.batch_size
+
+    def __call__(self, units: Batch) -> Iterator[Batch]:  # type: ignore[override]
+        for chunk in prepare_unit(units, self.cfg, self.image_size):
+            n = len(chunk["outcome"])
+            for start in range(0, n, self.batch_size):
+                yield super().__call__({k: v[start : start + self.batch_size] for k, v in chunk.items()})
