@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.lab.bench.suite import FRONTIER, ROUTED_CONFIG, run_suite
+from pipeline.lab.bench.suite import run_suite
 
 
 def main() -> None:
@@ -26,11 +26,17 @@ def main() -> None:
     size.add_argument("--tiny", action="store_true", help="a handful of images, 2k-row table (tests)")
     parser.add_argument("--out", default="results/bench", help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
-    parser.add_argument("--routed-config", default=str(ROUTED_CONFIG))
-    parser.add_argument("--frontier", default=str(FRONTIER))
+    parser.add_argument(
+        "--routed-config",
+        help="routes YAML from `icar calibrate` (default: the embedded model's shipped one)",
+    )
+    parser.add_argument(
+        "--frontier", default="results/frontier.json", help="jobs/frontier.py's JSON: quality per point"
+    )
     args = parser.parse_args()
     mode = "quick" if args.quick else "tiny" if args.tiny else "full"
-    result = run_suite(mode, Path(args.out), args.threads, Path(args.routed_config), Path(args.frontier))
+    routed = Path(args.routed_config) if args.routed_config else None
+    result = run_suite(mode, Path(args.out), args.threads, routed, Path(args.frontier))
     print("\n" + "\n".join(f"- {text}" for text in result["answers"].values()))
     print(f"\nwrote {args.out}/latest.md and latest.json ({result['seconds']:.0f} s)")
 

@@ -3,7 +3,7 @@
     python jobs/evaluate.py                                  # trained embedded vs random init, 2000 scenes
     python jobs/evaluate.py --model-pretrained ckpt.safetensors --count 500
     python jobs/evaluate.py --random-init                    # the random-init baseline only
-    python jobs/evaluate.py --table-config configs/demo.yaml # score a table the indexing job wrote
+    python jobs/evaluate.py --table-config my-index.yaml     # score a table `icar index --config` wrote
 
 Writes <out>/quality.json and <out>/quality.md (table mode: table_quality.*) and prints the markdown.
 Recall counts a hit whenever a retrieved item has the query's scene key (the facts its caption states).

@@ -1,9 +1,12 @@
 """Train exit heads for a frozen open_clip model (dual path: caption InfoNCE + distillation to full depth).
 
     python jobs/train_heads.py --depths 4 6 8 10 --images 8000 --seed 0 \
-        --reduced-routes '[{"name": "tome4", "merge": "tome", "merge_r": 4}]'
+        --reduced-routes '[{"name": "tome4", "merge": "tome", "merge_r": 4}]' \
+        --out results/training/icar-tiny-vit.heads.safetensors
 
-Writes the heads (stamped with the base model's fingerprint) and a JSON summary next to them.
+Writes the heads (stamped with the base model's fingerprint) and a JSON summary next to them; use them
+with model.heads=<that file> (or `icar calibrate --heads`). The shipped heads in pipeline/models/ are
+read-only package data, replaced only by a deliberate copy.
 With --finetune-backbone the vision tower trains too (lr --backbone-lr; full depth joins the loss,
 distilled toward the original model): the tuned checkpoint is written to --backbone-out and the heads are
 stamped for it, so use both together (model.pretrained = that checkpoint, model.heads = these heads).
@@ -14,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from pipeline.config import ModelConfig, RouteSpec
-from pipeline.encode.model import MODELS_DIR, load_model
+from pipeline.config import ConfigError, ModelConfig, RouteSpec
+from pipeline.encode.model import load_model
+from pipeline.lab.outputs import output_path
 from pipeline.lab.training.clip import save_checkpoint
 from pipeline.lab.training.heads import HeadSettings, train_heads
 
@@ -40,8 +43,13 @@ def main() -> None:
     parser.add_argument("--backbone-lr", type=float, default=HeadSettings.backbone_lr)
     parser.add_argument("--backbone-out", default=None, help="default: <out>.backbone.safetensors")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(MODELS_DIR / "icar-tiny-vit.heads.safetensors"))
+    parser.add_argument("--out", default="results/training/icar-tiny-vit.heads.safetensors")
     args = parser.parse_args()
+    try:
+        out = output_path(args.out)
+        backbone = output_path(args.backbone_out or out.with_suffix(".backbone.safetensors"))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
     torch.set_num_threads(args.threads)
     model_cfg = ModelConfig(name=args.model, pretrained=args.pretrained)
@@ -57,9 +65,7 @@ def main() -> None:
         backbone_lr=args.backbone_lr,
     )
     heads, report = train_heads(loaded, settings)
-    out = Path(args.out)
     if args.finetune_backbone:
-        backbone = Path(args.backbone_out or out.with_suffix(".backbone.safetensors"))
         save_checkpoint(loaded.model, backbone, torch.float32)  # exact: the heads' fingerprint is of these
         model_cfg = ModelConfig(name=args.model, pretrained=str(backbone))
         print(f"fine-tuned checkpoint: {backbone}")

@@ -19,9 +19,10 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import IndexConfig
+from pipeline.decode import Preprocess
 from pipeline.encode.actor import DecodeEncodeStage, EncodeStage
 from pipeline.encode.flops import full_depth_gflops
-from pipeline.encode.model import register_embedded_models
+from pipeline.encode.model import model_preprocess
 from pipeline.prepare import FAILED, OK, SKIPPED, prepare_unit, work_unit
 from pipeline.progress import Progress, quiet_ray_data
 from pipeline.read import ShardPlan, inspect_shard, list_shards
@@ -202,7 +203,7 @@ def encoder_actors(cfg: IndexConfig) -> int:
     return max(1, int(resources.get("CPU", 1) / cfg.encoder.cpus_per_actor))
 
 
-def stream(work: list[dict], cfg: IndexConfig, image_size: int) -> ray.data.Dataset:
+def stream(work: list[dict], cfg: IndexConfig, preprocess: Preprocess) -> ray.data.Dataset:
     """Row groups -> embedded rows, with the resources declared where each stage is declared.
 
     GPU encoders: decode/score run on CPU tasks of their own (a memory reservation of its own keeps Ray
@@ -218,14 +219,14 @@ def stream(work: list[dict], cfg: IndexConfig, image_size: int) -> ray.data.Data
     if cfg.encoder.gpus_per_actor == 0:
         return units.map_batches(
             DecodeEncodeStage,
-            fn_constructor_kwargs={"cfg": cfg_dict, "image_size": image_size},
+            fn_constructor_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
             batch_size=1,
             **encoder_args,
         )
     return units.map_batches(
         prepare_unit,
         batch_size=1,
-        fn_kwargs={"cfg": cfg_dict, "image_size": image_size},
+        fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
         num_cpus=cfg.ray.decode_cpus,
         memory=PREPARE_TASK_MEMORY,
     ).map_batches(
@@ -244,12 +245,8 @@ def run_index(cfg: IndexConfig, progress: Progress | None = None, verbose: bool 
     and Ray Data log as they normally do."""
     progress = progress or Progress.silent()
     started = time.time()
-    register_embedded_models()
+    preprocess = model_preprocess(cfg.model)  # also checks that model.name is an open_clip model
     model_cfg = open_clip.get_model_config(cfg.model.name)
-    if model_cfg is None:
-        raise ValueError(f"model.name '{cfg.model.name}' is not an open_clip model config")
-    image_size = model_cfg["vision_cfg"]["image_size"]
-    image_size = int(image_size if isinstance(image_size, int) else image_size[0])
     summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
 
     load_scorer(cfg.router.scorer)  # a missing learned-scorer file fails here, before any work
@@ -287,7 +284,7 @@ def run_index(cfg: IndexConfig, progress: Progress | None = None, verbose: bool 
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
 
     if units:
-        dataset = stream(units, cfg, image_size)
+        dataset = stream(units, cfg, preprocess)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
         missing = {uri: n for uri, n in assembler.rows.items() if assembler.parts.get(uri)}

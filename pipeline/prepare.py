@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import IndexConfig
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, Preprocess, decode_image
 from pipeline.read import Shard, ShardPlan, read_chunks
 from pipeline.route import assign_routes
 from pipeline.score import Scorer, complexity_features, load_scorer
@@ -49,11 +49,11 @@ def _plan_from_unit(unit: dict[str, Any]) -> ShardPlan:
     return ShardPlan(shard, int(unit["num_rows"]), 0, columns)
 
 
-def prepare_rows(table: pa.Table, cfg: IndexConfig, image_size: int) -> Batch:
+def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> Batch:
     """Decode, score and route one chunk of rows; each row gets an outcome and, if not ok, a reason."""
     n = table.num_rows
     started = time.perf_counter()
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    images = np.zeros((n, *preprocess.size, 3), np.uint8)
     outcome = np.full(n, OK, dtype=object)
     reason = np.full(n, "", dtype=object)
     bytes_per_pixel = np.zeros(n, np.float32)
@@ -67,7 +67,7 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, image_size: int) -> Batch:
             outcome[i], reason[i] = SKIPPED, "image is null"
             continue
         try:
-            images[i], (w, h) = decode_image(data, image_size, cfg.decode.max_pixels, cfg.decode.use_draft)
+            images[i], (w, h) = decode_image(data, preprocess, cfg.decode.max_pixels, cfg.decode.use_draft)
             bytes_per_pixel[i] = len(data) / (w * h)
         except DecodeError as exc:
             outcome[i], reason[i] = FAILED, str(exc)
@@ -97,7 +97,7 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, image_size: int) -> Batch:
     return {name: column[order] for name, column in batch.items()}
 
 
-def prepare_unit(units: Batch, cfg: dict[str, Any], image_size: int) -> Iterator[Batch]:
+def prepare_unit(units: Batch, cfg: dict[str, Any], preprocess: Preprocess) -> Iterator[Batch]:
     """Ray map_batches generator: one unit (row group) in, chunks of prepared rows out."""
     config = IndexConfig.model_validate(cfg)
     for i in range(len(units["uri"])):
@@ -110,6 +110,6 @@ def prepare_unit(units: Batch, cfg: dict[str, Any], image_size: int) -> Iterator
             if table is None:
                 break
             read_seconds = time.perf_counter() - started
-            batch = prepare_rows(table, config, image_size)
+            batch = prepare_rows(table, config, preprocess)
             batch["t_read"] = np.full(table.num_rows, read_seconds / max(table.num_rows, 1), np.float32)
             yield batch

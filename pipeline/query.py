@@ -37,7 +37,7 @@ class Searcher:
 
     @torch.inference_mode()
     def embed_image(self, path: str | Path) -> torch.Tensor:
-        pixels, _ = decode_image(Path(path).read_bytes(), self.loaded.image_size)
+        pixels, _ = decode_image(Path(path).read_bytes(), self.loaded.preprocess)
         x = normalize_uint8(torch.from_numpy(pixels)[None], self.loaded.mean, self.loaded.std)
         return self.loaded.model.encode_image(x, normalize=True)
 

@@ -1,19 +1,38 @@
 """The benchmark suite end to end at a tiny size (seconds, not a measurement): every section is written
-and every number is sane. Timing itself stays out of `make test`."""
+and every number is sane; a toy frontier is what the bench reads quality from. Timing itself stays out
+of `make test`."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
-from pipeline.lab.bench.encoder import BASELINE
+from pipeline.config import load_config
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.bench.encoder import attach_quality, frontier_quality
 from pipeline.lab.bench.pipeline_run import steady_rate
 from pipeline.lab.bench.projection import FULL_IMAGES_PER_GPU_SECOND, IMAGES, project
 from pipeline.lab.bench.suite import run_suite
+from pipeline.lab.catalogue import FULL, FULL_KEY, frontier_routes, route, router_key, spec_key
+from pipeline.lab.frontier import frontier_markdown, measure_frontier
+from pipeline.lab.heldout import load_heldout
+from pipeline.lab.speed import BASELINE, ROUTED
 
 STAGES = {"read", "decode", "score", "encode", "write"}
-FRONTIER_R10 = {BASELINE: 0.5, "full": 0.5, "exit6": 0.3, "exit8": 0.495, "tome4": 0.492, "energy90": 0.2}
+TOME4 = route(merge="tome", merge_r=4)
+ENERGY99 = route(energy_tau=0.99, prune_after=2)
+# the frontier names tome4 differently: quality must follow the spec, not the name
+FRONTIER_R10 = [
+    (FULL, 0.5),
+    (route(6), 0.3),
+    (route(8), 0.495),
+    (TOME4.model_copy(update={"name": "ToMe r=4"}), 0.492),
+    (ENERGY99, 0.2),
+    (route(merge="tome", merge_keep=0.8, merge_floor=8), 0.1),  # not a bench default: timed because listed
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +40,16 @@ def tiny(ray_local, tmp_path_factory):
     """One tiny run, with a stand-in frontier so the equal-quality choice is exercised."""
     tmp = tmp_path_factory.mktemp("bench")
     frontier = tmp / "frontier.json"
-    points = [{"name": k, "t2i_R@10": v, "mean_cosine_to_full": 1.0} for k, v in FRONTIER_R10.items()]
+    points = [
+        {
+            "name": r.name,
+            "key": spec_key(r),
+            "route": r.model_dump(),
+            "t2i_R@10": v,
+            "mean_cosine_to_full": 1.0,
+        }
+        for r, v in FRONTIER_R10
+    ]
     frontier.write_text(json.dumps({"points": points}))
     out = tmp / "out"
     run_suite("tiny", out, threads=1, frontier=frontier, log=lambda _: None)
@@ -43,7 +71,7 @@ def test_encoder_section_has_positive_rates_and_fraction_of_peak(tiny):
     assert [e["model"] for e in result["encoder"]] == ["icar-tiny-vit", "ViT-B-32", "ViT-B-16"]
     for e in result["encoder"]:
         names = {p["name"] for p in e["points"]}
-        assert {BASELINE, "full", "exit6", "exit8", "tome4", "energy90"} <= names
+        assert {BASELINE, "full", "exit6", "exit8", "tome4", "tome-keep75-floor16", "energy99"} <= names
         for p in e["points"]:
             assert p["images_per_second"]["median"] > 0 and p["speedup"]["median"] > 0
             assert p["gflops_per_image"] > 0 and 0 < p["fraction_of_peak"] < 5
@@ -55,7 +83,8 @@ def test_equal_quality_picks_the_fastest_adaptive_point_within_one_r10_point(tin
     _, result = tiny
     embedded = result["encoder"][0]
     r10 = {p["name"]: p["t2i_R@10"] for p in embedded["points"]}
-    assert r10["tome4"] == 0.492 and r10["energy90"] == 0.2
+    assert r10["tome4"] == 0.492 and r10["energy99"] == 0.2 and r10["tome-keep80-floor8"] == 0.1
+    assert r10[BASELINE] == r10["full"] == 0.5 and r10["tome-keep75-floor16"] is None  # not in the frontier
     if "untrained" in embedded["heads"]:
         assert r10["exit8"] is None  # the frontier's exit quality belongs to trained heads
     eligible = [p for p in embedded["points"] if p["name"] in ("exit8", "tome4") and r10[p["name"]]]
@@ -63,13 +92,18 @@ def test_equal_quality_picks_the_fastest_adaptive_point_within_one_r10_point(tin
     assert embedded["equal_quality"]["point"] == fastest["name"]
 
 
-def test_pipeline_section_names_a_stage_and_compares_to_the_encoder(tiny):
+def test_pipeline_section_reports_the_bound_and_the_share_of_it(tiny):
     _, result = tiny
     p = result["pipeline"]
-    assert p["end_to_end_images_per_second"] > 0 and p["fraction_of_encoder"] > 0
-    assert all(s["median"] > 0 for s in p["encoder_alone_images_per_second"].values())
-    assert set(p["stages"]["busy_seconds"]) == STAGES and p["stages"]["bottleneck"]["stage"] in STAGES
-    assert sum(p["routes"].values()) == p["images"]
+    cost = p["cpu_ms_per_image"]
+    assert cost["prepare"] > 0 and cost["encode"] > 0
+    bound = p["num_cpus"] / (1e-3 * (cost["prepare"] + cost["encode"]))
+    assert p["bound_images_per_second"] == pytest.approx(bound)
+    rate = p["steady_images_per_second"] or p["end_to_end_images_per_second"]
+    assert p["share_of_bound"] == pytest.approx(rate / bound)
+    assert set(p["busy_ms_per_image"]) == STAGES and p["busy_ms_per_image"]["encode"] > 0
+    assert sum(p["routes"].values()) == p["images"] and p["encoder"]["actors"] == 2  # one per core
+    assert f"{p['share_of_bound']:.0%} of the" in result["answers"]["pipeline"]
 
 
 def test_router_and_query_sections_are_sane(tiny):
@@ -80,8 +114,10 @@ def test_router_and_query_sections_are_sane(tiny):
     assert query["rows"] == 2000 and [t["dtype"] for t in query["tables"]] == ["float32", "float16"]
     for table in query["tables"]:
         assert table["index_build_s"] > 0 and table["index_bytes"] > 0 and table["data_bytes"] > 0
-        for setting in table["settings"].values():
-            assert 0.0 <= setting["recall@10"] <= 1.0
+        default, tuned = table["settings"]["default"], table["settings"]["nprobes=50, refine_factor=10"]
+        assert default["recall@10"] > 0.5  # chance is 10 / 2000
+        assert tuned["recall@10"] >= max(0.95, default["recall@10"])  # 50 probes of ~44 lists: near exact
+        for setting in (default, tuned):
             assert 0 < setting["latency_ms"]["p50"] <= setting["latency_ms"]["p99"]
     f16, f32 = query["tables"][1]["data_bytes"], query["tables"][0]["data_bytes"]
     assert f16 < 0.75 * f32
@@ -102,3 +138,35 @@ def test_steady_rate_refuses_a_burst_of_commits():
     assert steady_rate([(2.0, 10), (10.0, 90)])[0] is None
     rate, _ = steady_rate([(2.0, 10), (4.0, 30), (6.0, 50), (10.0, 90)])
     assert rate == pytest.approx(10.0)
+
+
+def test_a_toy_frontier_is_keyed_by_spec_and_feeds_the_bench(tmp_path):
+    """Frontier points carry spec keys (the router: its router key); the bench reads them back by key."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(None)  # the embedded model with its shipped router
+        probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
+        heldout = load_heldout(0, 12, probe.loaded.image_size)
+        result = measure_frontier(probe, cfg.model.name, cfg.router, heldout, [6], 8, 12, rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    points = {p["name"]: p for p in result["points"]}
+    routes = frontier_routes([6])
+    assert [p["key"] for p in result["points"]] == [None, *map(spec_key, routes), router_key(cfg.router)]
+    assert set(points) == {BASELINE, ROUTED, *(r.name for r in routes)}
+    assert points["full"]["mean_cosine_to_full"] == pytest.approx(1.0, abs=1e-5)
+    assert points[BASELINE]["t2i_R@10"] == points["full"]["t2i_R@10"]  # encode_image == the full route
+    assert points["exit6"]["mean_cosine_to_full"] < 0.999 and points["exit6"]["gflops_per_image"] < 0.5
+    assert sum(result["routed_share"].values()) == pytest.approx(1.0)
+    assert frontier_markdown(result).count("\n| ") == len(points)
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(result, default=float))
+    quality = frontier_quality(path, None)
+    assert [spec_key(r) for r in quality["routes"]] == [spec_key(r) for r in routes]
+    assert set(quality["points"]) == {spec_key(r) for r in routes} | {router_key(cfg.router)}
+    bench = {"points": [{"name": "renamed", "key": FULL_KEY, "speedup": {"median": 1.0}}]}
+    attach_quality(bench, quality)
+    assert bench["points"][0]["t2i_R@10"] == points["full"]["t2i_R@10"]
+    assert np.isclose(bench["points"][0]["mean_cosine_to_full"], 1.0, atol=1e-5)
+    assert result["model"] == "icar-tiny-vit" and result["quality_images"] == 12

@@ -1,21 +1,29 @@
-"""Calibration picks the cheapest router that meets the quality floor, from measured routes; the learned
-scorer it may ship fits and round-trips."""
+"""Calibration picks the cheapest router that meets the quality floor, from measured routes; the winner
+rule and the fit/test split behave as documented; the learned scorer it may ship fits and round-trips."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import RouteSpec
+from pipeline.config import ModelConfig, RouteSpec, load_config
 from pipeline.lab.calibrate import (
-    ComputeBudget,
-    QualityFloor,
-    RouteMeasurement,
+    Calibration,
+    ScorerTrial,
     cheapest_route_labels,
-    search_router,
+    choose_winner,
+    fit_test_split,
+    verdict,
 )
+from pipeline.lab.router_search import PlanQuality, RouteMeasurement, apply_plan, search_router
+from pipeline.lab.routes_file import write_calibration
+from pipeline.lab.targets import ComputeBudget, QualityFloor
+from pipeline.route import assign_routes
 from pipeline.score import LearnedScorer, load_scorer
 
 N = 40
@@ -49,8 +57,21 @@ def test_search_sends_easy_images_to_the_cheap_route_and_meets_the_floor():
     assert [r.name for r in plan.routes] == ["cheap", "full"]
     assert plan.thresholds == [np.quantile(scores, 0.5)]
     assert plan.share == [0.5, 0.5]
-    assert plan.seconds_per_image == np.float64(0.5 * 0.001 + 0.5 * 0.004)
-    assert plan.mean_cosine >= 0.95 and plan.recall_at_10 == 1.0
+    assert plan.quality.seconds_per_image == pytest.approx(0.5 * 0.001 + 0.5 * 0.004)
+    assert plan.quality.mean_cosine == pytest.approx(1.0, abs=1e-5) and plan.quality.recall_at_10 == 1.0
+    # the plan assigns exactly as the runtime will, and judged on the same rows it keeps its numbers
+    np.testing.assert_array_equal(assign_routes(scores, plan.router()), (scores >= plan.thresholds[0]))
+    again = apply_plan(plan, scores, routes, full, full, keys)
+    assert again == plan.quality
+
+
+def test_the_scorer_cost_is_charged_to_routing_plans_only():
+    routes, full, scores = _measurements()
+    keys = [f"scene{i}" for i in range(N)]
+    # routing saves 0.0015 s/image; a scorer costing more than that makes one route (full) the fastest
+    plan = search_router(scores, routes, full, full, keys, QualityFloor(0.95, 0.99), router_seconds=0.002)
+    assert [r.name for r in plan.routes] == ["full"] and plan.thresholds == []
+    assert plan.quality.seconds_per_image == pytest.approx(0.004)
 
 
 def test_search_returns_none_when_no_route_meets_the_floor():
@@ -65,8 +86,8 @@ def test_compute_budget_buys_the_most_faithful_plan_it_can_afford():
     # 0.61 GFLOPs/image affords full depth on at most 50% of images (cheap 0.2, full 1.0 GFLOPs)
     plan = search_router(scores, routes, full, full, keys, ComputeBudget(max_gflops=0.61))
     assert plan is not None and [r.name for r in plan.routes] == ["cheap", "full"]
-    assert plan.share == [0.5, 0.5] and plan.gflops_per_image == pytest.approx(0.6)
-    assert plan.mean_cosine == pytest.approx(1.0, abs=1e-5)  # easy half exact on cheap, rest on full
+    assert plan.share == [0.5, 0.5] and plan.quality.gflops_per_image == pytest.approx(0.6)
+    assert plan.quality.mean_cosine == pytest.approx(1.0, abs=1e-5)  # easy half exact on cheap, rest on full
     tight = search_router(scores, routes, full, full, keys, ComputeBudget(max_gflops=0.21))
     assert [r.name for r in tight.routes] == ["cheap"]
     assert search_router(scores, routes, full, full, keys, ComputeBudget(max_gflops=0.1)) is None
@@ -76,6 +97,77 @@ def test_cheapest_route_label_is_the_rank_of_the_cheapest_good_enough_route():
     routes, full, scores = _measurements()
     labels = cheapest_route_labels(routes, full, min_cosine=0.95)
     np.testing.assert_array_equal(labels, np.where(scores < 0.5, 0.0, 2.0))
+
+
+def _quality(cosine: float, recall: float, seconds: float, gflops: float = 0.5) -> PlanQuality:
+    return PlanQuality(cosine, recall, 0.8, seconds_per_image=seconds, gflops_per_image=gflops)
+
+
+def _trial(name: str, test: PlanQuality | None) -> ScorerTrial:
+    return ScorerTrial(name, 0.0, 1e-4, None, test)
+
+
+def test_winner_is_admissible_first_then_cheapest():
+    floor = QualityFloor(0.98, 0.99)
+    slow_ok = _trial("handcrafted", _quality(0.99, 0.8, seconds=0.003))
+    fast_bad = _trial("learned", _quality(0.97, 0.8, seconds=0.001))  # faster, but below the cosine floor
+    assert choose_winner([slow_ok, fast_bad], floor).name == "handcrafted"
+    fast_ok = _trial("learned", _quality(0.985, 0.792, seconds=0.002))  # ratio exactly 0.99
+    assert choose_winner([slow_ok, fast_ok], floor).name == "learned"
+    assert verdict(fast_ok.test, floor) == (0, 0.002)
+    budget = ComputeBudget(max_gflops=0.4)  # within budget, the closer to full depth wins, not the faster
+    near = _trial("handcrafted", _quality(0.99, 0.7, seconds=0.003, gflops=0.4))
+    far = _trial("learned", _quality(0.95, 0.8, seconds=0.001, gflops=0.2))
+    over = _trial("other", _quality(1.0, 0.8, seconds=0.001, gflops=0.41))
+    assert choose_winner([far, over, near], budget).name == "handcrafted"
+
+
+def test_winner_without_an_admissible_plan_is_the_best_recall_ratio_and_ties_keep_the_first():
+    floor = QualityFloor(0.999, 0.99)
+    low = _trial("handcrafted", _quality(0.99, 0.6, seconds=0.001))
+    high = _trial("learned", _quality(0.98, 0.7, seconds=0.005))
+    none = _trial("other", None)  # found no plan on the fit rows: always last
+    assert choose_winner([none, low, high], floor).name == "learned"
+    assert verdict(high.test, floor) == (1, pytest.approx(-0.875)) and verdict(None, floor) == (2, 0.0)
+    twin = _trial("learned", _quality(0.99, 0.6, seconds=0.001))
+    assert choose_winner([low, twin], floor).name == "handcrafted"
+
+
+def test_fit_test_split_is_a_seeded_random_partition():
+    fit, test = fit_test_split(101, seed=0)
+    assert len(fit) == 51 and len(test) == 50
+    np.testing.assert_array_equal(np.sort(np.concatenate([fit, test])), np.arange(101))
+    assert np.all(np.diff(fit) > 0) and np.all(np.diff(test) > 0)
+    assert not np.array_equal(test, np.arange(50)) and not np.array_equal(test, np.arange(51, 101))
+    again, other = fit_test_split(101, seed=0), fit_test_split(101, seed=1)
+    np.testing.assert_array_equal(again[1], test)
+    assert not np.array_equal(other[1], test)
+    fit, test = fit_test_split(40, seed=3, test_fraction=0.25)
+    assert (len(fit), len(test)) == (30, 10)
+
+
+def test_a_learned_scorer_that_routes_ships_beside_the_yaml_by_absolute_path(tmp_path, monkeypatch):
+    routes, full, scores = _measurements()
+    keys = [f"scene{i}" for i in range(N)]
+    plan = search_router(scores, routes, full, full, keys, QualityFloor(0.95, 0.99))
+    learned = LearnedScorer(np.zeros(22), np.ones(22), np.zeros(22), 0.25)
+    calibration = Calibration(QualityFloor(0.95, 0.99), routes, [], "learned", plan, learned, {"images": N})
+    monkeypatch.chdir(tmp_path)
+    written = write_calibration(calibration, ModelConfig(), "out/routes.yaml", options={"images": N})
+    assert written == {
+        "routes": str(tmp_path / "out" / "routes.yaml"),
+        "report": str(tmp_path / "out" / "routes.report.json"),
+        "scorer": str(tmp_path / "out" / "routes.scorer.json"),
+    }
+    monkeypatch.chdir(tmp_path.parent)  # loaded from elsewhere, the scorer path still resolves
+    cfg = load_config(written["routes"])
+    assert cfg.router.scorer == written["scorer"] and cfg.router.thresholds == plan.thresholds
+    assert [r.name for r in cfg.router.routes] == ["cheap", "full"] and cfg.model == ModelConfig()
+    np.testing.assert_allclose(load_scorer(cfg.router.scorer)(np.ones((3, 22), np.float32)), 0.25)
+    report = json.loads(Path(written["report"]).read_text())
+    assert report["winner"] == "learned" and report["final_plan"]["meets_target"] is True
+    assert [r["name"] for r in report["routes"]] == ["cheap", "mid", "full"]
+    assert report["routes"][2]["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_learned_scorer_fits_a_linear_target_and_round_trips_through_its_file(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from pipeline.decode import DecodeError, decode_image, resize_center_crop
+from pipeline.decode import DecodeError, Preprocess, decode_image, resize_to
 
 S = 32  # output side for most tests: small keeps the file fast
 
@@ -72,7 +72,7 @@ def test_grayscale_gives_equal_channels(name):
 
 def test_png_grey_matches_pillow_l_resize():
     data = f.png_grey()
-    expected = np.asarray(resize_center_crop(Image.open(io.BytesIO(data)).convert("L"), S))
+    expected = np.asarray(resize_to(Image.open(io.BytesIO(data)).convert("L"), Preprocess((S, S))))
     pixels, _ = decode_image(data, S)
     assert np.array_equal(pixels[..., 0], expected)
 
@@ -138,45 +138,130 @@ def test_very_wide_image_is_centre_cropped():
 
 # ---------------------------------------------------------------- geometry vs open_clip
 
+INTERPOLATIONS = ["bicubic", "bilinear"]
+RESIZE_MODES = ["shortest", "longest", "squash"]
+# (width, height) sources: square, wide, tall, smaller than every target, and extreme enough to pad a lot
+SOURCES = [(64, 64), (100, 40), (30, 90), (13, 9), (200, 11)]
 
-def test_resize_center_crop_matches_open_clip_eval_transform():
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("target", [32, (24, 40), (40, 24)], ids=["square", "wide", "tall"])
+@pytest.mark.parametrize("resize_mode", RESIZE_MODES)
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_decode_matches_open_clip_eval_transform(interpolation, resize_mode, target):
+    """decode_image + normalize_uint8 == open_clip's image_transform(is_train=False) on the same PNG.
+
+    Tolerance 1e-6: open_clip's eval transform resizes, crops and pads the same uint8 PIL image before
+    ToTensor, so there is no rounding step between the two, only float arithmetic in the normalisation.
+    One uint8 level anywhere would show as (1/255)/std >= 0.014, four orders of magnitude above it.
+    """
     import open_clip
     import torch
 
-    size = 224
-    image = f.smooth_rgb(300, 200, seed=11)
-    transform = open_clip.image_transform(size, is_train=False)  # bicubic shortest-side resize + centre crop
-    reference = transform(image)
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    from pipeline.encode.model import normalize_uint8
 
-    def normalise(pixels: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255.0 - mean) / std
-
-    # Tolerance: one uint8 level (1/255) before normalisation, i.e. (1/255)/std after it (+ float slack).
-    tolerance = (1.0 / 255.0) / std + 1e-5
-    ours = normalise(np.asarray(resize_center_crop(image, size)))
-    assert ours.shape == reference.shape == (3, size, size)
-    assert bool(((ours - reference).abs() <= tolerance).all())
-
-    # The full decode path on the same pixels as lossless PNG bytes agrees too.
-    png = io.BytesIO()
-    image.save(png, "PNG")
-    pixels, orig = decode_image(png.getvalue(), size)
-    assert orig == (300, 200)
-    assert bool(((normalise(pixels) - reference).abs() <= tolerance).all())
+    transform = open_clip.image_transform(
+        target, is_train=False, interpolation=interpolation, resize_mode=resize_mode
+    )
+    preprocess = Preprocess(
+        (target, target) if isinstance(target, int) else target, interpolation, resize_mode
+    )
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    for i, (w, h) in enumerate(SOURCES):
+        data = _png(f.smooth_rgb(w, h, seed=20 + i))
+        reference = transform(Image.open(io.BytesIO(data)))
+        pixels, orig = decode_image(data, preprocess, use_draft=False)
+        assert orig == (w, h)
+        assert pixels.shape == (*preprocess.size, 3) and pixels.dtype == np.uint8
+        ours = normalize_uint8(torch.from_numpy(pixels)[None], mean, std)[0]
+        assert ours.shape == reference.shape
+        assert float((ours - reference).abs().max()) < 1e-6, (w, h)
 
 
+def test_int_size_is_open_clips_default_square_geometry():
+    data = _png(f.smooth_rgb(90, 50, seed=3))
+    pixels, _ = decode_image(data, S)
+    assert np.array_equal(pixels, decode_image(data, Preprocess((S, S), "bicubic", "shortest"))[0])
+
+
+def test_longest_pads_with_black_and_keeps_the_whole_image():
+    # 2000x20, red | green | blue: the long side fits 32 px, so the strip is 1 px high (a 0.32 px sliver
+    # rounded up, where open_clip's rounding would reach 0 and fail), on row 15: the odd pad row goes below
+    pixels, _ = decode_image(f.png_very_wide(), Preprocess((S, S), resize_mode="longest"))
+    row = (S - 1) // 2
+    assert close(pixels[row, 0], f.RED, 0) and close(pixels[row, S - 1], f.BLUE, 0)
+    assert close(pixels[row, S // 2], f.GREEN, 0)
+    assert not pixels[:row].any() and not pixels[row + 1 :].any()
+
+
+def test_squash_keeps_the_whole_image_without_padding():
+    pixels, _ = decode_image(f.png_very_wide(), Preprocess((S, S), "bilinear", "squash"))
+    assert close(pixels[:, 0], f.RED, 0) and close(pixels[:, S // 2], f.GREEN, 0)
+    assert close(pixels[:, S - 1], f.BLUE, 0)
+
+
+@pytest.mark.parametrize("resize_mode", RESIZE_MODES)
 @pytest.mark.parametrize("wh", [(300, 200), (200, 300), (33, 97), (S, S), (S + 1, S), (5, 4)])
-def test_resize_center_crop_shapes(wh):
-    out = resize_center_crop(f.smooth_rgb(*wh, seed=12), S)
-    assert out.size == (S, S)
+def test_resize_to_gives_the_target_size(wh, resize_mode):
+    out = resize_to(f.smooth_rgb(*wh, seed=12), Preprocess((S, S + 8), resize_mode=resize_mode))
+    assert out.size == (S + 8, S)
+
+
+# ---------------------------------------------------------------- the model's preprocess config
+
+
+def test_preprocess_from_model_config_defaults_to_open_clips():
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    assert Preprocess.from_model_config(open_clip.get_model_config("ViT-B-32")) == Preprocess((224, 224))
+    assert Preprocess.from_model_config({"vision_cfg": {}}) == Preprocess((224, 224))  # CLIPVisionCfg default
+    defaults = PreprocessCfg()
+    assert (defaults.interpolation, defaults.resize_mode) == ("bicubic", "shortest")
+
+
+def test_preprocess_from_model_config_reads_size_pair_and_preprocess_cfg():
+    cfg = {
+        "vision_cfg": {"image_size": [256, 320]},
+        "preprocess_cfg": {"interpolation": "bilinear", "resize_mode": "squash", "mean": [0.5] * 3},
+    }
+    assert Preprocess.from_model_config(cfg) == Preprocess((256, 320), "bilinear", "squash")
+    nulls = {"vision_cfg": {"image_size": 64}, "preprocess_cfg": {"interpolation": None, "resize_mode": None}}
+    assert Preprocess.from_model_config(nulls) == Preprocess((64, 64), "bicubic", "shortest")
+    # 'random' is a training option; open_clip's eval transform resizes bicubic for it
+    random = {"vision_cfg": {"image_size": 64}, "preprocess_cfg": {"interpolation": "random"}}
+    assert Preprocess.from_model_config(random).interpolation == "bicubic"
+
+
+@pytest.mark.parametrize(
+    ("preprocess_cfg", "named"),
+    [
+        ({"interpolation": "nearest"}, "interpolation 'nearest'"),
+        ({"resize_mode": "crop"}, "resize_mode 'crop'"),
+        ({"fill_color": 128}, "fill_color 128"),
+    ],
+)
+def test_preprocess_from_model_config_rejects_what_it_cannot_follow(preprocess_cfg, named):
+    with pytest.raises(ValueError, match=named):
+        Preprocess.from_model_config({"vision_cfg": {"image_size": 64}, "preprocess_cfg": preprocess_cfg})
+
+
+@pytest.mark.parametrize("size", [(0, 32), (32,), (32.0, 32)])
+def test_preprocess_rejects_bad_sizes(size):
+    with pytest.raises(ValueError, match="positive ints"):
+        Preprocess(size)
 
 
 # ---------------------------------------------------------------- draft mode
 
 
-def test_draft_mode_is_close_to_full_decode(monkeypatch):
+@pytest.mark.parametrize("size", [64, Preprocess((48, 80), "bilinear", "squash")], ids=["int", "preprocess"])
+def test_draft_mode_is_close_to_full_decode(monkeypatch, size):
     scales = []
     original_draft = JpegImagePlugin.JpegImageFile.draft
 
@@ -186,12 +271,12 @@ def test_draft_mode_is_close_to_full_decode(monkeypatch):
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    size = 64
     data = f.jpeg_large()
     drafted, orig_a = decode_image(data, size, use_draft=True)
     full, orig_b = decode_image(data, size, use_draft=False)
     assert orig_a == orig_b == (1024, 768)  # the header size, not the DCT-reduced one
-    assert drafted.shape == full.shape == (size, size, 3)
+    shape = (size, size, 3) if isinstance(size, int) else (*size.size, 3)
+    assert drafted.shape == full.shape == shape
     assert len(scales) == 1 and scales[0] is not None  # draft really reduced the decode (not a no-op)
     assert float(np.abs(drafted.astype(int) - full.astype(int)).mean()) < 8
 

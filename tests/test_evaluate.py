@@ -209,8 +209,8 @@ def test_trained_model_retrieves_well_and_random_init_does_not(heldout, trained)
     assert report.seconds_per_image > 0 and report.extra["routes"] == {"full": HELDOUT_IMAGES}
 
 
-def test_route_ids_split_the_batch_and_reference_is_compared(heldout, trained):
-    small = heldout.head(40)
+def test_route_ids_split_the_batch_and_reference_is_compared(trained):
+    small = load_heldout(seed=0, count=40, image_size=128)
     encoder = RoutedEncoder(trained, [RouteSpec(name="a"), RouteSpec(name="b")])
     full = encoder.encode(small.images, np.zeros(40, np.int64)).vectors
     routed = evaluate_encoder(encoder, small, route_ids=np.arange(40) % 2, reference=full, batch_size=16)

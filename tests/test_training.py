@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, RouteSpec
+from pipeline.config import ConfigError, ModelConfig, RouteSpec
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model
+from pipeline.lab.outputs import PACKAGE_DIR
 from pipeline.lab.training.clip import TrainSettings, train
 from pipeline.lab.training.heads import HeadSettings, train_heads
 
@@ -21,11 +22,20 @@ def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):
         steps=2, batch_size=8, warmup=1, eval_every=2, eval_images=16, threads=1, out=str(tmp_path)
     )
     summary = train(settings)
-    assert summary["final"]["step"] == 1 and 0 <= summary["final"]["t2i_R@10"] <= 1
     log = [json.loads(line) for line in (tmp_path / "icar-tiny-vit.train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 1]
+    assert [r["step"] for r in log] == [0, 1] and summary["final"] == log[-1] and "t2i_R@10" not in log[0]
+    final = summary["final"]
+    for direction in ("t2i", "i2t"):  # recall over 16 held-out scenes: multiples of 1/16, growing with k
+        recalls = [final[f"{direction}_R@{k}"] for k in (1, 5, 10)]
+        assert recalls == sorted(recalls) and all((16 * r).is_integer() for r in recalls)
+    assert summary["out"] == str(tmp_path.resolve())
     loaded = load_model(ModelConfig(pretrained=str(tmp_path / "icar-tiny-vit.safetensors")))
     assert loaded.model.visual.conv1.weight.dtype == torch.float32  # fp16 on disk, fp32 in memory
+
+
+def test_training_refuses_to_write_into_the_installed_package():
+    with pytest.raises(ConfigError, match="inside the installed package"):
+        train(TrainSettings(steps=1, out=str(PACKAGE_DIR / "models")))
 
 
 def test_exit_heads_training_moves_early_exits_toward_full_depth():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.config import IndexConfig
+from pipeline.decode import Preprocess
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.prepare import OK, Batch, prepare_unit
 
@@ -62,13 +63,13 @@ class DecodeEncodeStage(EncodeStage):
     keeps every core busy with no pixels shipped between processes (Ray's own fusion of the two
     map_batches would bundle many row groups into one actor task and starve the other actors)."""
 
-    def __init__(self, cfg: dict[str, Any], image_size: int):
+    def __init__(self, cfg: dict[str, Any], preprocess: Preprocess):
         super().__init__(cfg)
-        self.image_size = image_size
+        self.preprocess = preprocess
         self.batch_size = IndexConfig.model_validate(cfg).encoder.batch_size
 
     def __call__(self, units: Batch) -> Iterator[Batch]:  # type: ignore[override]
-        for chunk in prepare_unit(units, self.cfg, self.image_size):
+        for chunk in prepare_unit(units, self.cfg, self.preprocess):
             n = len(chunk["outcome"])
             for start in range(0, n, self.batch_size):
                 yield super().__call__({k: v[start : start + self.batch_size] for k, v in chunk.items()})

@@ -1,6 +1,7 @@
 """The adaptive forward: an open_clip VisionTransformer's own weights, run only as deep as a route says.
 
-Modifications against open_clip's `VisionTransformer.forward` (the weights are read, never copied):
+Modifications against open_clip's `VisionTransformer.forward` (the weights are read, never copied, and no
+module of the live model is replaced):
 - the block loop is ours, so it can stop after `exit_depth` blocks and pool through that depth's exit head;
 - attention runs through `scaled_dot_product_attention` on the block's own in/out projections (fused),
   with ToMe's proportional-attention bias once tokens stand for more than one patch;
@@ -8,8 +9,24 @@ Modifications against open_clip's `VisionTransformer.forward` (the weights are r
   or a kept fraction down to a floor (`RouteSpec.merge_count`);
 - after `prune_after` blocks, tokens may be pruned to a per-image energy budget (or a fixed count), the
   dropped ones fused into one token; the batch is then split into groups of equal budget so every forward
-  stays one dense tensor and saved FLOPs become saved seconds.
-Full depth with no reduction reproduces `model.encode_image` (tested).
+  stays one dense tensor and saved FLOPs become saved seconds;
+- avg pooling is weighted by how many patches each token stands for. At full depth the final LayerNorm
+  sits where the tower's own `_pool` puts it (before pooling, or after it with `final_ln_after_pool`);
+  an exit head always pools first and then applies its own LayerNorm.
+Full depth with no reduction reproduces `model.encode_image` for every supported tower
+(tests/test_adapter.py).
+
+Supported towers: open_clip `VisionTransformer` whose blocks are plain `ResidualAttentionBlock`s over a
+packed-projection `nn.MultiheadAttention` (no bias_k/v, no zero-attention, no attention dropout), with any
+activation (GELU, `quick_gelu`) and LayerNorm settings, LayerScale (`ls_init_value`), `no_ln_pre`,
+learnable or `sin_cos_2d` positions, a square or (H, W) image grid, `pool_type` 'tok' or 'avg' with or
+without `final_ln_after_pool` (CLIPA), `output_tokens` (only the pooled embedding is produced) and patch
+dropout in eval mode (where it is the identity).
+Refused with `NotImplementedError` naming the model and the feature: timm towers (`TimmModel`), ResNets
+(`ModifiedResNet`), attentional pooling (`attn_pool`: CoCa), `pool_type='none'`, custom attention blocks
+(`CustomResidualAttentionBlock`: qk_norm, scaled_cosine_attn, scale_heads, scale_attn_inner, scale_attn,
+scale_fc, or block_type='custom'), any other tower or block class, and, per forward, patch dropout while
+the tower is in training mode (the kept tokens would be random).
 """
 
 from __future__ import annotations
@@ -19,12 +36,29 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import (
+    CustomResidualAttentionBlock,
+    LayerScale,
+    PatchDropout,
+    ResidualAttentionBlock,
+    Transformer,
+    VisionTransformer,
+)
 from torch import nn
 
 from pipeline.config import RouteSpec
 from pipeline.encode import tokens as tok
 from pipeline.encode.flops import block_gflops, head_gflops, stem_gflops
 from pipeline.encode.heads import ExitHeads
+
+BUDGET_QUANTUM = 8  # pruning budgets round up to a multiple: few groups, dense batches
+
+_OTHER_TOWERS = {
+    TimmModel: "a timm vision tower (open_clip TimmModel)",
+    ModifiedResNet: "a ResNet vision tower (open_clip ModifiedResNet with attnpool)",
+}
 
 
 @dataclass
@@ -45,19 +79,78 @@ class _State:
     cls_attention: torch.Tensor | None = None  # [B, N] from the last block, for pruning
 
 
-def _check_supported(visual: nn.Module) -> None:
-    if getattr(visual, "attn_pool", None) is not None:
-        raise NotImplementedError("attentional-pool vision towers are not supported by the adaptive forward")
-    if getattr(visual, "pool_type", "tok") not in ("tok", "avg"):
-        raise NotImplementedError(f"pool_type {visual.pool_type!r} is not supported by the adaptive forward")
+def _unsupported(model_name: str, feature: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"model {model_name!r} uses {feature}, which the adaptive forward does not reproduce "
+        "(supported towers: pipeline/encode/adaptive.py)"
+    )
+
+
+def _custom_block_features(block: nn.Module) -> list[str]:
+    """The open_clip options a CustomResidualAttentionBlock was built with, read off the modules they add."""
+    attn, mlp = block.attn, block.mlp
+    present = {
+        "qk_norm": not isinstance(getattr(attn, "ln_q", None), nn.Identity | None),
+        "scaled_cosine_attn": getattr(attn, "logit_scale", None) is not None,
+        "scale_heads": getattr(attn, "head_scale", None) is not None,
+        "scale_attn_inner": not isinstance(getattr(attn, "ln_inner", None), nn.Identity | None),
+        "scale_attn": not isinstance(getattr(block, "ln_attn", None), nn.Identity | None),
+        "scale_fc": not isinstance(getattr(mlp, "ln", None), nn.Identity | None),
+    }
+    return [name for name, on in present.items() if on] or ["block_type='custom'"]
+
+
+def _unsupported_block_feature(block: nn.Module) -> str | None:
+    """What in one block the adaptive forward would not reproduce, or None."""
+    if isinstance(block, CustomResidualAttentionBlock):
+        features = ", ".join(_custom_block_features(block))
+        return f"custom attention blocks (CustomResidualAttentionBlock: {features})"
+    if type(block) is not ResidualAttentionBlock:
+        return f"transformer block class {type(block).__name__}"
+    if hasattr(block, "ln_1_kv"):
+        return "cross-attention blocks (ln_1_kv)"
+    attn = block.attn
+    if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+        return f"attention module {type(attn).__name__} without a packed in-projection"
+    if attn.bias_k is not None or attn.add_zero_attn:
+        return "attention with bias_k/bias_v or add_zero_attn"
+    if attn.dropout > 0:
+        return f"attention dropout {attn.dropout}"
+    for name in ("ls_1", "ls_2"):
+        if not isinstance(getattr(block, name), LayerScale | nn.Identity):
+            return f"{name} of class {type(getattr(block, name)).__name__}"
+    return None
+
+
+def _unsupported_tower_feature(visual: nn.Module) -> str | None:
+    """The allow-list of the module docstring: the first feature of `visual` not reproduced, or None."""
+    if type(visual) is not VisionTransformer:
+        return _OTHER_TOWERS.get(type(visual), f"vision tower class {type(visual).__name__}")
+    if visual.attn_pool is not None:
+        return "attentional pooling (attn_pool, CoCa-style)"
+    if visual.pool_type not in ("tok", "avg"):
+        return f"pool_type={visual.pool_type!r}"
+    if type(visual.transformer) is not Transformer:
+        return f"transformer class {type(visual.transformer).__name__}"
+    for block in visual.transformer.resblocks:
+        feature = _unsupported_block_feature(block)
+        if feature is not None:
+            return feature
+    return None
 
 
 class AdaptiveViT(nn.Module):
-    """Routed forward over `visual` (an open_clip VisionTransformer) with optional exit heads."""
+    """Routed forward over `visual` (an open_clip VisionTransformer) with optional exit heads.
 
-    def __init__(self, visual: nn.Module, heads: ExitHeads | None = None, budget_quantum: int = 8):
+    `model_name` only labels the refusal when `visual` is a tower the adaptive forward does not reproduce.
+    """
+
+    def __init__(self, visual: nn.Module, heads: ExitHeads | None = None, *, model_name: str | None = None):
         super().__init__()
-        _check_supported(visual)
+        self.model_name = model_name or type(visual).__name__
+        feature = _unsupported_tower_feature(visual)
+        if feature is not None:
+            raise _unsupported(self.model_name, feature)
         self.visual = visual
         self.heads = heads
         self.blocks = list(visual.transformer.resblocks)
@@ -70,7 +163,9 @@ class AdaptiveViT(nn.Module):
         self.patch_dim = 3 * int(patch[0] * patch[1])
         self.mlp_ratio = self.blocks[0].mlp.c_fc.out_features / self.width
         self.embed_dim = int(visual.output_dim)
-        self.budget_quantum = budget_quantum  # budgets round up to a multiple: few groups, dense batches
+        # open_clip's _pool: avg towers without final_ln_after_pool normalise every token, then average
+        # (for CLS pooling the order is immaterial: LayerNorm acts per token)
+        self.norm_before_pool = visual.pool_type == "avg" and not visual.final_ln_after_pool
 
     # -- one block, split so merging can sit between attention and MLP -----------------------------
     def _attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_cls: bool):
@@ -110,19 +205,37 @@ class AdaptiveViT(nn.Module):
             gflops += block_gflops(self.width, self.mlp_ratio, n_attn, x.shape[1])
         return _State(x, size, gflops, cls_attention)
 
-    def _pool(self, state: _State) -> torch.Tensor:
-        """The token the head reads: CLS, or the size-weighted mean of patches for avg-pool towers."""
+    def _embed(self, images: torch.Tensor) -> _State:
+        """open_clip's own stem (patches, CLS, positions, patch dropout, ln_pre); every token is one patch."""
+        if self.visual.training and isinstance(self.visual.patch_dropout, PatchDropout):
+            raise _unsupported(self.model_name, "patch dropout in training mode (call .eval() on the tower)")
+        x = self.visual._embeds(images)
+        stem = stem_gflops(self.width, self.patch_dim, self.num_patches)
+        return _State(x, x.new_ones(x.shape[0], x.shape[1], 1), stem)
+
+    def _tower_head(self, depth: int) -> bool:
+        """Whether `depth` is read through the tower's own ln_post + proj (else through its exit head)."""
+        return depth == self.depth or self.heads is None
+
+    def _pool(self, state: _State, depth: int) -> torch.Tensor:
+        """The token `project(., depth)` reads: CLS, or the size-weighted mean of patches for avg towers.
+
+        Weighting by size makes the mean over merged tokens equal the mean over the patches they stand for.
+        """
         x, size = state.x, state.size
+        if self.norm_before_pool and self._tower_head(depth):
+            x = self.visual.ln_post(x)
         if self.visual.pool_type == "avg":
             return (x[:, 1:] * size[:, 1:]).sum(dim=1) / size[:, 1:].sum(dim=1)
         return x[:, 0]
 
     def project(self, pooled: torch.Tensor, depth: int) -> torch.Tensor:
-        """Final LayerNorm + projection at full depth, the exit head's own at an early exit."""
-        if depth == self.depth or self.heads is None:
+        """The tower's final LayerNorm (unless `_pool` applied it) + projection, or the exit head's own."""
+        if not self._tower_head(depth):
+            return self.heads.project(pooled, depth)
+        if not self.norm_before_pool:
             pooled = self.visual.ln_post(pooled)
-            return pooled @ self.visual.proj if self.visual.proj is not None else pooled
-        return self.heads.project(pooled, depth)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
     def route_depth(self, route: RouteSpec) -> int:
         depth = route.exit_depth or self.depth
@@ -144,7 +257,7 @@ class AdaptiveViT(nn.Module):
             budget = torch.full(
                 (state.x.shape[0],), route.keep_tokens or n_patches, dtype=torch.long, device=state.x.device
             )
-        q = self.budget_quantum
+        q = BUDGET_QUANTUM
         return ((budget + q - 1) // q * q).clamp(max=n_patches)
 
     @torch.inference_mode()
@@ -163,11 +276,10 @@ class AdaptiveViT(nn.Module):
         """
         if route.prunes:
             return torch.stack([self.pooled_tokens(images, route, d)[0] for d in depths], dim=1)
-        x = self.visual._embeds(images)
-        state, done, pooled = _State(x, x.new_ones(x.shape[0], x.shape[1], 1), 0.0), 0, []
+        state, done, pooled = self._embed(images), 0, []
         for depth in depths:
             state = self._run_blocks(state, done, depth, route, want_cls=False)
-            pooled.append(self._pool(state))
+            pooled.append(self._pool(state, depth))
             done = depth
         return torch.stack(pooled, dim=1)
 
@@ -176,14 +288,13 @@ class AdaptiveViT(nn.Module):
 
         Separate from the head so exit heads can be trained on exactly the tokens they will read.
         """
-        x = self.visual._embeds(images)
+        start = self._embed(images)
+        x = start.x
         b = x.shape[0]
-        stem = stem_gflops(self.width, self.patch_dim, self.num_patches)
-        start = _State(x, x.new_ones(b, x.shape[1], 1), stem)
         if not (route.prunes and route.prune_after < depth):
             end = self._run_blocks(start, 0, depth, route, want_cls=False)
             tokens = torch.full((b,), end.x.shape[1], dtype=torch.int32)
-            return self._pool(end), tokens, torch.full((b,), end.gflops, dtype=torch.float32)
+            return self._pool(end, depth), tokens, torch.full((b,), end.gflops, dtype=torch.float32)
         early = self._run_blocks(start, 0, route.prune_after, route, want_cls=True)
         budgets = self.token_budgets(early, route)
         n, c = early.x.shape[1], early.x.shape[2]
@@ -195,7 +306,7 @@ class AdaptiveViT(nn.Module):
             rows = (budgets == keep).nonzero().squeeze(1)
             xg, sg = tok.prune_and_fuse(early.x[rows], early.size[rows], int(keep), early.cls_attention[rows])
             end = self._run_blocks(_State(xg, sg, early.gflops + svd), route.prune_after, depth, route, False)
-            pooled[rows] = self._pool(end)
+            pooled[rows] = self._pool(end, depth)
             tokens[rows.cpu()] = end.x.shape[1]
             gflops[rows.cpu()] = end.gflops
         return pooled, tokens, gflops

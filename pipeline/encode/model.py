@@ -15,6 +15,7 @@ import open_clip
 import torch
 
 from pipeline.config import EMBEDDED_MODEL, MODELS_DIR, ModelConfig
+from pipeline.decode import Preprocess
 
 EMBEDDED_CHECKPOINT = MODELS_DIR / f"{EMBEDDED_MODEL}.safetensors"
 EMBEDDED_HEADS = MODELS_DIR / f"{EMBEDDED_MODEL}.heads.safetensors"
@@ -33,7 +34,8 @@ def register_embedded_models() -> None:
 class LoadedModel:
     model: Any  # open_clip.CLIP (or CustomTextCLIP)
     tokenizer: Any
-    image_size: int
+    image_size: int  # the first side of `preprocess.size` (the lab's square scenes)
+    preprocess: Preprocess
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     model_id: str
@@ -60,6 +62,21 @@ def resolve_heads(cfg: ModelConfig) -> str | None:
     return None
 
 
+def model_preprocess(cfg: ModelConfig) -> Preprocess:
+    """The model's eval geometry without loading its weights (the job's driver needs only this): the model
+    config's `preprocess_cfg`, overridden by the pretrained tag's as `open_clip.create_model` merges them
+    (SigLIP tags, for instance, squash with bilinear resampling)."""
+    register_embedded_models()
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ValueError(f"model.name '{cfg.name}' is not an open_clip model (see open_clip.list_models())")
+    pre = dict(model_cfg.get("preprocess_cfg") or {})
+    if cfg.pretrained:
+        tag = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained)
+        pre.update({k: tag[k] for k in ("interpolation", "resize_mode") if tag.get(k)})
+    return Preprocess.from_model_config({**model_cfg, "preprocess_cfg": pre})
+
+
 def load_model(cfg: ModelConfig, pretrained: str | None | bool = True) -> LoadedModel:
     """Build the model in eval mode on CPU. `pretrained=False` gives random weights (benchmarks)."""
     register_embedded_models()
@@ -69,14 +86,14 @@ def load_model(cfg: ModelConfig, pretrained: str | None | bool = True) -> Loaded
     model = open_clip.create_model(cfg.name, pretrained=tag, device="cpu")
     model.eval()
     visual = model.visual
-    size = visual.image_size
-    image_size = int(size[0] if isinstance(size, tuple | list) else size)
+    preprocess = model_preprocess(cfg)
     mean = tuple(getattr(visual, "image_mean", None) or _DEFAULT_MEAN)
     std = tuple(getattr(visual, "image_std", None) or _DEFAULT_STD)
     return LoadedModel(
         model=model,
         tokenizer=open_clip.get_tokenizer(cfg.name),
-        image_size=image_size,
+        image_size=preprocess.size[0],
+        preprocess=preprocess,
         mean=mean,  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
         model_id=cfg.model_id,

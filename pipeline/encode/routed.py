@@ -37,7 +37,7 @@ class RoutedEncoder:
         loaded.model.to(self.device)
         if heads is not None:
             heads.to(self.device)
-        self.vit = AdaptiveViT(loaded.model.visual, heads)
+        self.vit = AdaptiveViT(loaded.model.visual, heads, model_name=loaded.model_id)
         for route in routes:
             self.vit.route_depth(route)  # fail at start-up, not mid-job, on a route the heads cannot serve
 

@@ -25,7 +25,6 @@ __all__ = [
     "bipartite_soft_matching",
     "complete_graph_soft_matching",
     "energy_token_budget",
-    "prune_to_budget",
     "prune_and_fuse",
     "proportional_attention_bias",
 ]
@@ -66,15 +65,13 @@ class MergePlan:
         keep = torch.sort(is_src.to(torch.uint8), dim=1, stable=True).indices[:, : num_tokens - r]
         return cls(src_idx=src_idx, dst_idx=dst_idx, keep_idx=keep)
 
-    def merge(self, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def merge(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
         """Size-weighted average of each destination with its sources -> `(x [B,N-r,C], size [B,N-r,1])`.
 
         Weighting by size makes repeated merging equal to averaging the original patches, and keeps
         `sum(x * size)` and `sum(size)` invariant.
         """
-        batch, n, c = x.shape
-        if size is None:
-            size = x.new_ones(batch, n, 1)
+        c = x.shape[-1]
         if self.r == 0:
             return x, size
         weighted = x * size  # promotes half x to float32 when size is float32: accumulate in higher precision
@@ -116,7 +113,7 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> MergePlan:
     return MergePlan.from_pairs(src, dst, n)
 
 
-def complete_graph_soft_matching(metric: Tensor, r: int, max_iters: int | None = None) -> MergePlan:
+def complete_graph_soft_matching(metric: Tensor, r: int) -> MergePlan:
     """CrossGET-style complete-graph matching: any patch may merge into its most similar patch.
 
     Unlike the bipartite split, every patch pair is a candidate, so near-duplicates always find each other.
@@ -128,8 +125,7 @@ def complete_graph_soft_matching(metric: Tensor, r: int, max_iters: int | None =
 
     Returns a plan removing the same number of tokens in every row: `min(r, N - 2, greedy-feasible)`, where
     the greedy may stop early once every remaining patch is a destination (e.g. two disjoint duplicate
-    pairs allow only 2 merges). `max_iters` bounds the rounds (default `r`, enough for the exact greedy
-    count; typically it stops after a few rounds). Needs one host sync per round.
+    pairs allow only 2 merges). At most `r` rounds (typically a few); one host sync per round.
     """
     batch, n, _ = metric.shape
     r = min(r, max(n - 2, 0))
@@ -149,7 +145,7 @@ def complete_graph_soft_matching(metric: Tensor, r: int, max_iters: int | None =
     dst_of = positions.clone()
     accept_key = torch.full((batch, n), n * (r + 1), dtype=torch.long, device=device)  # round-major order
 
-    for it in range(max_iters if max_iters is not None else r):
+    for it in range(r):  # every round accepts at least one source per row still in need
         need = r - is_src.sum(dim=1)  # [B]
         if not bool((need > 0).any()):
             break
@@ -184,14 +180,14 @@ def complete_graph_soft_matching(metric: Tensor, r: int, max_iters: int | None =
     return MergePlan.from_pairs(src, dst, n)
 
 
-def energy_token_budget(x: Tensor, tau: float, min_tokens: int = 1) -> Tensor:
+def energy_token_budget(x: Tensor, tau: float) -> Tensor:
     """E-AdaPrune budget: per image, the smallest k whose top-k squared singular values hold >= tau of energy.
 
     The spectrum of the patch-token matrix `x[b, 1:]` (CLS excluded) measures how many directions the
     image's tokens really span: a flat image needs few tokens, a busy one many. The matrix is NOT
     centered, so a set of identical tokens is rank 1 (k = 1) rather than zero-energy; the shared mean
-    direction is real content the kept tokens must carry. Returns `[B]` long in `[min_tokens, N - 1]`.
-    All-zero images get `min_tokens`.
+    direction is real content the kept tokens must carry. Returns `[B]` long in `[1, N - 1]`; all-zero
+    images get 1.
     """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
@@ -201,43 +197,25 @@ def energy_token_budget(x: Tensor, tau: float, min_tokens: int = 1) -> Tensor:
     total = energy.sum(dim=-1, keepdim=True)
     frac = energy.cumsum(dim=-1) / total.clamp_min(torch.finfo(energy.dtype).tiny)
     k = (frac < tau - 1e-6).sum(dim=-1) + 1  # tolerance: tau = 1 must not overshoot on rounding
-    k = torch.where(total[:, 0] > 0, k, 1)  # no energy: nothing to keep beyond the minimum
-    return k.clamp(min=min(min_tokens, n_patches), max=n_patches).long()
-
-
-def _split_by_score(scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-    """Patch indices (into the full token axis) kept in ascending order, and the dropped ones."""
-    order = scores[:, 1:].argsort(dim=1, descending=True, stable=True) + 1  # CLS's score is ignored
-    kept = order[:, :keep].sort(dim=1).values  # original relative order
-    return kept, order[:, keep:]
-
-
-def prune_to_budget(x: Tensor, size: Tensor, keep: int, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Keep CLS plus the `keep` highest-scoring patches per image, in original order; `[B, 1 + keep, .]`.
-
-    `scores: [B, N]` is supplied by the caller (CLS attention, token norm, ...); `scores[:, 0]` is ignored
-    because CLS is always kept. `keep` is one int for the batch so it stays rectangular; to use per-image
-    budgets from `energy_token_budget`, reduce them first (e.g. `budget.max()`). Dropped tokens are lost;
-    see `prune_and_fuse` to keep their mass.
-    """
-    batch, n, c = x.shape
-    keep = max(0, min(keep, n - 1))
-    kept, _ = _split_by_score(scores, keep)
-    idx = torch.cat([kept.new_zeros(batch, 1), kept], dim=1)[..., None]
-    return x.gather(1, idx.expand(-1, -1, c)), size.gather(1, idx)
+    k = torch.where(total[:, 0] > 0, k, 1)  # no energy: one token is the minimum
+    return k.clamp(max=n_patches).long()
 
 
 def prune_and_fuse(x: Tensor, size: Tensor, keep: int, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """EViT-style prune: like `prune_to_budget`, plus one fused token appended last.
+    """EViT-style prune: keep CLS plus the `keep` highest-scoring patches per image, in original order,
+    and append one token fusing all dropped ones.
 
-    The fused token is the size-weighted average of all dropped tokens with their total size, so their
-    information (and `sum(size)`, `sum(x * size)`) is kept and proportional attention weights it by how many
-    patches it absorbed. Output is `[B, 2 + keep, .]`; if nothing is dropped (`keep >= N - 1`) no fused
-    token is added (a zero-size token would divide by zero downstream).
+    `scores: [B, N]` comes from the caller (the model passes CLS attention); `scores[:, 0]` is ignored
+    because CLS is always kept. `keep` is one int for the batch so it stays rectangular. The fused token
+    is the size-weighted average of all dropped tokens with their total size, so their information (and
+    `sum(size)`, `sum(x * size)`) is kept and proportional attention weights it by how many patches it
+    absorbed. Output is `[B, 2 + keep, .]`; if nothing is dropped (`keep >= N - 1`) no fused token is
+    added (a zero-size token would divide by zero downstream).
     """
     batch, n, c = x.shape
     keep = max(0, min(keep, n - 1))
-    kept, dropped = _split_by_score(scores, keep)
+    order = scores[:, 1:].argsort(dim=1, descending=True, stable=True) + 1  # CLS's score is ignored
+    kept, dropped = order[:, :keep].sort(dim=1).values, order[:, keep:]  # kept in original order
     idx = torch.cat([kept.new_zeros(batch, 1), kept], dim=1)[..., None]
     x_keep, size_keep = x.gather(1, idx.expand(-1, -1, c)), size.gather(1, idx)
     if dropped.shape[1] == 0:

@@ -3,9 +3,161 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig  # loaded by `icar` already
+from pipeline.lab.targets import QualityFloor
+
+if TYPE_CHECKING:
+    from pipeline.encode.routed import RoutedEncoder
+
+MIN_IMAGES = 20  # two halves of at least 10 images: R@10 needs a gallery of 10
+CALIBRATE = """Calibrate a router for any open_clip ViT on any captioned sample.
+
+    icar calibrate --input <captioned parquet shards> --out routes.yaml \\
+        [--model ViT-B-32 --pretrained <open_clip tag or checkpoint> --heads <exit heads>] \\
+        [--images 2000] [--min-cosine 0.985 --min-recall-ratio 0.99 | --max-gflops 0.3]
+
+Reads the first --images usable rows (img2dataset-style shards, decoded as `icar index` decodes them),
+measures every catalogue route (each token path at each exit the heads serve, and at full depth), and
+writes a config with `model:` and `router:` sections; `icar index --config routes.yaml --input <shards>`
+indexes with it. Quality is text->image R@10 and mean cosine to full depth: images with identical
+captions count as the same target (a `scene_key` column, when every row has one, is used instead).
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `icar calibrate`. Heavy imports happen inside the handler, so `icar --help` stays fast."""
-    calibrate = subparsers.add_parser("calibrate", help="measure routes on a captioned sample, write routes")
-    calibrate.set_defaults(func=lambda args: 0)
+    p = subparsers.add_parser(
+        "calibrate",
+        help="measure routes on a captioned sample, write the best router as a config",
+        description=CALIBRATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", nargs="+", required=True, help="captioned parquet shards: paths, globs, dirs")
+    p.add_argument("--out", required=True, help="routes YAML to write (model: and router: sections)")
+    p.add_argument("--report", help="JSON report path (default: <out>.report.json)")
+    p.add_argument("--model", help="open_clip model name (default: the --config's model, else icar-tiny-vit)")
+    p.add_argument("--pretrained", help="open_clip tag or checkpoint path (required for non-embedded models)")
+    p.add_argument("--heads", help="exit-heads file trained for this model (default: its shipped heads)")
+    p.add_argument(
+        "--exits", type=int, nargs="*", help="exit depths to try (default: every depth the heads serve)"
+    )
+    p.add_argument("--images", type=int, default=2000, help="sample size: the first N usable rows")
+    p.add_argument(
+        "--min-cosine", type=float, default=QualityFloor.min_cosine, help="floor: mean cosine to full depth"
+    )
+    p.add_argument(
+        "--min-recall-ratio", type=float, default=QualityFloor.min_recall_ratio, help="floor: R@10 / full's"
+    )
+    p.add_argument(
+        "--max-gflops", type=float, help="instead of a floor: the most faithful router within GFLOPs/image"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--timing-images", type=int, default=512, help="images each route is timed on")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (medians kept)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split")
+    p.add_argument("--config", help="index config whose input column mapping and decode settings to use")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a field of that config, e.g. --set input.caption_column=TEXT",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _model(args: argparse.Namespace, configured: ModelConfig) -> ModelConfig:
+    """The model to calibrate: the flags, else the config's; local paths made absolute for the YAML."""
+    from pipeline.lab.routes_file import absolute_if_local
+
+    if args.model or args.pretrained or args.heads:
+        name = args.model or EMBEDDED_MODEL
+        model = ModelConfig(name=name, pretrained=args.pretrained, heads=args.heads)
+    else:
+        model = configured
+    if model.name != EMBEDDED_MODEL and model.pretrained is None:
+        raise ConfigError(f"--pretrained is required for {model.name}: random weights cannot be calibrated")
+    return ModelConfig(
+        name=model.name, pretrained=absolute_if_local(model.pretrained), heads=absolute_if_local(model.heads)
+    )
+
+
+def _encoder(model: ModelConfig, exits: list[int] | None) -> RoutedEncoder:
+    """The model with its heads, serving every catalogue route at the requested exits."""
+    from pipeline.encode.heads import ExitHeads
+    from pipeline.encode.model import load_model, resolve_heads
+    from pipeline.encode.routed import RoutedEncoder
+    from pipeline.lab.catalogue import calibration_routes
+
+    try:
+        loaded = load_model(model)
+        heads_path = resolve_heads(model)
+        heads = ExitHeads.load(heads_path, loaded.model.visual) if heads_path else None
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # unknown name, bad checkpoint, heads
+        raise ConfigError(f"cannot load model {model.model_id}: {exc}") from None
+    depths = heads.depths if heads is not None else []
+    exits = depths if exits is None else exits
+    if set(exits) - set(depths):
+        served = f"heads at {depths}" if depths else "no exit heads: pass --heads or --exits with no depths"
+        raise ConfigError(f"--exits {exits}: {model.name} has {served}")
+    return RoutedEncoder(loaded, calibration_routes(exits), heads)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.cli import config_from_args
+    from pipeline.lab.calibrate import CalibrationError, CalibrationSettings, calibrate
+    from pipeline.lab.outputs import output_path
+    from pipeline.lab.routes_file import write_calibration
+    from pipeline.lab.sample import read_captioned
+    from pipeline.lab.targets import ComputeBudget
+
+    cfg = config_from_args(args)
+    model = _model(args, cfg.model)
+    for path in (args.out, args.report):  # refuse a path inside the package now, not after the work
+        if path:
+            output_path(path)
+    target = (
+        ComputeBudget(args.max_gflops)
+        if args.max_gflops is not None
+        else QualityFloor(args.min_cosine, args.min_recall_ratio)
+    )
+    saved_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        encoder = _encoder(model, args.exits)
+        size = encoder.loaded.image_size
+        sample = read_captioned(cfg.input.paths, size, args.images, cfg.input, cfg.decode)
+        if len(sample) < MIN_IMAGES:
+            raise ConfigError(
+                f"{len(sample)} usable captioned images in {cfg.input.paths} (skipped: {sample.skipped}); "
+                f"calibration needs at least {MIN_IMAGES}"
+            )
+        _log(f"{len(sample)} images, match key: {sample.key_source} ({len(set(sample.keys))} distinct)")
+        settings = CalibrationSettings(
+            batch_size=args.batch_size, timing_images=args.timing_images, rounds=args.rounds, seed=args.seed
+        )
+        try:
+            result = calibrate(encoder, model.name, sample, target, settings, log=_log)
+        except CalibrationError as exc:
+            print(f"icar calibrate: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        torch.set_num_threads(saved_threads)
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    written = write_calibration(result, model, args.out, args.report, options)
+    plan, q = result.plan, result.plan.quality
+    print(
+        f"{result.winner} scorer; routes {[r.name for r in plan.routes]} at thresholds {plan.thresholds}: "
+        f"mean cosine {q.mean_cosine:.4f}, R@10 ratio {q.recall_ratio:.3f}, "
+        f"{q.gflops_per_image:.3f} GFLOPs/image, {1e3 * q.seconds_per_image:.2f} ms/image"
+    )
+    print("\n".join(f"wrote {kind}: {path}" for kind, path in written.items()))
+    return 0

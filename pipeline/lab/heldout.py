@@ -36,10 +36,6 @@ class HeldoutSet:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def head(self, n: int) -> HeldoutSet:
-        """The first n scenes (a smaller set for quick checks; same scenes for every caller)."""
-        return HeldoutSet(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
-
 
 def _renderer_version() -> str:
     """Hash of the renderer and decoder sources and the set's fields: older caches are never reused."""
@@ -110,5 +106,3 @@ def load_heldout(
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return heldout
-
-

@@ -1,5 +1,9 @@
 """Timing that survives a noisy shared machine: candidates run alternately (A B C A B C …) on the same
-inputs and threads, so background load hits them alike and their ratio stays meaningful."""
+inputs and threads, so background load hits them alike and their ratio stays meaningful.
+
+One speedup definition serves calibration, the frontier and the bench: the median (with min and max) of
+same-round ratios. A ratio of medians would pair a candidate's quiet round with the reference's busy one.
+"""
 
 from __future__ import annotations
 
@@ -28,3 +32,22 @@ def throughput(seconds: list[float], items_per_call: int) -> dict[str, float]:
     """Median items/s with its spread (min and max over rounds)."""
     rates = sorted(items_per_call / s for s in seconds)
     return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "rounds": len(rates)}
+
+
+def paired_speedup(reference: list[float], times: list[float]) -> dict[str, float]:
+    """How many times faster than `reference` a candidate ran: median, min and max of the same-round
+    ratios (reference seconds / candidate seconds) from `alternate`."""
+    ratios = [r / t for r, t in zip(reference, times, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def best_of(fn: Callable[[], object], items: int, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` CPU and wall seconds per item of one cheap call (noise only ever adds time), for
+    costs too small to alternate against the encoder, such as the router's."""
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append((time.process_time() - c0) / items)
+        wall.append((time.perf_counter() - w0) / items)
+    return {"cpu_s_per_image": min(cpu), "wall_s_per_image": min(wall)}

@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.lab.plots import pyplot
+
 
 def _fmt(value: float | None, spec: str = ".2f", none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
@@ -42,9 +44,7 @@ def answers(r: dict[str, Any]) -> dict[str, str]:
     fractions = ", ".join(f"{e['model']} {e['points'][0]['fraction_of_peak']:.0%}" for e in r["encoder"])
     adaptive = [p["fraction_of_peak"] for p in emb["points"] if p["kind"] != "baseline"]
     p = r["pipeline"]
-    b = p["stages"]["bottleneck"]
     rate = p["steady_images_per_second"] or p["end_to_end_images_per_second"]
-    alone = p["encoder_alone_images_per_second"][f"{p['num_cpus']} threads"]["median"]
     q = {t["dtype"]: t for t in r["query"]["tables"]}
     default = {d: t["settings"]["default"] for d, t in q.items()}
     query = "; ".join(
@@ -60,10 +60,10 @@ def answers(r: dict[str, Any]) -> dict[str, str]:
             f"{min(adaptive):.0%}-{max(adaptive):.0%}."
         ),
         "pipeline": (
-            f"The Ray job keeps {p['fraction_of_encoder']:.0%} of the encoder-alone speed on the same "
-            f"{p['num_cpus']} CPUs ({rate:.1f} vs {alone:.1f} images/s, {p['reported_rate']} rate); "
-            f"limiting resource: {b['resource']} (capacity {b['capacity_images_per_second']:.0f} images/s "
-            f"from its busy time), heaviest stage `{b['stage']}`."
+            f"The Ray job runs at {rate:.1f} images/s ({p['reported_rate']} rate), "
+            f"{p['share_of_bound']:.0%} of the {p['bound_images_per_second']:.1f} images/s that "
+            f"{p['num_cpus']} cores allow at {p['cpu_ms_per_image']['prepare']:.2f} CPU-ms/image to prepare "
+            f"and {p['cpu_ms_per_image']['encode']:.2f} to encode."
         ),
         "query": f"Queries on {r['query']['rows']:,} x {r['query']['dim']}-d clustered vectors: {query}.",
     }
@@ -141,50 +141,29 @@ def markdown(r: dict[str, Any]) -> str:
         "## 3. Pipeline efficiency (`run_index`, local Ray)",
         "",
         f"{p['images']} generated scenes in {p['shards']} shards, Ray num_cpus={p['num_cpus']}, router: "
-        f"{p['config']}, encoder {p['encoder']['actors']} actor x {p['encoder']['cpus_per_actor']:g} CPU "
-        f"({p['encoder']['threads']} torch threads); routes {p['routes']}.",
+        f"{p['config']}, {p['encoder']['actors']} encoder actors x {p['encoder']['cpus_per_actor']:g} CPU, "
+        f"batch {p['encoder']['batch_size']}; routes {p['routes']}.",
+        "",
+        "Bound = cores / (prepare + encode CPU s/image), each measured alone on one core on the same "
+        "images (prepare = read + decode + score + route, as the job runs it; encode = the job's encoder, "
+        "1 torch thread, the job's batch size).",
         "",
         "| rate | images/s |",
         "|---|---|",
-        f"| Ray start-up (ray.init, separate) | {_fmt(p['ray_start_s'], '.1f')} s |",
-        f"| pipeline end to end (run_index incl. actor start-up, excl. ray.init; {p['run_seconds']:.1f} s) "
+        f"| Ray start-up (separate) | {_fmt(p['ray_start_s'], '.1f')} s |",
+        f"| pipeline end to end (run_index incl. actor start-up; {p['run_seconds']:.1f} s) "
         f"| {p['end_to_end_images_per_second']:.1f} |",
         f"| pipeline steady state (first to last shard commit) "
         f"| {_fmt(p['steady_images_per_second'], '.1f')} |",
-        *[
-            f"| encoder alone, {name} (same images, routes, batch size) | {s['median']:.1f} "
-            f"({s['min']:.1f}-{s['max']:.1f}) |"
-            for name, s in p["encoder_alone_images_per_second"].items()
-        ],
+        f"| bound ({p['num_cpus']} cores / ({p['cpu_ms_per_image']['prepare']:.2f} + "
+        f"{p['cpu_ms_per_image']['encode']:.2f} CPU-ms/image)) | {p['bound_images_per_second']:.1f} |",
         "",
-        f"Steady state: {p['steady_note']}.",
+        f"Steady state: {p['steady_note']}. Reported ({p['reported_rate']}): **{p['share_of_bound']:.0%}** "
+        "of the bound.",
         "",
-        f"Reported ({p['reported_rate']}): pipeline keeps **{p['fraction_of_encoder']:.0%}** of the encoder "
-        f"alone at {p['num_cpus']} threads ({p['fraction_of_encoder_at_actor_threads']:.0%} of it at the "
-        "actor's thread count).",
-        "",
-        "| stage | busy s (summed over workers) | ms/image |",
-        "|---|---|---|",
-        *[
-            f"| {k} | {v:.2f} | {p['stages']['ms_per_image'][k]:.2f} |"
-            for k, v in p["stages"]["busy_seconds"].items()
-        ],
-        "",
-        f"Resources: the encoder pool holds {p['encoder']['actors']} x {p['encoder']['cpus_per_actor']:g} of "
-        f"the {p['num_cpus']} CPUs, prepare tasks the rest, the driver writes. Capacity = the rate a "
-        "resource could sustain alone from its busy time (start-up excluded); busy share of run includes "
-        "start-up.",
-        "",
-        "| resource | stages | slots | capacity images/s (slots / busy s per image) | busy share of run |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {k} | {', '.join(v['stages'])} | {v['slots']:g} | {v['capacity_images_per_second']:.0f} "
-            f"| {v['busy_share_of_run']:.0%} |"
-            for k, v in p["stages"]["resources"].items()
-        ],
-        "",
-        f"Bottleneck: **{p['stages']['bottleneck']['resource']}**, heaviest stage "
-        f"`{p['stages']['bottleneck']['stage']}`.",
+        "| stage (inside the job) | busy ms/image, summed over workers |",
+        "|---|---|",
+        *[f"| {k} | {v:.2f} |" for k, v in p["busy_ms_per_image"].items()],
         "",
         "![pipeline](pipeline.png)",
         "",
@@ -249,10 +228,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def plots(r: dict[str, Any], out: Path) -> None:
     """encoder.png (images/s per point, spread as error bars), pipeline.png, query.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     encoders = r["encoder"]
     fig, axes = plt.subplots(1, len(encoders), figsize=(5 * len(encoders), 4), squeeze=False)
@@ -275,18 +251,14 @@ def plots(r: dict[str, Any], out: Path) -> None:
 
     p = r["pipeline"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    rates = {f"encoder alone\n{k}": v["median"] for k, v in p["encoder_alone_images_per_second"].items()}
-    rates["pipeline\nend to end"] = p["end_to_end_images_per_second"]
+    rates = {"bound": p["bound_images_per_second"], "end to end": p["end_to_end_images_per_second"]}
     if p["steady_images_per_second"]:
-        rates["pipeline\nsteady"] = p["steady_images_per_second"]
-    left.bar(list(rates), list(rates.values()), color="tab:blue")
-    left.set(ylabel="images/s", title="pipeline vs encoder alone")
-    stages = p["stages"]["ms_per_image"]
+        rates["steady"] = p["steady_images_per_second"]
+    left.bar(list(rates), list(rates.values()), color=["grey"] + ["tab:blue"] * (len(rates) - 1))
+    left.set(ylabel="images/s", title=f"pipeline: {p['share_of_bound']:.0%} of the bound")
+    stages = p["busy_ms_per_image"]
     right.bar(list(stages), list(stages.values()), color="tab:orange")
-    right.set(
-        ylabel="busy ms / image (summed over workers)",
-        title=f"bottleneck: {p['stages']['bottleneck']['stage']}",
-    )
+    right.set(ylabel="busy ms / image (summed over workers)", title="where the job spends its CPU")
     fig.tight_layout()
     fig.savefig(out / "pipeline.png", dpi=100)
     plt.close(fig)

@@ -4,25 +4,13 @@ encoder on its own cores, and the question is what share of the machine routing 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.timing import best_of
 from pipeline.score import Scorer, complexity_features
-
-
-def _cost(fn: Callable[[], object], items: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` CPU and wall seconds per item (the minimum is the least disturbed run)."""
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append((time.process_time() - c0) / items)
-        wall.append((time.perf_counter() - w0) / items)
-    return {"cpu_s_per_image": min(cpu), "wall_s_per_image": min(wall)}
 
 
 def measure_router(
@@ -50,7 +38,7 @@ def measure_router(
 
     route()
     embed()  # warm-up
-    router, encoder = _cost(route, n, repeats), _cost(embed, n, repeats)
+    router, encoder = best_of(route, n, repeats), best_of(embed, n, repeats)
     return {
         "images": n,
         "image_size": int(images.shape[1]),

@@ -17,19 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig, RouteSpec, load_config
+from pipeline.config import ModelConfig, RouterConfig, RouteSpec, load_config
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.lab.bench import encoder as enc
 from pipeline.lab.bench import machine, pipeline_run, projection, query, report, router
+from pipeline.lab.catalogue import bench_routes, route, router_key, spec_key, unique
 from pipeline.lab.heldout import load_heldout
+from pipeline.lab.speed import BASELINE, ROUTED, EncoderCase, measure_encoder, route_images
 from pipeline.score import load_scorer
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-ROUTED_CONFIG = ROOT / "pipeline" / "models" / "icar-tiny-vit.routes.yaml"
-FRONTIER = ROOT / "results" / "frontier.json"
-UNTRAINED_HEADS = "untrained ExitHeads(visual, [6, 8]): exit points measure speed only, not quality"
+SPEED_EXITS = [6, 8]  # exits timed on every model (untrained heads stand in where none are shipped)
+UNTRAINED_HEADS = f"untrained ExitHeads(visual, {SPEED_EXITS}): exit points measure speed only, not quality"
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,16 @@ SIZES = {
 }  # fmt: skip
 
 
-def embedded_case(sizes: Sizes, routed_config: Path, point_names: list[str]) -> enc.EncoderCase:
+def embedded_case(sizes: Sizes, router_cfg: RouterConfig | None, extra: list[RouteSpec]) -> EncoderCase:
     """The embedded model with its shipped heads (untrained stand-ins if none) and calibrated router,
-    at the default operating points plus `point_names` (the frontier's)."""
+    at the bench's points plus `extra` (the frontier's), those the heads can serve."""
     cfg = ModelConfig()
     loaded = load_model(cfg)
     heads_path = resolve_heads(cfg)
     if heads_path:
         heads, note = ExitHeads.load(heads_path, loaded.model.visual), f"trained ({Path(heads_path).name})"
     else:
-        heads, note = ExitHeads(loaded.model.visual, [6, 8]), UNTRAINED_HEADS
-    router_cfg = load_config(routed_config).router if routed_config.exists() else None
+        heads, note = ExitHeads(loaded.model.visual, SPEED_EXITS), UNTRAINED_HEADS
     if router_cfg is not None:
         try:
             RoutedEncoder(loaded, router_cfg.routes, heads)
@@ -93,7 +92,8 @@ def embedded_case(sizes: Sizes, routed_config: Path, point_names: list[str]) -> 
             note += f"; calibrated router skipped: {exc}"
             router_cfg = None
     heldout = load_heldout(0, sizes.embedded_images, loaded.image_size)  # frontier's first scenes
-    return enc.EncoderCase(
+    routes = unique([*bench_routes(SPEED_EXITS), *extra])
+    return EncoderCase(
         model_name=cfg.name,
         loaded=loaded,
         heads=heads,
@@ -101,25 +101,25 @@ def embedded_case(sizes: Sizes, routed_config: Path, point_names: list[str]) -> 
         images=heldout.images,
         bytes_per_pixel=heldout.bytes_per_pixel,
         batch_size=sizes.embedded_batch,
-        routes=[r for r in enc.fixed_routes(point_names) if r.exit_depth in (None, *heads.depths)],
+        routes=[r for r in routes if r.exit_depth in (None, *heads.depths)],
         router=router_cfg,
     )
 
 
-def random_case(name: str, images: int, batch: int) -> enc.EncoderCase:
+def random_case(name: str, images: int, batch: int) -> EncoderCase:
     """A standard open_clip architecture with random weights: speed only (no quality is claimed)."""
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(name=name), pretrained=False)
     heldout = load_heldout(0, images, loaded.image_size)
-    return enc.EncoderCase(
+    return EncoderCase(
         model_name=name,
         loaded=loaded,
-        heads=ExitHeads(loaded.model.visual, [6, 8]),
+        heads=ExitHeads(loaded.model.visual, SPEED_EXITS),
         heads_note=UNTRAINED_HEADS,
         images=heldout.images,
         bytes_per_pixel=heldout.bytes_per_pixel,
         batch_size=batch,
-        routes=enc.fixed_routes(),
+        routes=bench_routes(SPEED_EXITS),
         weights="random (open_clip.create_model, no pretrained tag)",
     )
 
@@ -127,15 +127,18 @@ def random_case(name: str, images: int, batch: int) -> enc.EncoderCase:
 def projection_input(embedded: dict[str, Any]) -> tuple[float | None, str, float | None]:
     """The ratio to project with: equal-quality point, else the calibrated router, else ToMe (speed only)."""
     points = {p["name"]: p for p in embedded["points"]}
-    full = points[enc.BASELINE]["gflops_per_image"]
+    full = points[BASELINE]["gflops_per_image"]
     eq = embedded.get("equal_quality") or {}
     if eq.get("point"):
-        name, source = eq["point"], f"{eq['point']} on {embedded['model']}, equal quality ({eq['rule']})"
-    elif "routed" in points:
-        name, source = "routed", f"calibrated router on {embedded['model']}, quality not established"
+        point, source = (
+            points[eq["point"]],
+            f"{eq['point']} on {embedded['model']}, equal quality ({eq['rule']})",
+        )
+    elif ROUTED in points:
+        point, source = points[ROUTED], f"calibrated router on {embedded['model']}, quality not established"
     else:
-        name, source = "tome4", f"tome4 on {embedded['model']}: speed only, quality not established"
-    point = points[name]
+        point = next(p for p in embedded["points"] if p["key"] == spec_key(route(merge="tome", merge_r=4)))
+        source = f"{point['name']} on {embedded['model']}: speed only, quality not established"
     # vs our own full-depth route: the work saved, without the attention-kernel gain over open_clip
     ratio = (point["speedup_vs_full_route"] or point["speedup"])["median"]
     return ratio, source + " vs the adaptive forward at full depth", point["gflops_per_image"] / full
@@ -145,11 +148,14 @@ def run_suite(
     mode: str,
     out_dir: Path,
     threads: int | None = None,
-    routed_config: Path = ROUTED_CONFIG,
-    frontier: Path = FRONTIER,
+    routed_config: Path | None = None,
+    frontier: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every section at `mode`'s size; write <UTC>.json, latest.json, latest.md and plots to out_dir."""
+    """Run every section at `mode`'s size; write <UTC>.json, latest.json, latest.md and plots to out_dir.
+
+    `routed_config`: a routes YAML (default: the embedded model's shipped router); `frontier`: the JSON of
+    jobs/frontier.py that gives the embedded model's quality per point (none: speed only)."""
     saved_threads = torch.get_num_threads()
     try:
         return _run(
@@ -164,8 +170,8 @@ def _run(
     mode: str,
     out_dir: Path,
     threads: int,
-    routed_config: Path,
-    frontier: Path,
+    routed_config: Path | None,
+    frontier: Path | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
@@ -193,16 +199,17 @@ def _run(
 
     log("[1/6] encoder speed: embedded model")
     quality = enc.frontier_quality(frontier, resolve_heads(ModelConfig()))
-    case = embedded_case(sizes, routed_config, list(quality["points"]))
-    embedded = enc.measure_encoder(case, sizes.rounds)
-    if case.heads_note == UNTRAINED_HEADS:  # the frontier's exit quality belongs to trained heads
-        exits = {r.name for r in case.routes if r.exit_depth} | {"routed"}
-        quality["points"] = {k: v for k, v in quality["points"].items() if k not in exits}
+    case = embedded_case(sizes, load_config(routed_config).router, quality["routes"])
+    embedded = measure_encoder(case, sizes.rounds)
+    if case.heads_note.startswith(UNTRAINED_HEADS):  # the frontier's exit quality belongs to trained heads
+        stale = {spec_key(r) for r in case.routes if r.exit_depth}
+        stale |= {router_key(case.router)} if case.router else set()
+        quality["points"] = {k: v for k, v in quality["points"].items() if k not in stale}
     enc.attach_quality(embedded, quality)
     encoders = [embedded]
     for name, images, batch in sizes.random_models:
         log(f"[1/6] encoder speed: {name} (random weights)")
-        encoders.append(enc.measure_encoder(random_case(name, images, batch), sizes.random_rounds))
+        encoders.append(measure_encoder(random_case(name, images, batch), sizes.random_rounds))
     result["encoder"] = encoders
     done("encoder")
 
@@ -216,7 +223,7 @@ def _run(
     images, bpp = case.images[:n], case.bytes_per_pixel[:n]
     if case.router:
         job_encoder = RoutedEncoder(case.loaded, case.router.routes, case.heads)
-        ids = enc.route_images(case.router, images, bpp)
+        ids = route_images(case.router, images, bpp)
     else:
         job_encoder = RoutedEncoder(case.loaded, [RouteSpec(name="full")], case.heads)
         ids = np.zeros(len(images), np.int32)

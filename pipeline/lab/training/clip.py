@@ -22,6 +22,7 @@ from pipeline.decode import decode_image
 from pipeline.encode.model import load_model, normalize_uint8
 from pipeline.lab.heldout import HeldoutSet, load_heldout
 from pipeline.lab.metrics import multi_positive_infonce, recall_at_k
+from pipeline.lab.outputs import output_path
 from pipeline.lab.quality import embed_texts
 from pipeline.lab.scenes.render import make_example
 
@@ -37,7 +38,7 @@ class TrainSettings:
     eval_every: int = 200
     eval_images: int = 1000
     threads: int = 2
-    out: str = "pipeline/models"
+    out: str = "results/training"  # never the package: the shipped checkpoint is read-only
 
 
 class SceneStream(IterableDataset):
@@ -86,6 +87,9 @@ def save_checkpoint(model: torch.nn.Module, path: Path, dtype: torch.dtype = tor
 
 
 def train(settings: TrainSettings) -> dict:
+    """Train from scratch; write the checkpoint, a JSONL log and a summary to `settings.out` (never the
+    installed package: a ConfigError before any work)."""
+    out = output_path(Path(settings.out) / f"{EMBEDDED_MODEL}.safetensors").parent
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     loaded = load_model(ModelConfig(name=EMBEDDED_MODEL), pretrained=False)
@@ -109,8 +113,6 @@ def train(settings: TrainSettings) -> dict:
     stream = SceneStream(settings.seed, loaded.image_size)
     loader = DataLoader(stream, batch_size=settings.batch_size, num_workers=1, prefetch_factor=4)
     heldout = load_heldout(settings.seed, settings.eval_images, loaded.image_size)
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"{EMBEDDED_MODEL}.train_log.jsonl"
     log_path.write_text("")
     started = time.time()
@@ -146,6 +148,11 @@ def train(settings: TrainSettings) -> dict:
             print(json.dumps(record), flush=True)
         with log_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-    summary = {"settings": asdict(settings), "final": best, "train_seconds": time.time() - started}
+    summary = {
+        "settings": asdict(settings),
+        "out": str(out),
+        "final": best,
+        "train_seconds": time.time() - started,
+    }
     (out / f"{EMBEDDED_MODEL}.train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

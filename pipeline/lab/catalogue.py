@@ -1,0 +1,102 @@
+"""The route catalogue: every operating point the lab measures, as data, in one place.
+
+A route is its spec. Its name is derived from the spec (so two lists can never name one route two ways)
+and results are keyed by `spec_key`, the spec without its name, so a measurement made under one name
+still matches the same forward under another (the shipped router's `full-keep75-floor16` is the
+catalogue's `tome-keep75-floor16`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.config import RouterConfig, RouteSpec
+
+PRUNE_AFTER = 2  # energy pruning starts after block 2: earlier token features are too raw to rank
+
+# Token paths by family: how a route reduces tokens, with the settings worth measuring.
+FAMILIES: dict[str, tuple[dict[str, Any], ...]] = {
+    "plain": ({},),
+    # ToMe with a constant r: collapses the last blocks to a few tokens at larger r
+    "tome": tuple({"merge": "tome", "merge_r": r} for r in (2, 4, 6, 8)),
+    # front-loaded ToMe: keep a fraction of the tokens per block, stop merging at a floor
+    "schedule": tuple(
+        {"merge": "tome", "merge_keep": keep, "merge_floor": floor}
+        for keep in (0.65, 0.7, 0.75, 0.8)
+        for floor in (8, 16)
+    ),
+    # spectral-energy budget per image (block-2 token features are low-rank: tau 0.9 keeps ~6 of 64)
+    "energy": tuple({"energy_tau": tau, "prune_after": PRUNE_AFTER} for tau in (0.98, 0.99, 0.995, 0.999)),
+}
+TOKEN_PATHS: tuple[dict[str, Any], ...] = tuple(path for paths in FAMILIES.values() for path in paths)
+
+
+def route_name(spec: RouteSpec) -> str:
+    """`full`, `exit6`, `tome4`, `tome-keep70-floor16`, `exit8-energy99`, …: every field that differs from
+    the defaults, in a fixed order (prune_after only when it differs from the family's convention)."""
+    parts = [f"exit{spec.exit_depth}"] if spec.exit_depth is not None else []
+    if spec.merge != "none":
+        amount = f"{spec.merge_r}" if spec.merge_keep is None else f"-keep{spec.merge_keep * 100:g}"
+        parts.append(spec.merge + amount + (f"-floor{spec.merge_floor}" if spec.merge_floor else ""))
+    if spec.energy_tau is not None:
+        parts.append(f"energy{spec.energy_tau * 100:g}")
+    if spec.keep_tokens is not None:
+        parts.append(f"tokens{spec.keep_tokens}")
+    if spec.prune_after != (PRUNE_AFTER if spec.prunes else 1):
+        parts.append(f"after{spec.prune_after}")
+    return "-".join(parts) or "full"
+
+
+def route(exit_depth: int | None = None, **reduction: Any) -> RouteSpec:
+    """A validated spec with its derived name."""
+    spec = RouteSpec(name="-", exit_depth=exit_depth, **reduction)
+    return spec.model_copy(update={"name": route_name(spec)})
+
+
+def spec_key(spec: RouteSpec) -> str:
+    """The route's identity: its non-default fields, name excluded, as canonical JSON."""
+    return json.dumps(spec.model_dump(exclude_defaults=True, exclude={"name"}), sort_keys=True)
+
+
+def router_key(router: RouterConfig) -> str:
+    """A router's identity: scorer, thresholds and its routes' spec keys, as canonical JSON."""
+    routes = [json.loads(spec_key(r)) for r in router.routes]
+    fields = {"scorer": router.scorer, "thresholds": router.thresholds, "routes": routes}
+    return json.dumps(fields, sort_keys=True)
+
+
+FULL = route()
+FULL_KEY = spec_key(FULL)
+
+
+def calibration_routes(exits: list[int]) -> list[RouteSpec]:
+    """Every token path at every exit and at full depth: what calibration measures and searches."""
+    return [route(depth, **path) for depth in [*exits, None] for path in TOKEN_PATHS]
+
+
+def frontier_routes(exits: list[int]) -> list[RouteSpec]:
+    """Full depth, each plain exit, and every token path at full depth: the frontier's fixed points."""
+    return [FULL, *(route(d) for d in exits), *(route(None, **path) for path in TOKEN_PATHS[1:])]
+
+
+def bench_routes(exits: list[int]) -> list[RouteSpec]:
+    """One or two points per family, for models timed for speed only (random weights, untrained heads)."""
+    return [
+        FULL,
+        *(route(d) for d in exits),
+        route(merge="tome", merge_r=4),
+        route(merge="tome", merge_keep=0.75, merge_floor=16),
+        route(energy_tau=0.99, prune_after=PRUNE_AFTER),
+    ]
+
+
+def unique(routes: list[RouteSpec]) -> list[RouteSpec]:
+    """The routes in order, each spec once (the first name wins)."""
+    seen: set[str] = set()
+    kept = []
+    for r in routes:
+        if spec_key(r) not in seen:
+            seen.add(spec_key(r))
+            kept.append(r)
+    return kept

@@ -1,0 +1,102 @@
+"""The quality-versus-compute frontier of a model on held-out scenes: every fixed route of the frontier's
+catalogue selection plus a calibrated router, timed by the shared harness against open_clip's
+`encode_image` and scored by the quality harness against full depth.
+
+Each point carries its key (a route's spec key; the router's router key), which is how the bench later
+matches its own points to this quality, never by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import RouterConfig
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.catalogue import FULL_KEY, frontier_routes, router_key, spec_key
+from pipeline.lab.heldout import HeldoutSet
+from pipeline.lab.quality import embed_texts, evaluate_embeddings
+from pipeline.lab.speed import EncoderCase, measure_encoder, route_images
+
+
+def _encode_all(
+    encoder: RoutedEncoder, images: np.ndarray, ids: np.ndarray, batch: int = 256
+) -> torch.Tensor:
+    out = [encoder.encode(images[i : i + batch], ids[i : i + batch]) for i in range(0, len(ids), batch)]
+    return torch.from_numpy(np.concatenate([o.vectors for o in out]))
+
+
+def measure_frontier(
+    probe: RoutedEncoder,
+    model_name: str,
+    router: RouterConfig,
+    heldout: HeldoutSet,
+    exits: list[int] | None = None,
+    timing_images: int = 512,
+    batch_size: int = 64,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Speed (on the first `timing_images`) and quality (on all of `heldout`) of every frontier point.
+
+    `probe` is the model with its heads, serving `router.routes`; `exits` default to every depth the
+    heads serve. The encode_image baseline gets the full route's quality: the adaptive forward at full
+    depth reproduces it."""
+    loaded, heads = probe.loaded, probe.vit.heads
+    exits = (heads.depths if heads is not None else []) if exits is None else exits
+    routes = frontier_routes(exits)
+    n = len(heldout)
+    timed = slice(0, min(timing_images, n))
+    case = EncoderCase(
+        model_name=model_name,
+        loaded=loaded,
+        heads=heads,
+        heads_note="trained" if heads is not None else "none",
+        images=heldout.images[timed],
+        bytes_per_pixel=heldout.bytes_per_pixel[timed],
+        batch_size=batch_size,
+        routes=routes,
+        router=router,
+    )
+    result = measure_encoder(case, rounds)
+
+    fixed = RoutedEncoder(loaded, routes, heads)
+    embeddings = {
+        spec_key(r): _encode_all(fixed, heldout.images, np.full(n, i, np.int32)) for i, r in enumerate(routes)
+    }
+    route_ids = route_images(router, heldout.images, heldout.bytes_per_pixel)
+    embeddings[router_key(router)] = _encode_all(probe, heldout.images, route_ids)
+    text = embed_texts(loaded, heldout.captions)
+    full = embeddings[FULL_KEY]
+    for p in result["points"]:
+        report = evaluate_embeddings(
+            embeddings[p["key"] or FULL_KEY], text, heldout, reference=full, name=p["name"]
+        )
+        p |= {
+            "t2i_R@10": report.t2i[10],
+            "i2t_R@10": report.i2t[10],
+            "mean_cosine_to_full": report.overall.ref_cosine,
+            "neighbour_overlap": report.overall.neighbour_overlap,
+            "report": report.to_dict(),
+        }
+    result["routed_share"] = {r.name: float((route_ids == j).mean()) for j, r in enumerate(router.routes)}
+    result["router"] = router.model_dump(exclude_defaults=True)
+    result["quality_images"] = n
+    return result
+
+
+def frontier_markdown(result: dict[str, Any]) -> str:
+    """One row per point, then the router's share of images per route."""
+    lines = [
+        "| point | ms/img | speedup vs encode_image (min-max) | GFLOPs/img | t2i R@10 | mean cos to full |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        s = p["speedup"]
+        lines.append(
+            f"| {p['name']} | {p['ms_per_image']:.2f} | {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) "
+            f"| {p['gflops_per_image']:.3f} | {p['t2i_R@10']:.4f} | {p['mean_cosine_to_full']:.4f} |"
+        )
+    share = ", ".join(f"{k} {v:.0%}" for k, v in result["routed_share"].items())
+    return "\n".join(lines) + f"\n\nrouted share: {share}\n"

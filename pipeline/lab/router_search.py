@@ -1,0 +1,202 @@
+"""Given every candidate route measured on a captioned sample, the best router for a target: the fastest
+meeting a quality floor, or the most faithful within a GFLOPs budget.
+
+A router is a ladder of routes plus ascending score thresholds. For a given scorer we search ladders and
+threshold quantiles; every candidate assignment goes through the runtime's own `assign_routes` and only
+gathers precomputed similarities, so the search costs seconds and assigns exactly as the job will.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import RouterConfig, RouteSpec
+from pipeline.lab.catalogue import spec_key
+from pipeline.lab.metrics import recall_at_k
+from pipeline.lab.targets import QualityFloor, Target
+from pipeline.route import assign_routes
+
+K = 10  # quality is text->image R@K
+
+
+@dataclass
+class RouteMeasurement:
+    """One route on the sample: every image's embedding and GFLOPs, and its measured cost."""
+
+    route: RouteSpec
+    embeddings: torch.Tensor  # [N, D]
+    gflops: np.ndarray  # [N]
+    seconds_per_image: float
+    speedup: dict[str, float] | None = None  # vs encode_image, same-round ratios (for the report)
+
+
+@dataclass(frozen=True)
+class PlanQuality:
+    """What an assignment of images to routes gives on a sample, and what it costs."""
+
+    mean_cosine: float
+    recall_at_10: float
+    full_recall_at_10: float
+    seconds_per_image: float  # the scorer's CPU time included for multi-route plans
+    gflops_per_image: float
+
+    @property
+    def recall_ratio(self) -> float:
+        """Routed R@10 / full-depth R@10 (1 when full depth finds nothing either)."""
+        if self.full_recall_at_10 == 0:
+            return 1.0 if self.recall_at_10 == 0 else float("inf")
+        return self.recall_at_10 / self.full_recall_at_10
+
+    def meets(self, target: Target) -> bool:
+        return target.admits(self.mean_cosine, self.recall_ratio, self.gflops_per_image)
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "mean_cosine": self.mean_cosine,
+            "t2i_R@10": self.recall_at_10,
+            "full_R@10": self.full_recall_at_10,
+            "recall_ratio": self.recall_ratio,
+            "seconds_per_image": self.seconds_per_image,
+            "gflops_per_image": self.gflops_per_image,
+        }
+
+
+@dataclass
+class RouterPlan:
+    routes: list[RouteSpec]
+    thresholds: list[float]
+    quality: PlanQuality  # on the sample it was searched on
+    share: list[float] = field(default_factory=list)  # fraction of that sample per route
+
+    def router(self, scorer: str = "handcrafted") -> RouterConfig:
+        return RouterConfig(scorer=scorer, thresholds=self.thresholds, routes=self.routes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "routes": [r.model_dump(exclude_defaults=True) for r in self.routes],
+            "thresholds": self.thresholds,
+            "share": self.share,
+            **self.quality.to_dict(),
+        }
+
+
+class _Evaluator:
+    """Scores an assignment (image -> route) using precomputed text-image similarities per route."""
+
+    def __init__(
+        self,
+        measurements: list[RouteMeasurement],
+        full: torch.Tensor,
+        text: torch.Tensor,
+        keys: list[str],
+        router_seconds: float = 0.0,
+    ):
+        self.router_seconds = router_seconds  # the scorer's CPU time, paid only by multi-route plans
+        self.sims = torch.stack([text @ m.embeddings.T for m in measurements])  # [R, Q, N]
+        self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
+        _, inverse = np.unique(np.asarray(keys), return_inverse=True)
+        key_ids = torch.from_numpy(inverse)
+        self.hit = key_ids[None, :] == key_ids[:, None]  # [Q, N]
+        self.seconds = np.array([m.seconds_per_image for m in measurements])
+        self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
+        self.full_recall = recall_at_k(text, full, keys, keys, (K,))[K]
+
+    def quality(self, assign: np.ndarray) -> tuple[float, float]:
+        idx = torch.from_numpy(assign)
+        n = len(assign)
+        sims = self.sims[idx, :, torch.arange(n)].T  # [Q, N]: column j from image j's route
+        top = sims.topk(K, dim=1).indices
+        recall = float(self.hit.gather(1, top).any(dim=1).float().mean())
+        cosine = float(self.cos[idx, torch.arange(n)].mean())
+        return cosine, recall
+
+    def cost(self, assign: np.ndarray, routes_in_plan: int) -> tuple[float, float]:
+        seconds = float(self.seconds[assign].mean()) + (self.router_seconds if routes_in_plan > 1 else 0.0)
+        gflops = float(self.gflops[assign, np.arange(len(assign))].mean())
+        return seconds, gflops
+
+    def measure(self, assign: np.ndarray, routes_in_plan: int) -> PlanQuality:
+        cosine, recall = self.quality(assign)
+        seconds, gflops = self.cost(assign, routes_in_plan)
+        return PlanQuality(cosine, recall, self.full_recall, seconds, gflops)
+
+
+def pareto_routes(measurements: list[RouteMeasurement], full: torch.Tensor, target: Target) -> list[int]:
+    """Route indices by ascending cost under `target`, minus any route dearer and worse (mean cosine to
+    full depth) than another: no ladder needs them."""
+    spend = [target.spend(m.seconds_per_image, float(m.gflops.mean())) for m in measurements]
+    mean_cos = [float((m.embeddings * full).sum(-1).mean()) for m in measurements]
+    kept, best_cos = [], -np.inf
+    for i in np.argsort(spend, kind="stable"):
+        if mean_cos[i] > best_cos:
+            kept.append(int(i))
+            best_cos = mean_cos[i]
+    return kept
+
+
+def search_router(
+    scores: np.ndarray,
+    measurements: list[RouteMeasurement],
+    full: torch.Tensor,
+    text: torch.Tensor,
+    keys: list[str],
+    target: Target,
+    max_routes: int = 3,
+    quantiles: int = 10,
+    router_seconds: float = 0.0,
+) -> RouterPlan | None:
+    """The best (ladder, thresholds) on this sample for `target`, or None if no plan is admissible.
+
+    A ladder of two or more routes pays `router_seconds` per image (the scorer's own CPU time), so
+    routing is chosen only where it saves more than it costs; a single route needs no scorer."""
+    kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
+    ev = _Evaluator(kept, full, text, keys, router_seconds)
+    grid = np.unique(np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1]))
+    best: RouterPlan | None = None
+    best_cost = float("inf")
+    for size in range(1, max_routes + 1):
+        for ladder in itertools.combinations(range(len(kept)), size):
+            routes = [kept[i].route for i in ladder]
+            for cut in itertools.combinations(grid.tolist(), size - 1):
+                bucket = assign_routes(scores, RouterConfig(thresholds=list(cut), routes=routes))
+                assign = np.asarray(ladder)[bucket]
+                seconds, _ = ev.cost(assign, size)
+                if isinstance(target, QualityFloor) and seconds >= best_cost:
+                    continue  # cannot win: skip the (dearer) quality evaluation
+                quality = ev.measure(assign, size)
+                cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
+                if cost >= best_cost or not quality.meets(target):
+                    continue
+                best_cost = cost
+                share = [float((bucket == j).mean()) for j in range(size)]
+                best = RouterPlan(routes, [float(c) for c in cut], quality, share)
+    return best
+
+
+def apply_plan(
+    plan: RouterPlan,
+    scores: np.ndarray,
+    measurements: list[RouteMeasurement],
+    full: torch.Tensor,
+    text: torch.Tensor,
+    keys: list[str],
+    router_seconds: float = 0.0,
+) -> PlanQuality:
+    """Quality and cost (the scorer's CPU time included) of a router on a sample it was not fitted on
+    (the honest estimate)."""
+    by_key = {spec_key(m.route): m for m in measurements}
+    ev = _Evaluator([by_key[spec_key(r)] for r in plan.routes], full, text, keys, router_seconds)
+    return ev.measure(assign_routes(scores, plan.router()), len(plan.routes))
+
+
+def subset(measurements: list[RouteMeasurement], rows: np.ndarray) -> list[RouteMeasurement]:
+    """The same measurements restricted to some images (a route's cost per image does not change)."""
+    return [
+        RouteMeasurement(m.route, m.embeddings[rows], m.gflops[rows], m.seconds_per_image, m.speedup)
+        for m in measurements
+    ]

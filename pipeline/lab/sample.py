@@ -1,0 +1,115 @@
+"""A captioned sample read from img2dataset-style parquet shards through the runtime's own reader and
+decoder, so calibration sees exactly the pixels (and bytes per pixel) the indexing job would.
+
+Quality needs to know which images answer which caption. Without ground truth, the caption text is the
+match key: images with identical captions count as the same target. Shards that carry a match column
+(the scene corpus's `scene_key`: the facts a caption states) use it instead, when every row has one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError, DecodeConfig, InputConfig
+from pipeline.decode import DecodeError, decode_image
+from pipeline.read import ShardPlan, inspect_shard, list_shards, read_chunks
+
+MATCH_COLUMN = "scene_key"
+
+
+@dataclass
+class CaptionedSample:
+    """Decoded images with their captions and match keys, row-aligned."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    captions: list[str]
+    keys: list[str]  # rows with equal keys answer each other's captions
+    bytes_per_pixel: np.ndarray  # float32 [N]: encoded size / pixels, the router's free feature
+    key_source: str  # "caption" or the match column's name
+    ids: list[str] = field(default_factory=list)  # the job's row ids (shard name / key)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows passed over
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _match_values(plan: ShardPlan, row_group: int, cfg: InputConfig, column: str) -> list | None:
+    """The match column of one row group, in the reader's row order, or None if the shard lacks it."""
+    fs, path = fsspec.core.url_to_fs(plan.shard.uri, **cfg.storage_options)
+    with fs.open(path, "rb") as fh:
+        meta = pq.ParquetFile(fh)
+        if column not in meta.schema_arrow.names:
+            return None
+        return meta.read_row_group(row_group, columns=[column]).column(column).to_pylist()
+
+
+def _rows(cfg: InputConfig, match_column: str | None) -> Iterator[tuple[dict[str, Any], Any]]:
+    """(row with id, caption, status, image; its match value or None), shard by shard in listing order."""
+    try:
+        shards = list_shards(cfg)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    for shard in shards:
+        plan = inspect_shard(shard, cfg)
+        if plan.error:
+            raise ConfigError(plan.error)
+        for row_group in range(plan.row_groups):
+            column = _match_values(plan, row_group, cfg, match_column) if match_column else None
+            offset = 0
+            for chunk in read_chunks(plan, row_group, cfg, chunk_rows=256):
+                rows = chunk.select(["id", "caption", "status", "image"]).to_pylist()
+                for i, row in enumerate(rows, start=offset):
+                    yield row, (column[i] if column is not None else None)
+                offset += len(rows)
+
+
+def read_captioned(
+    paths: Sequence[str],
+    image_size: int,
+    limit: int,
+    input_cfg: InputConfig | None = None,
+    decode_cfg: DecodeConfig | None = None,
+    match_column: str | None = MATCH_COLUMN,
+) -> CaptionedSample:
+    """The first `limit` usable rows of the shards, in listing order. Rows that are not successes, lack a
+    caption or do not decode are skipped and counted; a shard without an image column is a ConfigError."""
+    cfg = (input_cfg or InputConfig()).model_copy(update={"paths": list(paths)})
+    decode = decode_cfg or DecodeConfig()
+    images, captions, matches, bpp, ids = [], [], [], [], []
+    skipped: Counter[str] = Counter()
+    rows = _rows(cfg, match_column)
+    while len(images) < limit and (item := next(rows, None)) is not None:
+        row, match = item
+        if row["status"] != "success" or row["image"] is None:
+            skipped["not a success or no image"] += 1
+            continue
+        if not (row["caption"] or "").strip():
+            skipped["no caption"] += 1
+            continue
+        try:
+            pixels, (w, h) = decode_image(row["image"], image_size, decode.max_pixels, decode.use_draft)
+        except DecodeError:
+            skipped["does not decode"] += 1
+            continue
+        images.append(pixels)
+        bpp.append(len(row["image"]) / (w * h))
+        captions.append(row["caption"])
+        matches.append(match)
+        ids.append(row["id"])
+    use_column = bool(matches) and all(m is not None for m in matches)
+    return CaptionedSample(
+        images=np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+        captions=captions,
+        keys=[str(m) for m in matches] if use_column else list(captions),
+        bytes_per_pixel=np.asarray(bpp, np.float32),
+        key_source=str(match_column) if use_column else "caption",
+        ids=ids,
+        skipped=dict(skipped),
+    )

@@ -1,0 +1,101 @@
+"""The route catalogue (names derived from specs, results keyed by spec) and the one speedup definition."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pipeline.config import MODELS_DIR, RouterConfig, RouteSpec, load_config
+from pipeline.lab.catalogue import (
+    FULL,
+    FULL_KEY,
+    bench_routes,
+    calibration_routes,
+    frontier_routes,
+    route,
+    route_name,
+    router_key,
+    spec_key,
+    unique,
+)
+from pipeline.lab.timing import alternate, best_of, paired_speedup, throughput
+
+EXITS = [4, 6, 8, 10]
+
+
+def keys(routes: list[RouteSpec]) -> list[str]:
+    return [spec_key(r) for r in routes]
+
+
+def test_names_are_derived_from_the_spec():
+    assert FULL.name == "full" and FULL_KEY == "{}"
+    assert route(6).name == "exit6"
+    assert route(merge="tome", merge_r=4).name == "tome4"
+    assert route(merge="tome", merge_keep=0.65, merge_floor=16).name == "tome-keep65-floor16"
+    assert route(8, merge="crossget", merge_keep=0.725).name == "exit8-crossget-keep72.5"
+    assert route(energy_tau=0.995, prune_after=2).name == "energy99.5"
+    assert route(energy_tau=0.99, prune_after=1).name == "energy99-after1"
+    assert route(keep_tokens=16, prune_after=2).name == "tokens16"
+    assert route_name(RouteSpec(name="anything", exit_depth=10, merge="tome", merge_r=6)) == "exit10-tome6"
+
+
+def test_the_key_is_the_spec_without_its_name_or_defaults():
+    shipped = RouteSpec(name="full-keep75-floor16", merge="tome", merge_keep=0.75, merge_floor=16)
+    assert spec_key(shipped) == spec_key(route(merge="tome", merge_keep=0.75, merge_floor=16))
+    assert spec_key(shipped) == '{"merge": "tome", "merge_floor": 16, "merge_keep": 0.75}'
+    explicit = RouteSpec(name="x", exit_depth=None, merge="none", merge_r=0, prune_after=1)
+    assert spec_key(explicit) == FULL_KEY
+    assert spec_key(route(6)) != spec_key(route(8))
+
+
+def test_selections_are_one_catalogue_with_unique_names_and_keys():
+    calibration = calibration_routes(EXITS)
+    assert len(calibration) == 5 * 17
+    for selection in (calibration, frontier_routes(EXITS), bench_routes([6, 8])):
+        assert len(set(keys(selection))) == len(selection) == len({r.name for r in selection})
+    assert set(keys(bench_routes([6, 8]))) <= set(keys(frontier_routes(EXITS))) <= set(keys(calibration))
+    frontier = frontier_routes([6])
+    assert [r.name for r in frontier[:2]] == ["full", "exit6"]
+    assert all(r.exit_depth is None for r in frontier[2:]) and len(frontier) == 2 + 16
+    assert all(a.name != b.name for a, b in itertools.combinations(calibration, 2))
+
+
+def test_the_shipped_router_routes_come_from_the_catalogue():
+    cfg = load_config(MODELS_DIR / "icar-tiny-vit.routes.yaml")
+    assert set(keys(cfg.router.routes)) <= set(keys(calibration_routes(EXITS)))
+
+
+def test_router_key_ignores_route_names_but_not_thresholds_or_scorer():
+    ladder = [route(6), FULL]
+    a = RouterConfig(thresholds=[0.5], routes=ladder)
+    renamed = RouterConfig(thresholds=[0.5], routes=[ladder[0].model_copy(update={"name": "e"}), FULL])
+    assert router_key(a) == router_key(renamed)
+    assert router_key(a) != router_key(RouterConfig(thresholds=[0.6], routes=ladder))
+    assert router_key(a) != router_key(RouterConfig(scorer="x.json", thresholds=[0.5], routes=ladder))
+
+
+def test_unique_keeps_the_first_name_of_each_spec():
+    alias = FULL.model_copy(update={"name": "baseline-ish"})
+    assert [r.name for r in unique([route(6), alias, FULL, route(6)])] == ["exit6", "baseline-ish"]
+
+
+def test_speedup_is_the_median_of_same_round_ratios_not_a_ratio_of_medians():
+    reference, candidate = [1.0, 1.0, 10.0], [1.0, 2.0, 4.0]  # a load spike hit round 3's reference
+    assert paired_speedup(reference, candidate) == {"median": 1.0, "min": 0.5, "max": 2.5}
+    assert throughput(reference, 10) == {"median": 10.0, "min": 1.0, "max": 10.0, "rounds": 3}
+    with pytest.raises(ValueError):
+        paired_speedup([1.0, 2.0], [1.0])
+
+
+def test_alternate_runs_candidates_in_turn_after_warm_up():
+    calls: list[str] = []
+    seconds = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, warmup=1)
+    assert calls == ["a", "b"] * 3
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 2, "b": 2}
+
+
+def test_best_of_reports_per_item_seconds_of_the_least_disturbed_run():
+    cost = best_of(lambda: sum(range(20_000)), items=4, repeats=3)
+    assert set(cost) == {"cpu_s_per_image", "wall_s_per_image"}
+    assert 0 < cost["wall_s_per_image"] < 0.05 and cost["cpu_s_per_image"] >= 0

@@ -1,0 +1,174 @@
+"""`icar calibrate` end to end at toy size: on scene shards (scene_key as the match key) and on a
+non-scene captioned shard with other column names (caption text as the match key). The written YAML loads
+as an index config, names catalogue routes, and the chosen router meets the floor on the data when
+re-run the way the job runs it; nothing is written inside the package."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.catalogue import FULL, calibration_routes, spec_key
+from pipeline.lab.outputs import PACKAGE_DIR
+from pipeline.lab.sample import read_captioned
+from pipeline.lab.speed import route_images
+from pipeline.score import load_scorer
+
+TOY = ["--images", "24", "--timing-images", "8", "--rounds", "1", "--batch-size", "24", "--threads", "2"]
+COLOURS = {"red": (220, 30, 30), "green": (40, 170, 50), "blue": (30, 60, 220)}
+SHAPES = ("circle", "square")
+BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10)}
+
+
+def package_models() -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (PACKAGE_DIR / "models").iterdir()}
+
+
+def drawing(colour: str, shape: str, background: str, shift: int) -> bytes:
+    """A 96x80 PNG: one shape on a flat background, moved by `shift` pixels (same caption, new image)."""
+    image = Image.new("RGB", (96, 80), BACKGROUNDS[background])
+    box = (20 + shift, 15 + shift // 2, 60 + shift, 55 + shift // 2)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def drawings(tmp_path_factory) -> Path:
+    """One shard with img2dataset-like aliases (SAMPLE_ID, TEXT, image): 24 drawings under 12 captions,
+    plus one row that does not decode and one without a caption."""
+    rows = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for background in BACKGROUNDS:
+                for shift in (0, 16):
+                    caption = f"a {colour} {shape} on a {background} background"
+                    rows.append({"TEXT": caption, "image": drawing(colour, shape, background, shift)})
+    rows.insert(5, {"TEXT": "a broken file", "image": b"not an image"})
+    rows.insert(9, {"TEXT": None, "image": drawing("red", "circle", "white", 8)})
+    table = pa.table(
+        {
+            "SAMPLE_ID": [f"d{i:03d}" for i in range(len(rows))],
+            "TEXT": [r["TEXT"] for r in rows],
+            "image": pa.array([r["image"] for r in rows], pa.binary()),
+        }
+    )
+    out = tmp_path_factory.mktemp("drawings")
+    pq.write_table(table, out / "drawings.parquet", row_group_size=10)
+    return out
+
+
+def run(argv: list[str]) -> int:
+    threads = torch.get_num_threads()
+    code = main(["calibrate", *argv])
+    assert torch.get_num_threads() == threads  # the handler restores the caller's thread count
+    return code
+
+
+def rerun_as_the_job(config_path: Path, shards: Path) -> float:
+    """Mean cosine to full depth of the written router on the shards, routed as the job routes."""
+    cfg = load_config(config_path)
+    encoder = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
+    sample = read_captioned([str(shards)], encoder.loaded.image_size, 24)
+    ids = route_images(cfg.router, sample.images, sample.bytes_per_pixel)
+    routed = encoder.encode(sample.images, ids).vectors
+    full = RoutedEncoder(encoder.loaded, [FULL]).encode(sample.images, np.zeros(len(ids), np.int32)).vectors
+    return float((routed * full).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def scenes(scene_shards, tmp_path_factory):
+    """Calibrated on the shared scene shards with the embedded model, its shipped heads and exit 8."""
+    out = tmp_path_factory.mktemp("calibrated") / "nested" / "routes.yaml"
+    report = out.parent / "elsewhere" / "report.json"
+    before = package_models()
+    argv = ["--input", str(scene_shards), "--out", str(out), "--report", str(report), "--exits", "8"]
+    code = run([*argv, *TOY])
+    assert package_models() == before
+    return code, out, json.loads(report.read_text())
+
+
+def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
+    code, out, report = scenes
+    scorer = ["routes.scorer.json"] if "scorer" in report["outputs"] else []
+    assert code == 0 and sorted(p.name for p in out.parent.iterdir()) == ["elsewhere", "routes.yaml", *scorer]
+    cfg = load_config(out, ["input.paths=['shards/']"])
+    assert cfg.model.name == "icar-tiny-vit" and cfg.model.pretrained is None and cfg.model.heads is None
+    catalogue = {spec_key(r) for r in calibration_routes([8])}
+    assert {spec_key(r) for r in cfg.router.routes} <= catalogue
+    assert len(report["routes"]) == len(catalogue) == 34
+    assert report["outputs"]["routes"] == str(out)
+    assert report["sample"] == {
+        "images": 24,
+        "match_key": "scene_key",
+        "distinct_keys": 24,
+        "skipped": {},
+        "fit_rows": 12,
+        "test_rows": 12,
+    }
+    if cfg.router.scorer != "handcrafted":  # a learned scorer that routes ships beside the YAML
+        assert Path(cfg.router.scorer).is_absolute() and cfg.router.scorer == report["outputs"]["scorer"]
+        load_scorer(cfg.router.scorer)
+
+
+def test_scene_calibration_meets_the_floor_on_the_data(scenes, scene_shards):
+    _, out, report = scenes
+    plan = report["final_plan"]
+    assert report["target"] == {"QualityFloor": {"min_cosine": 0.985, "min_recall_ratio": 0.99}}
+    assert plan["meets_target"] and plan["mean_cosine"] >= 0.985 and plan["recall_ratio"] >= 0.99
+    assert sum(plan["share"]) == pytest.approx(1.0) and len(plan["thresholds"]) == len(plan["routes"]) - 1
+    assert set(report["comparison"]) == {"handcrafted", "learned"}
+    assert report["winner"] in report["comparison"]
+    assert rerun_as_the_job(out, scene_shards) == pytest.approx(plan["mean_cosine"], abs=1e-4)
+
+
+def test_a_captioned_shard_of_drawings_with_another_checkpoint_path(drawings, tmp_path, monkeypatch):
+    shutil.copy(PACKAGE_DIR / "models" / "icar-tiny-vit.safetensors", tmp_path / "ckpt.safetensors")
+    monkeypatch.chdir(tmp_path)  # relative paths below: the YAML must hold them absolute
+    argv = ["--input", str(drawings), "--out", "cal/routes.yaml", "--pretrained", "ckpt.safetensors"]
+    floor = ["--min-cosine", "0.97", "--min-recall-ratio", "0.9"]
+    before = package_models()
+    assert run([*argv, *floor, *TOY]) == 0
+    assert package_models() == before
+    out = tmp_path / "cal" / "routes.yaml"
+    report = json.loads((tmp_path / "cal" / "routes.report.json").read_text())
+    cfg = load_config(out)
+    assert cfg.model.pretrained == str(tmp_path / "ckpt.safetensors") and cfg.model.heads is None
+    # no heads for this checkpoint: full depth only, every token path
+    assert {spec_key(r) for r in cfg.router.routes} <= {spec_key(r) for r in calibration_routes([])}
+    assert report["sample"]["match_key"] == "caption" and report["sample"]["distinct_keys"] == 12
+    assert report["sample"]["skipped"] == {"does not decode": 1, "no caption": 1}
+    assert report["target"] == {"QualityFloor": {"min_cosine": 0.97, "min_recall_ratio": 0.9}}
+    plan = report["final_plan"]
+    assert plan["meets_target"] and plan["mean_cosine"] >= 0.97 and plan["recall_ratio"] >= 0.9
+    assert rerun_as_the_job(out, drawings) == pytest.approx(plan["mean_cosine"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--out", str(PACKAGE_DIR / "models" / "x.yaml")], "inside the installed package"),
+        (["--out", "{tmp}/r.yaml", "--model", "ViT-B-32"], "--pretrained is required"),
+        (["--out", "{tmp}/r.yaml", "--exits", "5"], "heads at [4, 6, 8, 10]"),
+        (["--out", "{tmp}/r.yaml", "--images", "12"], "calibration needs at least 20"),
+    ],
+)
+def test_bad_requests_fail_fast_with_exit_2(argv, message, drawings, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["calibrate", "--input", str(drawings), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.yaml").exists()
