@@ -2,7 +2,7 @@
 query latency and a scale projection, written to results/bench/ (<UTC>.json, latest.json, latest.md,
 PNG plots).
 
-    python jobs/bench.py            # full: < 20 min on 2 cores, 1M-row query table
+    python jobs/bench.py            # full: about 25 min on 2 cores, 1M-row query table
     python jobs/bench.py --quick    # < 3 min, 100k-row query table
     python jobs/bench.py --tiny     # seconds; what tests/test_bench.py runs
 

@@ -7,11 +7,16 @@ function); that is how the lab's `icar calibrate` joins without the runtime impo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from pipeline.config import ConfigError, IndexConfig, load_config
+
+EXIT_BUSY = 3  # another job holds the output table (or took it over): nothing of this run was lost
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +35,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
     overrides = list(args.overrides)
+    if getattr(args, "keep_removed", False):
+        overrides.append("reindex.delete_removed=false")
     if getattr(args, "input", None):
         overrides.append(f"input.paths={json.dumps(args.input)}")
     if getattr(args, "output", None):
@@ -37,8 +44,10 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
     return load_config(args.config, overrides)
 
 
-def cmd_index(args: argparse.Namespace) -> int:
-    from pipeline.job import run_index
+def _run_job(args: argparse.Namespace, job: Callable[..., Any]) -> Any:
+    """Run `job(cfg, progress, verbose=, wait=)` with one progress line and Ray's known noise filtered
+    (all of it shown with --verbose). Returns None when another job holds the table (message printed)."""
+    from pipeline.lease import LeaseLost, OutputBusy
     from pipeline.progress import Progress, StderrFilter
 
     cfg = config_from_args(args)
@@ -46,15 +55,35 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ConfigError("input.paths is empty: pass --input PATH... or set it in the config")
     progress = Progress(verbose=args.verbose)
     try:
-        if args.verbose:
-            summary = run_index(cfg, progress, verbose=True)
-        else:
-            with StderrFilter():
-                summary = run_index(cfg, progress)
+        with contextlib.nullcontext() if args.verbose else StderrFilter():
+            return job(cfg, progress, verbose=args.verbose, wait=args.wait)
+    except (OutputBusy, LeaseLost) as exc:
+        progress.close()  # end the progress line before the message
+        print(f"icar: {exc}", file=sys.stderr)
+        return None
     finally:
         progress.close()
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.job import run_index
+
+    summary = _run_job(args, run_index)
+    if summary is None:
+        return EXIT_BUSY
     print(summary.render())
     return 1 if summary.shards_failed else 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from pipeline.reindex import run_reindex
+
+    report = _run_job(args, run_reindex)
+    if report is None:
+        return EXIT_BUSY
+    print(report.markdown())
+    print(f"report: {report.paths[0]}")
+    return 1 if report.summary["shards_failed"] else 0
 
 
 def _print_results(rows: list[dict]) -> None:
@@ -99,7 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument(
         "--verbose", action="store_true", help="a line per shard plus Ray's and Ray Data's own logs"
     )
+    index.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another job is writing the table, wait for it (default: exit 3)",
+    )
     index.set_defaults(func=cmd_index)
+
+    reindex = sub.add_parser(
+        "reindex",
+        help="the nightly run: index new and changed shards, delete removed ones, maintain, report",
+    )
+    _config_args(reindex)
+    reindex.add_argument("--verbose", action="store_true", help="as for index")
+    reindex.add_argument("--wait", action="store_true", help="as for index")
+    reindex.add_argument(
+        "--keep-removed", action="store_true", help="keep the rows of shards no longer in the input"
+    )
+    reindex.set_defaults(func=cmd_reindex)
 
     query = sub.add_parser("query", help="search the table by text or by an image file")
     _config_args(query)

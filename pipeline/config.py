@@ -146,6 +146,11 @@ class OutputConfig(_Section):
     manifest_table: str = "manifest"
     vector_dtype: Literal["float16", "float32"] = "float32"
     storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB object-store options")
+    lease_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="a crashed job's hold on the table expires after this long (renewed while alive)",
+    )
 
 
 class RayConfig(_Section):
@@ -153,6 +158,24 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded Ray (ignored with address)")
     decode_batch_size: int = Field(256, gt=0)
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode/score task")
+
+
+class ReindexConfig(_Section):
+    """`icar reindex`: what the nightly run may delete and how it maintains the table afterwards."""
+
+    delete_removed: bool = Field(True, description="delete the rows of shards no longer in the input")
+    max_removed_share: float = Field(
+        0.5, ge=0, le=1, description="refuse to delete more than this share of the indexed shards at once"
+    )
+    cleanup_older_than_days: float = Field(
+        7.0, ge=0, description="table versions kept for readers and time travel; older ones are pruned"
+    )
+    rebuild_unindexed_share: float = Field(
+        0.2, ge=0, le=1, description="rebuild the vector index (else fold new rows in) past this share"
+    )
+    report_dir: str | None = Field(
+        None, description="where run reports go (JSON + markdown); None = <output.uri>/_reports"
+    )
 
 
 def shipped_routes_path(model: ModelConfig) -> Path | None:
@@ -173,6 +196,7 @@ class IndexConfig(_Section):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    reindex: ReindexConfig = Field(default_factory=ReindexConfig)
 
     @model_validator(mode="before")
     @classmethod

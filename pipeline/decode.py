@@ -23,6 +23,11 @@ _RESIZE_MODES = ("shortest", "longest", "squash")
 _VISION_IMAGE_SIZE = 224  # open_clip's CLIPVisionCfg default when a config omits image_size
 
 
+# the formats web crawls hold (JPEG's opener also returns cameras' MPO files); Pillow's others (EPS through
+# Ghostscript, ...) are refused before any decoder runs
+WEB_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 class DecodeError(ValueError):
     """The bytes are not an image this pipeline can use; the message says why."""
 
@@ -146,7 +151,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=WEB_FORMATS)
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise DecodeError(f"image has an empty size {width}x{height}")
@@ -165,7 +170,9 @@ def decode_image(
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:
-        raise DecodeError("bytes are not a recognised image format") from None
+        raise DecodeError(
+            f"bytes are not an image in an accepted format ({', '.join(WEB_FORMATS)})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"decompression bomb refused: {exc}") from None
     except Exception as exc:  # corrupt files make Pillow raise TypeError, struct.error, IndexError, ... too

@@ -6,10 +6,12 @@ stream row groups through the two Ray stages, and commit each shard as soon as a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,19 +20,20 @@ import open_clip
 import pyarrow as pa
 import ray
 
+from pipeline.assemble import STAGE_TIMERS, shard_tables
 from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.actor import DecodeEncodeStage, EncodeStage
 from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.model import model_preprocess
-from pipeline.prepare import FAILED, OK, SKIPPED, prepare_unit, work_unit
+from pipeline.lease import TableLease
+from pipeline.prepare import UNREADABLE, prepare_unit, work_unit
 from pipeline.progress import Progress, quiet_ray_data
-from pipeline.read import ShardPlan, inspect_shard, list_shards
+from pipeline.read import Shard, ShardPlan, inspect_shard, list_shards
 from pipeline.score import load_scorer
-from pipeline.write import DONE, REJECTED_SCHEMA, LanceWriter, ShardRecord
+from pipeline.write import DONE, LanceWriter, ShardRecord
 from pipeline.write import FAILED as SHARD_FAILED
 
-STAGE_TIMERS = ("t_read", "t_decode", "t_score", "t_encode")
 PREPARE_TASK_MEMORY = 512 * 2**20  # bytes reserved per prepare task: one row group plus decoded pixels
 
 
@@ -107,20 +110,28 @@ class _ShardAssembler:
         self,
         writer: LanceWriter,
         plans: dict[str, ShardPlan],
-        interrupted: set[str],
+        known: set[str],
         summary: RunSummary,
         progress: Progress,
         started: float,
     ):
-        self.writer, self.plans, self.interrupted = writer, plans, interrupted
+        self.writer, self.plans, self.known = writer, plans, known
         self.summary, self.progress, self.started = summary, progress, started
         self.parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
         self.rows: Counter = Counter()
+        self.failed: set[str] = set()
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         for uri in np.unique(batch["shard"]):
             mask = batch["shard"] == uri
-            self.parts[uri].append({k: v[mask] for k, v in batch.items()})
+            if uri in self.failed:
+                continue
+            rows = {k: v[mask] for k, v in batch.items()}
+            unreadable = rows["outcome"] == UNREADABLE
+            if unreadable.any():
+                self.fail(uri, str(rows["reason"][unreadable][0]))
+                continue
+            self.parts[uri].append(rows)
             self.rows[uri] += int(mask.sum())
             self.progress.advance(int(mask.sum()))
             if self.rows[uri] == self.plans[uri].num_rows:
@@ -128,59 +139,34 @@ class _ShardAssembler:
             elif self.rows[uri] > self.plans[uri].num_rows:
                 raise RuntimeError(f"{uri}: received more rows than the shard holds; refusing to write")
 
+    def fail(self, uri: str, reason: str) -> None:
+        """A row group of this shard could not be read: drop its rows, record why, go on with the rest."""
+        self.failed.add(uri)
+        self.parts.pop(uri, None)
+        plan = self.plans[uri]
+        self.writer.record_failed_shard(ShardRecord(uri, plan.shard.fingerprint, SHARD_FAILED, error=reason))
+        self.summary.shards_failed += 1
+        self.summary.failed_shards[uri] = reason
+        self.progress.note(f"FAILED {reason}")
+        self.progress.shard_done(None)
+
     def commit(self, uri: str) -> None:
         plan = self.plans[uri]
         parts = self.parts.pop(uri, [])
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
-        model_id, s = self.writer.model_id, self.summary
-        record = ShardRecord(uri, plan.shard.fingerprint, DONE)
+        record, s = ShardRecord(uri, plan.shard.fingerprint, DONE), self.summary
         images = rejected = pa.table({})
-        if merged is not None:
-            outcome = merged["outcome"]
-            ok, bad = outcome == OK, outcome != OK
-            record.rows_ok, record.rows_failed = int(ok.sum()), int((outcome == FAILED).sum())
-            record.rows_skipped = int((outcome == SKIPPED).sum())
-            images = pa.table(
-                {
-                    "id": merged["id"][ok].astype(str),
-                    "shard": merged["shard"][ok].astype(str),
-                    "key": merged["key"][ok].astype(str),
-                    "url": merged["url"][ok],
-                    "caption": merged["caption"][ok],
-                    "vector": pa.FixedSizeListArray.from_arrays(
-                        pa.array(merged["vector"][ok].reshape(-1)), merged["vector"].shape[1]
-                    ),
-                    "complexity": merged["complexity"][ok],
-                    "route": merged["route_name"][ok].astype(str),
-                    "exit_depth": merged["exit_depth"][ok],
-                    "tokens": merged["tokens"][ok],
-                    "gflops": merged["gflops"][ok],
-                    "model_id": np.full(int(ok.sum()), model_id, dtype=object),
-                }
-            )
-            rejected = (
-                pa.table(
-                    {
-                        "id": merged["id"][bad].astype(str),
-                        "shard": merged["shard"][bad].astype(str),
-                        "key": merged["key"][bad].astype(str),
-                        "url": merged["url"][bad],
-                        "caption": merged["caption"][bad],
-                        "status": merged["outcome"][bad].astype(str),
-                        "reason": merged["reason"][bad].astype(str),
-                        "model_id": np.full(int(bad.sum()), model_id, dtype=object),
-                    },
-                    schema=REJECTED_SCHEMA,
-                )
-                if bad.any()
-                else pa.table({})
-            )
-            s.routes.update(merged["route_name"][ok].astype(str).tolist())
-            s.gflops_sum += float(merged["gflops"][ok].sum())
-            for timer in STAGE_TIMERS:
-                s.stage_seconds[timer] += float(merged[timer].sum())
+        if parts:
+            rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            tables = shard_tables(rows, plan.shard.name, self.writer.model_id)
+            images, rejected = tables.images, tables.rejected
+            record.rows_ok, record.rows_failed = tables.rows_ok, tables.rows_failed
+            record.rows_skipped = tables.rows_skipped
+            s.routes.update(tables.routes)
+            s.gflops_sum += tables.gflops
+            for timer, seconds in tables.stage_seconds.items():
+                s.stage_seconds[timer] += seconds
         t0 = time.perf_counter()
-        self.writer.commit_shard(record, images, rejected, upsert=uri in self.interrupted)
+        self.writer.commit_shard(record, images, rejected, upsert=uri in self.known)
         s.write_seconds += time.perf_counter() - t0
         s.shards_committed += 1
         s.rows_ok += record.rows_ok
@@ -238,24 +224,57 @@ def stream(work: list[dict], cfg: IndexConfig, preprocess: Preprocess) -> ray.da
     )
 
 
-def run_index(cfg: IndexConfig, progress: Progress | None = None, verbose: bool = False) -> RunSummary:
-    """Index every shard of `cfg.input` not yet committed for this model; return the run's summary.
+@dataclass
+class Run:
+    """One job's hold on its output: the shards found, the writer (under the table's lease), the summary."""
 
-    `progress` gets the job's events (silent by default: a library does not print); `verbose` lets Ray
-    and Ray Data log as they normally do."""
-    progress = progress or Progress.silent()
+    cfg: IndexConfig
+    shards: list[Shard]
+    writer: LanceWriter
+    summary: RunSummary
+    preprocess: Preprocess
+    started: float
+
+
+@contextlib.contextmanager
+def open_run(cfg: IndexConfig, verbose: bool = False, wait: bool = False) -> Iterator[Run]:
+    """Check the config's files, list the shards, start Ray, take the table's lease, open the writer.
+
+    Raises `OutputBusy` if another job holds the lease (with `wait`, waits for it); the lease is released
+    when the block ends, however it ends."""
     started = time.time()
     preprocess = model_preprocess(cfg.model)  # also checks that model.name is an open_clip model
     model_cfg = open_clip.get_model_config(cfg.model.name)
-    summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
-
     load_scorer(cfg.router.scorer)  # a missing learned-scorer file fails here, before any work
     shards = list_shards(cfg.input)
     init_ray(cfg, verbose)  # before LanceDB is opened: Ray forks its processes, LanceDB warns on fork
-    writer = LanceWriter(cfg.output, cfg.model.model_id, int(model_cfg["embed_dim"]))
-    done, interrupted = writer.committed(), writer.interrupted()
+    with TableLease(cfg.output).acquire(wait) as lease:
+        writer = LanceWriter(cfg.output, cfg.model.model_id, int(model_cfg["embed_dim"]), lease.check)
+        summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
+        run = Run(cfg, shards, writer, summary, preprocess, started)
+        yield run
+        summary.seconds = time.time() - started
+
+
+def run_index(
+    cfg: IndexConfig, progress: Progress | None = None, verbose: bool = False, wait: bool = False
+) -> RunSummary:
+    """Index every shard of `cfg.input` not yet committed for this model; return the run's summary.
+
+    `progress` gets the job's events (silent by default: a library does not print); `verbose` lets Ray
+    and Ray Data log as they normally do. See `open_run` for the table's lease and `wait`."""
+    with open_run(cfg, verbose, wait) as run:
+        index_pending(run, progress or Progress.silent())
+        if run.summary.shards_committed:
+            run.writer.optimize()
+    return run.summary
+
+
+def index_pending(run: Run, progress: Progress) -> None:
+    """Skip the committed shards, stream the rest through Ray, commit each shard as it completes."""
+    cfg, shards, writer, summary = run.cfg, run.shards, run.writer, run.summary
+    done, known = writer.committed(), writer.known()  # a known shard may hold rows: upsert it
     pending = [s for s in shards if done.get(s.uri) != s.fingerprint]
-    changed = {s.uri for s in pending if s.uri in done}  # rewritten since indexed: upsert over old rows
     summary.shards_total, summary.shards_already_done = len(shards), len(shards) - len(pending)
     progress.note(
         f"{len(shards)} shards found, {summary.shards_already_done} already indexed, {len(pending)} to do; "
@@ -264,9 +283,8 @@ def run_index(cfg: IndexConfig, progress: Progress | None = None, verbose: bool 
     with ThreadPoolExecutor(max_workers=16) as pool:
         plans = list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
 
-    assembler = _ShardAssembler(
-        writer, {p.shard.uri: p for p in plans}, interrupted | changed, summary, progress, started
-    )
+    plan_of = {p.shard.uri: p for p in plans}
+    assembler = _ShardAssembler(writer, plan_of, known, summary, progress, run.started)
     progress.start(len(plans), sum(p.num_rows for p in plans if not p.error))
     units = []
     for plan in plans:
@@ -284,13 +302,9 @@ def run_index(cfg: IndexConfig, progress: Progress | None = None, verbose: bool 
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
 
     if units:
-        dataset = stream(units, cfg, preprocess)
+        dataset = stream(units, cfg, run.preprocess)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
         missing = {uri: n for uri, n in assembler.rows.items() if assembler.parts.get(uri)}
         if missing:
             raise RuntimeError(f"shards incomplete after the stream ended (rows seen): {missing}")
-    summary.seconds = time.time() - started
-    if summary.shards_committed:
-        writer.optimize()
-    return summary

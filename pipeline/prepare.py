@@ -6,6 +6,7 @@ encoded travel on with an outcome and a reason, so the writer records every row.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -21,6 +22,9 @@ from pipeline.route import assign_routes
 from pipeline.score import Scorer, complexity_features, load_scorer
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+UNREADABLE = "unreadable"  # outcome of a `failed_unit` marker row
+READ_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5
 Batch = dict[str, np.ndarray]
 
 
@@ -74,15 +78,18 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
     decoded = time.perf_counter()
     ok = outcome == OK
     complexity = np.full(n, np.nan, np.float32)
-    complexity[ok] = scorer_for(cfg.router.scorer)(complexity_features(images[ok], bytes_per_pixel[ok]))
+    if ok.any():  # a chunk where no image decoded has nothing to score
+        complexity[ok] = scorer_for(cfg.router.scorer)(complexity_features(images[ok], bytes_per_pixel[ok]))
     route = np.zeros(n, np.int32)
-    route[ok] = assign_routes(complexity[ok], cfg.router)
+    if ok.any():
+        route[ok] = assign_routes(complexity[ok], cfg.router)
     scored = time.perf_counter()
     batch: Batch = {
         name: np.asarray(table.column(name).to_pylist(), dtype=object)
         for name in ("id", "shard", "key", "url", "caption")
     }
     batch.update(
+        row=table.column("row").to_numpy(),
         outcome=outcome,
         reason=reason,
         image=images,
@@ -97,19 +104,59 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
     return {name: column[order] for name, column in batch.items()}
 
 
+def failed_unit(unit: dict[str, Any], reason: str, preprocess: Preprocess) -> Batch:
+    """One marker row saying that a row group could not be read: the writer fails its whole shard (the
+    shard's other row groups are dropped too) instead of the job failing."""
+    text = {name: np.asarray([None], dtype=object) for name in ("key", "url", "caption")}
+    return text | {
+        "id": np.asarray([""], dtype=object),
+        "shard": np.asarray([str(unit["uri"])], dtype=object),
+        "row": np.asarray([-1], np.int64),
+        "outcome": np.asarray([UNREADABLE], dtype=object),
+        "reason": np.asarray([reason], dtype=object),
+        "image": np.zeros((1, *preprocess.size, 3), np.uint8),
+        "complexity": np.full(1, np.nan, np.float32),
+        "route": np.zeros(1, np.int32),
+        **{timer: np.zeros(1, np.float32) for timer in ("t_decode", "t_score", "t_read")},
+    }
+
+
+def _prepare_row_group(unit: dict[str, Any], config: IndexConfig, preprocess: Preprocess) -> Iterator[Batch]:
+    """Prepared chunks of one row group. Transient I/O errors (a timeout, a dropped connection) are
+    retried with backoff, resuming after the chunks already yielded, so no row is sent twice."""
+    plan = _plan_from_unit(unit)
+    sent = 0
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            chunks = read_chunks(plan, int(unit["row_group"]), config.input, config.ray.decode_batch_size)
+            for index in itertools.count():
+                started = time.perf_counter()
+                table = next(chunks, None)
+                if table is None:
+                    return
+                if index < sent:
+                    continue
+                read_seconds = time.perf_counter() - started
+                batch = prepare_rows(table, config, preprocess)
+                batch["t_read"] = np.full(table.num_rows, read_seconds / max(table.num_rows, 1), np.float32)
+                sent += 1
+                yield batch
+        except OSError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+
+
 def prepare_unit(units: Batch, cfg: dict[str, Any], preprocess: Preprocess) -> Iterator[Batch]:
-    """Ray map_batches generator: one unit (row group) in, chunks of prepared rows out."""
+    """Ray map_batches generator: one unit (row group) in, chunks of prepared rows out.
+
+    A row group that cannot be read (a corrupt page after a valid footer, I/O still failing after the
+    retries) becomes a `failed_unit` marker naming the file, the row group and the error."""
     config = IndexConfig.model_validate(cfg)
     for i in range(len(units["uri"])):
         unit = {k: v[i] for k, v in units.items()}
-        plan = _plan_from_unit(unit)
-        chunks = read_chunks(plan, int(unit["row_group"]), config.input, config.ray.decode_batch_size)
-        while True:
-            started = time.perf_counter()
-            table = next(chunks, None)
-            if table is None:
-                break
-            read_seconds = time.perf_counter() - started
-            batch = prepare_rows(table, config, preprocess)
-            batch["t_read"] = np.full(table.num_rows, read_seconds / max(table.num_rows, 1), np.float32)
-            yield batch
+        try:
+            yield from _prepare_row_group(unit, config, preprocess)
+        except Exception as exc:  # noqa: BLE001 - any read error fails this shard, not the job
+            where = f"{unit['uri']} (row group {int(unit['row_group'])})"
+            yield failed_unit(unit, f"{where}: unreadable ({type(exc).__name__}: {exc})", preprocess)

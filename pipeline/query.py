@@ -11,7 +11,7 @@ from lancedb.index import BTree, IvfPq
 from pipeline.config import IndexConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import LoadedModel, load_model, normalize_uint8
-from pipeline.write import connect
+from pipeline.write import connect, table_model
 
 RESULT_COLUMNS = ["id", "url", "caption", "complexity", "route", "exit_depth", "gflops"]
 
@@ -53,10 +53,10 @@ class Searcher:
 
     def check_model(self) -> None:
         """Refuse to compare embeddings from two different models."""
-        rows = self.table.search().select(["model_id"]).limit(1).to_list()
-        if rows and rows[0]["model_id"] != self.loaded.model_id:
+        owner = table_model(self.table)
+        if owner is not None and owner != self.loaded.model_id:
             raise ValueError(
-                f"table {self.cfg.output.table!r} was indexed with {rows[0]['model_id']}, "
+                f"table {self.cfg.output.table!r} was indexed with {owner}, "
                 f"but the query model is {self.loaded.model_id}; pass the matching model config"
             )
 

@@ -142,11 +142,28 @@ def inspect_shard(shard: Shard, cfg: InputConfig) -> ShardPlan:
     return ShardPlan(shard, num_rows, row_groups, columns)
 
 
+def _as_text(array: pa.Array) -> pa.Array:
+    """A column as UTF-8 strings; bytes that are not UTF-8 are replaced (U+FFFD), row by row, rather than
+    failing the shard: a caption with one bad byte is still a caption."""
+    try:
+        text = pc.cast(array, pa.string())
+        text.validate(full=True)
+        return text
+    except pa.ArrowInvalid:
+        raw = array.cast(pa.binary()) if pa.types.is_string(array.type) else pc.cast(array, pa.binary())
+        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw.to_pylist()])
+
+
+def row_id(shard_name: str, key: str | None, row: int) -> str:
+    """The id of a row: `<shard name>/<key>`, or `<shard name>#<row index>` for a row without a key (a
+    real key cannot produce it: after the same shard name, a key's id continues with '/')."""
+    return f"{shard_name}/{key}" if key is not None else f"{shard_name}#{row}"
+
+
 def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: int) -> Iterator[pa.Table]:
     """Yield the row group `chunk_rows` rows at a time, with the pipeline's column names.
 
-    A row without a key is named by its row index in the shard, so its id is still stable.
-    """
+    `row` is the row's index in the shard; ids follow `row_id` (vectorised here)."""
     fs, path = _filesystem(plan.shard.uri, cfg.storage_options)
     mapping = plan.columns
     source_columns = sorted({c for c in mapping.values() if c})
@@ -160,21 +177,21 @@ def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: i
 
             def column(name: str, batch: pa.RecordBatch = batch, n: int = n) -> pa.Array:
                 source = mapping.get(name)
-                return batch.column(source) if source else pa.nulls(n, pa.string())
+                return _as_text(batch.column(source)) if source else pa.nulls(n, pa.string())
 
-            keys = pc.cast(column("key"), pa.string())
-            keys = pc.coalesce(keys, pc.binary_join_element_wise("row", pc.cast(row_index, pa.string()), ""))
-            ids = pc.binary_join_element_wise(plan.shard.name, keys, "/")
-            status = pc.cast(column("status"), pa.string())
+            keys = column("key")
+            by_key = pc.binary_join_element_wise(plan.shard.name, keys, "/")
+            by_row = pc.binary_join_element_wise(plan.shard.name, pc.cast(row_index, pa.string()), "#")
             yield pa.table(
                 {
-                    "id": ids,
+                    "id": pc.coalesce(by_key, by_row),
+                    "row": row_index,
                     "shard": pa.array([plan.shard.uri] * n, pa.string()),
                     "key": keys,
-                    "url": pc.cast(column("url"), pa.string()),
-                    "caption": pc.cast(column("caption"), pa.string()),
-                    "status": pc.coalesce(status, pa.scalar("success")),
-                    "error_message": pc.cast(column("error_message"), pa.string()),
+                    "url": column("url"),
+                    "caption": column("caption"),
+                    "status": pc.coalesce(column("status"), pa.scalar("success")),
+                    "error_message": column("error_message"),
                     "image": pc.cast(batch.column(mapping["image"]), pa.binary()),
                 }
             )

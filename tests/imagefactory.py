@@ -226,6 +226,13 @@ def random_bytes() -> bytes:
     return np.random.default_rng(6).integers(0, 256, size=4096, dtype=np.uint8).tobytes()
 
 
+def eps_bytes() -> bytes:
+    """A real EPS file: Pillow could open it (through Ghostscript), the pipeline must not try."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(out, format="EPS")
+    return out.getvalue()
+
+
 def empty_bytes() -> bytes:
     return b""
 
@@ -266,6 +273,7 @@ def tiff_bad_strip_offsets() -> bytes:
 BAD_CASES: dict[str, Callable[[], bytes | None]] = {
     "jpeg_truncated": jpeg_truncated,
     "random_bytes": random_bytes,
+    "eps_not_a_web_format": eps_bytes,
     "empty_bytes": empty_bytes,
     "null": null_bytes,
     "png_header_bomb": png_header_bomb,
@@ -274,7 +282,8 @@ BAD_CASES: dict[str, Callable[[], bytes | None]] = {
 
 BAD_CASE_REASONS: dict[str, tuple[str, ...]] = {
     "jpeg_truncated": ("truncated", "could not be decoded"),
-    "random_bytes": ("not a recognised image",),
+    "random_bytes": ("accepted format",),
+    "eps_not_a_web_format": ("accepted format",),
     "empty_bytes": ("empty",),
     "null": ("null",),
     "png_header_bomb": ("max_pixels", "bomb"),

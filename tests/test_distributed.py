@@ -274,6 +274,22 @@ def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(ray_local, small_cor
     ]
 
 
+@pytest.mark.slow
+def test_two_cli_runs_started_together_write_every_row_once(small_corpus, tmp_path):
+    """A nightly run overlapping a manual one: one writes, the other exits 3 naming the writer."""
+    db = str(tmp_path / "db")
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with _cli_index(small_corpus, db, logs[0]) as first, _cli_index(small_corpus, db, logs[1]) as second:
+        codes = [first.wait(timeout=600), second.wait(timeout=600)]
+    assert sorted(codes) == [0, 3], [log.read_text()[-2000:] for log in logs]
+    loser = logs[codes.index(3)].read_text()
+    assert "is being written by job" in loser and "--wait" in loser
+    expected = input_ids(small_corpus)
+    _assert_exactly_once(lance_table(db, "images").column("id").to_pylist(), expected)
+    manifest = lance_table(db, "manifest").to_pylist()
+    assert sorted(m["status"] for m in manifest) == ["done"] * CORPUS_SHARDS
+
+
 # --- 3. ray job submit to a real head node ---------------------------------------------------------------
 
 
