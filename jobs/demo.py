@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.job import run_index
 from pipeline.lab.scenes.shards import write_corpus
+from pipeline.progress import Progress, StderrFilter
 from pipeline.query import Searcher
 
 QUERIES = [
@@ -41,7 +42,10 @@ def main() -> None:
         write_corpus(corpus, seed=0, split="demo", num_images=args.images, shard_size=args.shard_size)
     overrides = [f"input.paths={json.dumps([str(corpus)])}", f"output.uri={Path(args.out) / 'lancedb'}"]
     cfg = load_config(None, overrides)  # the embedded model with its shipped calibrated routes
-    summary = run_index(cfg)
+    progress = Progress()
+    with StderrFilter():  # as `icar index` does: Ray's one known native line is dropped
+        summary = run_index(cfg, progress)
+    progress.close()
     print("\n" + summary.render() + "\n")
 
     searcher = Searcher.open(cfg)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lancedb.index import BTree, IvfPq
 
 from pipeline.config import IndexConfig
 from pipeline.decode import decode_image
@@ -63,6 +62,8 @@ class Searcher:
 
 def build_indexes(cfg: IndexConfig, partitions: int | None = None, sub_vectors: int | None = None) -> dict:
     """IVF_PQ on the vectors (cosine) plus scalar indexes for id lookups and common filters."""
+    from lancedb.index import BTree, IvfPq  # here: importing lancedb before Ray forks makes it warn
+
     table = connect(cfg.output).open_table(cfg.output.table)
     rows = table.count_rows()
     dim = table.schema.field("vector").type.list_size

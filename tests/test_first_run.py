@@ -17,6 +17,7 @@ from pipeline.config import MODELS_DIR, load_config
 from pipeline.progress import Progress, StderrFilter
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_no_router_section_means_the_embedded_models_shipped_routes():
@@ -90,5 +91,29 @@ def test_clean_first_run_routes_images_and_prints_no_warnings(scene_shards, tmp_
     assert err_lines[0].startswith("3 shards found, 0 already indexed, 3 to do; routes:")
     assert err_lines[-1].startswith("shards 3/3 | rows 72/72 (100%)")
     assert len(err_lines) <= 3, run.stderr  # start line + progress line(s): nothing from libraries
+    for noise in ("Warning", "WARNING", "INFO", "core_worker", "logging_progress", "token"):
+        assert noise not in run.stderr, run.stderr
+
+
+@pytest.mark.slow
+def test_make_demo_prints_progress_summary_and_answers_but_no_warnings(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="icar-ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HOME": str(tmp_path)}
+    demo = [
+        str(BIN / "python"),
+        "jobs/demo.py",
+        "--images",
+        "40",
+        "--shard-size",
+        "20",
+        "--out",
+        str(tmp_path),
+    ]
+    try:
+        run = subprocess.run(demo, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rows:   40 ok, 0 failed, 0 skipped" in run.stdout and run.stdout.count("  1. ") == 4
     for noise in ("Warning", "WARNING", "INFO", "core_worker", "logging_progress", "token"):
         assert noise not in run.stderr, run.stderr
