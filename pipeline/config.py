@@ -34,6 +34,9 @@ class InputConfig(_Section):
         description="source column -> pipeline column, applied when the pipeline's own name is absent",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (s3 endpoint…)")
+    max_text_bytes: int = Field(
+        65_536, gt=0, description="a longer key, url or caption fails its row (stored cut to this length)"
+    )
 
 
 class DecodeConfig(_Section):

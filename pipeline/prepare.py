@@ -63,7 +63,11 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
     bytes_per_pixel = np.zeros(n, np.float32)
     statuses = table.column("status").to_pylist()
     errors = table.column("error_message").to_pylist()
+    text_errors = table.column("text_error").to_pylist()
     for i, (status, data) in enumerate(zip(statuses, table.column("image").to_pylist(), strict=True)):
+        if text_errors[i]:
+            outcome[i], reason[i] = FAILED, text_errors[i]
+            continue
         if status != "success":
             outcome[i], reason[i] = SKIPPED, f"source status {status!r}: {errors[i] or 'no error message'}"
             continue

@@ -154,6 +154,25 @@ def _as_text(array: pa.Array) -> pa.Array:
         return pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw.to_pylist()])
 
 
+def _cap_text(text: dict[str, pa.Array], limit: int) -> tuple[dict[str, pa.Array], pa.Array, pa.Array]:
+    """Cut every key/url/caption longer than `limit` bytes to `limit` characters; return the cut columns,
+    a reason per row (null when none was too long) and which rows' keys were cut (they lose their id)."""
+    n = len(text["key"])
+    reasons: list[str | None] = [None] * n
+    too_long = {}
+    for name, values in text.items():
+        lengths = pc.fill_null(pc.binary_length(values), 0)
+        over = pc.greater(lengths, limit)
+        too_long[name] = over
+        if pc.any(over).as_py():
+            for i in pc.indices_nonzero(over).to_pylist():
+                reasons[i] = (
+                    reasons[i] or f"{name} is {lengths[i].as_py()} bytes, over input.max_text_bytes={limit}"
+                )
+            text[name] = pc.if_else(over, pc.utf8_slice_codeunits(values, 0, limit), values)
+    return text, pa.array(reasons, pa.string()), too_long["key"]
+
+
 def row_id(shard_name: str, key: str | None, row: int) -> str:
     """The id of a row: `<shard name>/<key>`, or `<shard name>#<row index>` for a row without a key (a
     real key cannot produce it: after the same shard name, a key's id continues with '/')."""
@@ -179,17 +198,17 @@ def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: i
                 source = mapping.get(name)
                 return _as_text(batch.column(source)) if source else pa.nulls(n, pa.string())
 
-            keys = column("key")
-            by_key = pc.binary_join_element_wise(plan.shard.name, keys, "/")
+            text = {name: column(name) for name in ("key", "url", "caption")}
+            text, text_error, key_too_long = _cap_text(text, cfg.max_text_bytes)
+            by_key = pc.binary_join_element_wise(plan.shard.name, text["key"], "/")
             by_row = pc.binary_join_element_wise(plan.shard.name, pc.cast(row_index, pa.string()), "#")
             yield pa.table(
                 {
-                    "id": pc.coalesce(by_key, by_row),
+                    "id": pc.if_else(key_too_long, by_row, pc.coalesce(by_key, by_row)),
                     "row": row_index,
                     "shard": pa.array([plan.shard.uri] * n, pa.string()),
-                    "key": keys,
-                    "url": column("url"),
-                    "caption": column("caption"),
+                    **text,
+                    "text_error": text_error,
                     "status": pc.coalesce(column("status"), pa.scalar("success")),
                     "error_message": column("error_message"),
                     "image": pc.cast(batch.column(mapping["image"]), pa.binary()),

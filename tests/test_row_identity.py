@@ -23,7 +23,7 @@ from pipeline.assemble import shard_tables
 from pipeline.config import InputConfig, OutputConfig
 from pipeline.encode.model import model_preprocess
 from pipeline.job import run_index
-from pipeline.prepare import OK, SKIPPED, UNREADABLE, failed_unit, prepare_unit, work_unit
+from pipeline.prepare import OK, SKIPPED, UNREADABLE, failed_unit, prepare_rows, prepare_unit, work_unit
 from pipeline.read import inspect_shard, list_shards, read_chunks
 from pipeline.write import DONE, WRITING, LanceWriter, ShardRecord, images_schema
 
@@ -217,3 +217,22 @@ def test_the_unreadable_marker_has_the_columns_and_dtypes_of_a_prepared_batch(tm
         k: (v.dtype, v.shape[1:]) for k, v in prepared.items()
     }
     assert marker["outcome"][0] == UNREADABLE and marker["shard"][0] == plan.shard.uri
+
+
+def test_oversized_text_fails_its_row_is_stored_cut_and_a_huge_key_loses_its_id(tmp_path):
+    captions = pa.array(["fine", "c" * 5000, "ok"], pa.string())
+    _shard(tmp_path / "s.parquet", ["a", "b", "k" * 3000], captions)
+    cfg = index_config([str(tmp_path)], str(tmp_path / "db"), "input.max_text_bytes=1024")
+    plan = inspect_shard(list_shards(cfg.input)[0], cfg.input)
+    table = next(read_chunks(plan, 0, cfg.input, 16))
+    assert table.column("id").to_pylist() == ["s.parquet/a", "s.parquet/b", "s.parquet#2"]
+    assert [len(c) for c in table.column("caption").to_pylist()] == [4, 1024, 2]
+    assert len(table.column("key").to_pylist()[2]) == 1024
+    assert table.column("text_error").to_pylist() == [
+        None,
+        "caption is 5000 bytes, over input.max_text_bytes=1024",
+        "key is 3000 bytes, over input.max_text_bytes=1024",
+    ]
+    batch = prepare_rows(table, cfg, model_preprocess(cfg.model))
+    outcome = dict(zip(batch["id"], batch["outcome"], strict=True))
+    assert outcome == {"s.parquet/a": OK, "s.parquet/b": "failed", "s.parquet#2": "failed"}
