@@ -106,10 +106,17 @@ class TableLease:
         return sorted(int(m.group(1)) for m in map(self._pattern.match, names) if m)
 
     def _read(self, generation: int) -> LeaseRecord | None:
-        try:
-            return LeaseRecord(**json.loads(self.fs.cat_file(self._path(generation))))
-        except FileNotFoundError:
-            return None
+        """The record of a generation, None if it is gone (released). A local file just created by
+        another job may be empty for a moment: read again rather than mistake it for free."""
+        path = self._path(generation)
+        for _ in range(50):
+            try:
+                return LeaseRecord(**json.loads(self.fs.cat_file(path)))
+            except FileNotFoundError:
+                return None
+            except ValueError:
+                time.sleep(0.02)
+        raise RuntimeError(f"lease file {path} is not a lease record; delete it if no job is running")
 
     def _create(self, record: LeaseRecord) -> bool:
         """Exclusive create of this generation's file; False when it already exists."""
@@ -180,7 +187,13 @@ class TableLease:
         """Push the expiry forward (an overwrite of this job's own generation; nobody else writes it)."""
         assert self.record is not None
         self.record.expires = time.time() + self.seconds
-        self.fs.pipe_file(self._path(self.record.generation), json.dumps(asdict(self.record)).encode())
+        path, data = self._path(self.record.generation), json.dumps(asdict(self.record)).encode()
+        if self.local:  # write aside, then rename: a reader never sees half a record
+            aside = f"{path}.{self.record.owner}.tmp"
+            Path(aside).write_bytes(data)
+            os.replace(aside, path)
+        else:  # an S3 PUT replaces the object whole
+            self.fs.pipe_file(path, data)
 
     def check(self) -> None:
         """Before each commit: raise `LeaseLost` if another job has taken the table over."""
