@@ -41,27 +41,37 @@ def _text(values: np.ndarray) -> pa.Array:
     return pa.array(values, pa.string(), from_pandas=True)
 
 
-def mark_duplicates(rows: Batch, shard_name: str) -> Batch:
-    """Rows in shard order, with every repeat of an id turned into a skipped row under its positional id."""
+def mark_duplicates(rows: Batch, shard_name: str, seen: dict[str, int] | None = None) -> Batch:
+    """Rows in shard order, with every repeat of an id turned into a skipped row under its positional id.
+
+    `seen` (id -> row) carries the ids of parts of this shard already written, and is updated: for a shard
+    written in parts, a key's first row to arrive is the one kept."""
     order = np.argsort(rows["row"], kind="stable")
     rows = {k: v[order] for k, v in rows.items()}  # fresh arrays: safe to edit below
     codes = pa.array(rows["id"], pa.string()).dictionary_encode().indices.to_numpy()
     unique, first = np.unique(codes, return_index=True)
-    repeat = np.ones(len(codes), bool)
-    repeat[first] = False
+    first_row = rows["row"][first[np.searchsorted(unique, codes)]]
+    repeat = first_row != rows["row"]
+    if seen:
+        earlier = np.fromiter((i in seen for i in rows["id"]), bool, count=len(codes))
+        first_row[earlier] = [seen[i] for i in rows["id"][earlier]]
+        repeat |= earlier
     if repeat.any():
-        first_row = rows["row"][first[np.searchsorted(unique, codes[repeat])]]
         rows["outcome"][repeat] = SKIPPED
         rows["reason"][repeat] = [
-            f"duplicate key: row {r} of the shard has it and was kept" for r in first_row
+            f"duplicate key: row {r} of the shard has it and was kept" for r in first_row[repeat]
         ]
         rows["id"][repeat] = [row_id(shard_name, None, int(r)) for r in rows["row"][repeat]]
+    if seen is not None:
+        seen.update(zip(rows["id"][~repeat].tolist(), rows["row"][~repeat].tolist(), strict=True))
     return rows
 
 
-def shard_tables(rows: Batch, shard_name: str, model_id: str) -> ShardTables:
-    """The images and rejected tables of one shard (all its rows, from every batch, concatenated)."""
-    rows = mark_duplicates(rows, shard_name)
+def shard_tables(
+    rows: Batch, shard_name: str, model_id: str, seen: dict[str, int] | None = None
+) -> ShardTables:
+    """The images and rejected tables of one shard's rows (all of them, or one part: see `seen`)."""
+    rows = mark_duplicates(rows, shard_name, seen)
     outcome = rows["outcome"]
     ok, bad = outcome == OK, outcome != OK
     images = pa.table(

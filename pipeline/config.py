@@ -149,6 +149,9 @@ class OutputConfig(_Section):
     manifest_table: str = "manifest"
     vector_dtype: Literal["float16", "float32"] = "float32"
     storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB object-store options")
+    max_buffered_rows: int = Field(
+        100_000, gt=0, description="rows the driver holds at most; a larger shard is written in parts"
+    )
     lease_seconds: float = Field(
         600.0,
         gt=0,

@@ -54,6 +54,7 @@ class RunSummary:
     write_seconds: float = 0.0
     failed_shards: dict[str, str] = field(default_factory=dict)
     commits: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows ok so far)
+    peak_buffered_rows: int = 0  # the most rows the driver held at once
 
     @property
     def images_per_second(self) -> float:
@@ -103,8 +104,22 @@ def init_ray(cfg: IndexConfig, verbose: bool = False) -> None:
     quiet_ray_data(verbose)
 
 
+@dataclass
+class _Written:
+    """A shard written in parts so far: its record's running counts, when it began, the ids it holds."""
+
+    record: ShardRecord
+    started: float
+    parts: int = 0
+    seen: dict[str, int] = field(default_factory=dict)
+
+
 class _ShardAssembler:
-    """Buffers each shard's rows until all have come back from Ray, then commits the shard."""
+    """Buffers each shard's rows until all have come back from Ray, then commits the shard.
+
+    The driver holds at most `max_buffered_rows` rows plus one row group's: past that, the shard holding
+    the most is written as a part (its manifest row stays `writing` until its last part, so a crash in
+    between makes the next run replace the shard)."""
 
     def __init__(
         self,
@@ -114,11 +129,15 @@ class _ShardAssembler:
         summary: RunSummary,
         progress: Progress,
         started: float,
+        max_buffered_rows: int,
     ):
         self.writer, self.plans, self.known = writer, plans, known
         self.summary, self.progress, self.started = summary, progress, started
+        self.max_buffered_rows = max_buffered_rows
         self.parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
-        self.rows: Counter = Counter()
+        self.rows: Counter = Counter()  # rows received per shard
+        self.buffered: Counter = Counter()  # rows held per shard
+        self.written: dict[str, _Written] = {}
         self.failed: set[str] = set()
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
@@ -131,18 +150,25 @@ class _ShardAssembler:
             if unreadable.any():
                 self.fail(uri, str(rows["reason"][unreadable][0]))
                 continue
+            n = int(mask.sum())
             self.parts[uri].append(rows)
-            self.rows[uri] += int(mask.sum())
-            self.progress.advance(int(mask.sum()))
+            self.rows[uri] += n
+            self.buffered[uri] += n
+            self.progress.advance(n)
             if self.rows[uri] == self.plans[uri].num_rows:
                 self.commit(uri)
             elif self.rows[uri] > self.plans[uri].num_rows:
                 raise RuntimeError(f"{uri}: received more rows than the shard holds; refusing to write")
+        self.summary.peak_buffered_rows = max(self.summary.peak_buffered_rows, self.buffered.total())
+        while self.buffered.total() > self.max_buffered_rows:
+            self.write(max(self.buffered, key=self.buffered.__getitem__), final=False)
 
     def fail(self, uri: str, reason: str) -> None:
         """A row group of this shard could not be read: drop its rows, record why, go on with the rest."""
         self.failed.add(uri)
         self.parts.pop(uri, None)
+        self.buffered.pop(uri, None)
+        self.written.pop(uri, None)  # parts already written stay under `writing`: the next run replaces them
         plan = self.plans[uri]
         self.writer.record_failed_shard(ShardRecord(uri, plan.shard.fingerprint, SHARD_FAILED, error=reason))
         self.summary.shards_failed += 1
@@ -151,23 +177,43 @@ class _ShardAssembler:
         self.progress.shard_done(None)
 
     def commit(self, uri: str) -> None:
-        plan = self.plans[uri]
+        self.write(uri, final=True)
+
+    def write(self, uri: str, final: bool) -> None:
+        """Write the rows held for a shard: the whole shard (one commit per table), or its next part."""
+        plan, s = self.plans[uri], self.summary
         parts = self.parts.pop(uri, [])
-        record, s = ShardRecord(uri, plan.shard.fingerprint, DONE), self.summary
+        self.buffered.pop(uri, None)
+        state = self.written.get(uri)
+        if state is None and not final:  # the first part of a shard too large to hold
+            record = ShardRecord(uri, plan.shard.fingerprint, DONE)
+            state = self.written[uri] = _Written(record, self.writer.begin_shard(record))
+        record = state.record if state else ShardRecord(uri, plan.shard.fingerprint, DONE)
         images = rejected = pa.table({})
         if parts:
             rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            tables = shard_tables(rows, plan.shard.name, self.writer.model_id)
+            tables = shard_tables(rows, plan.shard.name, self.writer.model_id, state.seen if state else None)
             images, rejected = tables.images, tables.rejected
-            record.rows_ok, record.rows_failed = tables.rows_ok, tables.rows_failed
-            record.rows_skipped = tables.rows_skipped
+            record.rows_ok += tables.rows_ok
+            record.rows_failed += tables.rows_failed
+            record.rows_skipped += tables.rows_skipped
             s.routes.update(tables.routes)
             s.gflops_sum += tables.gflops
             for timer, seconds in tables.stage_seconds.items():
                 s.stage_seconds[timer] += seconds
-        t0 = time.perf_counter()
-        self.writer.commit_shard(record, images, rejected, upsert=uri in self.known)
+        t0, known = time.perf_counter(), uri in self.known
+        if state is None:
+            self.writer.commit_shard(record, images, rejected, upsert=known)
+        else:
+            mode = ("replace" if state.parts == 0 else "upsert") if known else "append"
+            self.writer.put_part(uri, images, rejected, mode)
+            state.parts += 1
+            if final:
+                self.writer.finish_shard(record, state.started)
+                del self.written[uri]
         s.write_seconds += time.perf_counter() - t0
+        if not final:
+            return
         s.shards_committed += 1
         s.rows_ok += record.rows_ok
         s.rows_failed += record.rows_failed
@@ -284,7 +330,9 @@ def index_pending(run: Run, progress: Progress) -> None:
         plans = list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
 
     plan_of = {p.shard.uri: p for p in plans}
-    assembler = _ShardAssembler(writer, plan_of, known, summary, progress, run.started)
+    assembler = _ShardAssembler(
+        writer, plan_of, known, summary, progress, run.started, cfg.output.max_buffered_rows
+    )
     progress.start(len(plans), sum(p.num_rows for p in plans if not p.error))
     units = []
     for plan in plans:
@@ -305,6 +353,10 @@ def index_pending(run: Run, progress: Progress) -> None:
         dataset = stream(units, cfg, run.preprocess)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)
-        missing = {uri: n for uri, n in assembler.rows.items() if assembler.parts.get(uri)}
+        missing = {
+            uri: n
+            for uri, n in assembler.rows.items()
+            if n != plan_of[uri].num_rows and uri not in assembler.failed
+        }
         if missing:
             raise RuntimeError(f"shards incomplete after the stream ended (rows seen): {missing}")

@@ -1,8 +1,9 @@
 """Stage 5: write embeddings, rejected rows and the shard manifest to LanceDB, exactly once.
 
-Protocol per shard (one writer, so no two merge_inserts ever race on a key):
+Protocol per shard (one writer per table, under its lease):
 1. manifest row -> status 'writing';
-2. rejected rows, then embeddings, each in ONE LanceDB commit (a shard's rows appear together or not);
+2. rejected rows, then embeddings, each in ONE LanceDB commit (a shard's rows appear together or not),
+   except for a shard too large for the driver's buffer (`output.max_buffered_rows`), written in parts;
 3. manifest row -> status 'done' with counts.
 A shard with no manifest row for this model is appended; any other (left 'writing' by a crash, 'failed'
 after a partial write, or changed since it was indexed) is upserted on `id`, and its rows that the new
@@ -215,31 +216,42 @@ class LanceWriter:
             .execute(table)
         )
 
-    def _put(self, table, rows: pa.Table, shard: str, upsert: bool) -> None:
-        """Append; or upsert on `id` and delete the shard's old rows it no longer has, in one commit."""
-        if upsert:
-            this_shard = f"shard = {sql_literal(shard)}"
-            if rows.num_rows == 0:
-                table.delete(this_shard)
-                return
-            (
-                table.merge_insert("id")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .when_not_matched_by_source_delete(this_shard)
-                .execute(rows.cast(table.schema))
-            )
-        elif rows.num_rows:
+    def _put(self, table, rows: pa.Table, shard: str, mode: str) -> None:
+        """One commit of a shard's rows. `append`: rows never written before. `upsert`: on `id`.
+        `replace`: upsert, and delete the shard's old rows it no longer has, in the same commit."""
+        this_shard = f"shard = {sql_literal(shard)}"
+        if mode == "replace" and rows.num_rows == 0:
+            table.delete(this_shard)
+        elif mode == "append" and rows.num_rows:
             table.add(rows.cast(table.schema))
+        elif rows.num_rows:
+            merge = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+            if mode == "replace":
+                merge = merge.when_not_matched_by_source_delete(this_shard)
+            merge.execute(rows.cast(table.schema))
 
-    def commit_shard(self, record: ShardRecord, images: pa.Table, rejected: pa.Table, upsert: bool) -> None:
-        """Make one shard's rows visible and mark it done (see the module docstring for the protocol)."""
+    def begin_shard(self, record: ShardRecord) -> float:
+        """Mark the shard `writing` before any of its rows are written; returns the start time."""
         self.check_lease()
         started = time.time()
         self._set_manifest(ShardRecord(record.shard, record.fingerprint, WRITING), started, None)
-        self._put(self.rejected, rejected, record.shard, upsert)
-        self._put(self.images, images, record.shard, upsert)
+        return started
+
+    def put_part(self, shard: str, images: pa.Table, rejected: pa.Table, mode: str) -> None:
+        """Rejected rows, then embeddings, of a whole shard or of one part of it (`_put` for `mode`)."""
+        self.check_lease()
+        self._put(self.rejected, rejected, shard, mode)
+        self._put(self.images, images, shard, mode)
+
+    def finish_shard(self, record: ShardRecord, started: float) -> None:
+        self.check_lease()
         self._set_manifest(record, started, time.time())
+
+    def commit_shard(self, record: ShardRecord, images: pa.Table, rejected: pa.Table, upsert: bool) -> None:
+        """Make one whole shard's rows visible in one commit per table and mark it done."""
+        started = self.begin_shard(record)
+        self.put_part(record.shard, images, rejected, "replace" if upsert else "append")
+        self.finish_shard(record, started)
 
     def record_failed_shard(self, record: ShardRecord) -> None:
         """A shard that could not be read; retried on the next run.

@@ -236,3 +236,42 @@ def test_oversized_text_fails_its_row_is_stored_cut_and_a_huge_key_loses_its_id(
     batch = prepare_rows(table, cfg, model_preprocess(cfg.model))
     outcome = dict(zip(batch["id"], batch["outcome"], strict=True))
     assert outcome == {"s.parquet/a": OK, "s.parquet/b": "failed", "s.parquet#2": "failed"}
+
+
+def test_a_shard_larger_than_the_buffer_is_written_in_parts_once_and_replaced_whole(ray_local, tmp_path):
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for i in range(4):
+        _shard(shards / f"small{i}.parquet", [f"s{i}-{k}" for k in range(8)])
+    big = [f"k{r % 100}" for r in range(120)]  # keys 0-19 repeat 100 rows later: in another part
+    pq.write_table(
+        pa.table({"key": big, "jpg": [_jpeg(r) for r in range(120)]}),
+        shards / "big.parquet",
+        row_group_size=30,
+    )
+    cfg = index_config([str(shards)], str(tmp_path / "db"), "output.max_buffered_rows=40")
+    summary = run_index(cfg)
+
+    assert pq.read_metadata(shards / "big.parquet").num_rows > 40  # the shard cannot be held whole
+    assert summary.peak_buffered_rows <= 40 + 30  # the buffer plus at most one row group's rows
+    ids = lance_table(cfg.output.uri, "images").column("id").to_pylist()
+    expected = [f"big.parquet/k{k}" for k in range(100)] + [
+        f"small{i}.parquet/s{i}-{k}" for i in range(4) for k in range(8)
+    ]
+    assert sorted(ids) == sorted(expected)
+    rejected = lance_table(cfg.output.uri, "rejected").to_pylist()
+    assert len(rejected) == 20 and all(r["reason"].startswith("duplicate key") for r in rejected)
+    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "manifest").to_pylist()}
+    assert (manifest["big.parquet"]["status"], manifest["big.parquet"]["rows_ok"]) == ("done", 100)
+    assert manifest["big.parquet"]["rows_skipped"] == 20
+
+    # the big shard rewritten with 60 rows: replaced in parts, its 40 vanished keys deleted
+    pq.write_table(
+        pa.table({"key": [f"n{r}" for r in range(60)], "jpg": [_jpeg(r) for r in range(60)]}),
+        shards / "big.parquet",
+        row_group_size=30,
+    )
+    again = run_index(cfg)
+    assert (again.shards_committed, again.rows_ok) == (1, 60)
+    ids = lance_table(cfg.output.uri, "images").column("id").to_pylist()
+    assert sorted(ids) == sorted([f"big.parquet/n{r}" for r in range(60)] + expected[100:])
