@@ -189,11 +189,11 @@ def _statuses(manifest) -> Counter:
 
 
 @contextlib.contextmanager
-def _cli_index(corpus: Path, db: str, log: Path):
+def _cli_index(corpus: Path, db: str, log: Path, *settings: str):
     """The real CLI in its own session and Ray temp dir (short: Ray's socket paths have a length limit)."""
     ray_tmp = tempfile.mkdtemp(prefix="icar-ray-", dir="/tmp")
     cmd = [sys.executable, "-m", "pipeline.cli", "index", "--input", str(corpus), "--output", db]
-    for setting in ("ray.num_cpus=2", *KILL_RUN_SETTINGS):
+    for setting in ("ray.num_cpus=2", *KILL_RUN_SETTINGS, *settings):
         cmd += ["--set", setting]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
@@ -247,19 +247,37 @@ def _shard_rows_written_but_not_done(connection, status: Counter) -> bool:
     return any(images.count_rows(f"shard = '{row['shard']}'") for row in writing)
 
 
+def _shard_partly_written(connection, status: Counter) -> bool:
+    """A shard written in parts, caught between two: some of its rows are in the table, not all."""
+    if not status["writing"]:
+        return False
+    writing = connection.open_table("manifest").search().where("status = 'writing'").to_list()
+    images = connection.open_table("images")
+    return any(0 < images.count_rows(f"shard = '{row['shard']}'") < CORPUS_ROWS for row in writing)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "condition", [_some_done, _shard_rows_written_but_not_done], ids=["after-commits", "mid-shard"]
+    ("condition", "settings"),
+    [
+        (_some_done, ()),
+        (_shard_rows_written_but_not_done, ()),
+        # a 3-row buffer: shards (8 rows, row groups of 2) are written in parts, the kill lands between two
+        (_shard_partly_written, ("output.max_buffered_rows=3",)),
+    ],
+    ids=["after-commits", "mid-shard", "mid-parts"],
 )
-def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(ray_local, small_corpus, tmp_path, condition):
+def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(
+    ray_local, small_corpus, tmp_path, condition, settings
+):
     db = str(tmp_path / "db")
-    with _cli_index(small_corpus, db, tmp_path / "cli.log") as proc:
+    with _cli_index(small_corpus, db, tmp_path / "cli.log", *settings) as proc:
         at_kill = _kill_when(proc, db, tmp_path / "cli.log", condition)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     assert not _session_processes(proc.pid)
     done = at_kill["done"]
 
-    cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS)
+    cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS, *settings)
     summary = run_index(cfg)
     assert (summary.shards_already_done, summary.shards_committed) == (done, CORPUS_SHARDS - done)
     assert summary.rows_ok == CORPUS_ROWS * (CORPUS_SHARDS - done)
