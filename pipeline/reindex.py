@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import fsspec
+
 from pipeline.config import ConfigError, IndexConfig
 from pipeline.job import RunSummary, index_pending, open_run
 from pipeline.progress import Progress
@@ -122,11 +124,16 @@ def _summary_dict(summary: RunSummary) -> dict[str, Any]:
 
 def write_report(report: ReindexReport, cfg: IndexConfig) -> None:
     """`<report_dir>/<UTC>.json` and `.md`, copied to `latest.json` / `latest.md` (paths in the report)."""
-    fs, root = output_filesystem(cfg.output)
-    directory = cfg.reindex.report_dir or posixpath.join(root, REPORTS_DIR)
+    if cfg.reindex.report_dir:
+        fs, directory = fsspec.core.url_to_fs(cfg.reindex.report_dir)
+    else:
+        fs, root = output_filesystem(cfg.output)
+        directory = posixpath.join(root, REPORTS_DIR)
     fs.makedirs(directory, exist_ok=True)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     stamp = report.started_utc.replace("-", "").replace(":", "")
-    report.paths = [posixpath.join(directory, f"{stamp}.{ext}") for ext in ("json", "md")]
+    stamped = [posixpath.join(directory, f"{stamp}.{ext}") for ext in ("json", "md")]
+    report.paths = stamped if local else [fs.unstrip_protocol(p) for p in stamped]
     texts = {"json": json.dumps(asdict(report), indent=2), "md": report.markdown()}
     for name in (stamp, "latest"):
         for ext, text in texts.items():

@@ -10,13 +10,12 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import IvfPq
 
 K = 10
 CLUSTER_RANK = 16  # intrinsic dimension of each cluster (real CLIP embeddings: tens of dimensions)
@@ -108,6 +107,9 @@ def measure_dtype(
     workdir: Path, data: np.ndarray, queries: np.ndarray, dtype: str, flat_queries: int
 ) -> dict[str, Any]:
     """Write the table, build the index, then time queries and score recall@10 against exact search."""
+    import lancedb  # here, not at import: the bench starts Ray (which forks) before this section
+    from lancedb.index import IvfPq
+
     db = lancedb.connect(str(workdir))
     stored = data.astype(np.float16) if dtype == "float16" else data  # exact search sees these values
     truth = exact_top_k(stored, queries)
@@ -174,7 +176,7 @@ def measure_query(
             f"offset norm ~1, isotropic noise {NOISE}), normalised; not uniform noise"
         ),
         "exact": "brute-force numpy dot product over the stored (dtype-rounded) vectors",
-        "lancedb": lancedb.__version__,
+        "lancedb": version("lancedb"),
         "cpu_count": os.cpu_count(),
         "tables": results,
     }
