@@ -73,7 +73,12 @@ class ReindexReport:
             f"| table version before -> after | {self.version_before} -> {self.version_after} |",
             f"| routes | {routes} |",
             f"| compute saved vs full depth | {saved:.0%} of GFLOPs |",
-            f"| vector index | {m.vector_index} ({m.unindexed_rows_before} rows were outside it) |",
+            "| vector index | "
+            + (
+                f"{m.vector_index} ({m.unindexed_rows_before} rows were outside it) |"
+                if m.vector_index != "none"
+                else "none (`icar build-index` builds one) |"
+            ),
             f"| versions pruned | older than {self.maintenance.versions_pruned_older_than_days:g} days |",
         ]
         lines += [f"| FAILED {uri} | {why} |" for uri, why in s["failed_shards"].items()]
