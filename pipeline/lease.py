@@ -1,8 +1,9 @@
 """One writer per output table, enforced by the output itself, on local disk and on S3.
 
 A job writes a table only while it holds that table's lease: a small JSON object under
-`<output.uri>/_leases/`, created with an exclusive create (O_EXCL locally, a conditional PUT with
-`If-None-Match: *` on S3), so of two jobs started at the same moment, anywhere, exactly one gets it.
+`<output.uri>/_leases/`, created with an exclusive create (a hard link of a complete file locally, a
+conditional PUT with `If-None-Match: *` on S3), so of two jobs started at the same moment, anywhere,
+exactly one gets it.
 The holder renews its expiry from a background thread; a lease whose holder died expires after
 `output.lease_seconds`, or at once when the holder ran on this machine and its process is gone. Taking
 over an expired lease creates the next generation (`<table>.<n+1>.lease`) exclusively, so two jobs that
@@ -106,29 +107,37 @@ class TableLease:
         return sorted(int(m.group(1)) for m in map(self._pattern.match, names) if m)
 
     def _read(self, generation: int) -> LeaseRecord | None:
-        """The record of a generation, None if it is gone (released). A local file just created by
-        another job may be empty for a moment: read again rather than mistake it for free."""
+        """The record of a generation, None if it is gone (released). Records are only ever written
+        whole (a PUT on S3, write-aside then link or rename locally), so a partial one means damage."""
         path = self._path(generation)
-        for _ in range(50):
-            try:
-                return LeaseRecord(**json.loads(self.fs.cat_file(path)))
-            except FileNotFoundError:
-                return None
-            except ValueError:
-                time.sleep(0.02)
-        raise RuntimeError(f"lease file {path} is not a lease record; delete it if no job is running")
+        try:
+            return LeaseRecord(**json.loads(self.fs.cat_file(path)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise RuntimeError(
+                f"lease file {path} is not a lease record; delete it if no job is running"
+            ) from None
+
+    @staticmethod
+    def _aside(path: str, record: LeaseRecord, data: bytes) -> str:
+        """`data` written whole under a name of this job's own, next to `path` (local disk only)."""
+        aside = f"{path}.{record.owner}.tmp"
+        Path(aside).write_bytes(data)
+        return aside
 
     def _create(self, record: LeaseRecord) -> bool:
         """Exclusive create of this generation's file; False when it already exists."""
         path, data = self._path(record.generation), json.dumps(asdict(record)).encode()
-        if self.local:
+        if self.local:  # link() of a complete file fails if the name exists: an exclusive, whole create
             self.fs.makedirs(self.directory, exist_ok=True)
+            aside = self._aside(path, record, data)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.link(aside, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            finally:
+                os.unlink(aside)
             return True
         try:
             self.fs.pipe_file(path, data, mode="create")
@@ -189,9 +198,7 @@ class TableLease:
         self.record.expires = time.time() + self.seconds
         path, data = self._path(self.record.generation), json.dumps(asdict(self.record)).encode()
         if self.local:  # write aside, then rename: a reader never sees half a record
-            aside = f"{path}.{self.record.owner}.tmp"
-            Path(aside).write_bytes(data)
-            os.replace(aside, path)
+            os.replace(self._aside(path, self.record, data), path)
         else:  # an S3 PUT replaces the object whole
             self.fs.pipe_file(path, data)
 
