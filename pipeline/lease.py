@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import OutputConfig
-from pipeline.write import output_filesystem
+from pipeline.write import is_local, output_filesystem
 
 LEASE_DIR = "_leases"
 
@@ -87,9 +87,7 @@ class TableLease:
         self.fs, root = output_filesystem(cfg)
         self.directory = posixpath.join(root, LEASE_DIR)
         self.table, self.seconds = cfg.table, cfg.lease_seconds
-        self.local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+        self.local = is_local(self.fs)
         self.record: LeaseRecord | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None

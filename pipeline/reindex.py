@@ -23,7 +23,7 @@ from pipeline.config import ConfigError, IndexConfig
 from pipeline.job import RunSummary, index_pending, open_run
 from pipeline.progress import Progress
 from pipeline.query import build_indexes
-from pipeline.write import LanceWriter, output_filesystem
+from pipeline.write import LanceWriter, is_local, output_filesystem
 
 REPORTS_DIR = "_reports"
 
@@ -110,9 +110,7 @@ def maintain(writer: LanceWriter, cfg: IndexConfig) -> Maintenance:
     images, rows = writer.images, writer.images.count_rows()
     vector_indexes = [i.name for i in images.list_indices() if i.columns == ["vector"]]
     unindexed = images.index_stats(vector_indexes[0]).num_unindexed_rows if vector_indexes else 0
-    retention = timedelta(days=cfg.reindex.cleanup_older_than_days)
-    for table in (writer.images, writer.rejected, writer.manifest):
-        table.optimize(cleanup_older_than=retention)
+    writer.optimize(cleanup_older_than=timedelta(days=cfg.reindex.cleanup_older_than_days))
     action = "folded in" if vector_indexes else "none"
     if vector_indexes and rows and unindexed > cfg.reindex.rebuild_unindexed_share * rows:
         writer.check_lease()
@@ -135,7 +133,7 @@ def write_report(report: ReindexReport, cfg: IndexConfig) -> None:
         fs, root = output_filesystem(cfg.output)
         directory = posixpath.join(root, REPORTS_DIR)
     fs.makedirs(directory, exist_ok=True)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    local = is_local(fs)
     stamp = report.started_utc.replace("-", "").replace(":", "")
     stamped = [posixpath.join(directory, f"{stamp}.{ext}") for ext in ("json", "md")]
     report.paths = stamped if local else [fs.unstrip_protocol(p) for p in stamped]

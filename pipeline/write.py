@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -114,6 +115,10 @@ _S3FS_OPTIONS = {
     "aws_access_key_id": "key",
     "aws_secret_access_key": "secret",
 }
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def output_filesystem(cfg: OutputConfig) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -276,7 +281,8 @@ class LanceWriter:
         self.rejected.delete(where)
         self.manifest.delete(f"{where} AND model_id = {sql_literal(self.model_id)}")
 
-    def optimize(self) -> None:
-        """Compact the many small per-shard commits and prune old versions."""
+    def optimize(self, cleanup_older_than: timedelta | None = None) -> None:
+        """Compact the many small per-shard commits, fold new rows into the indexes, and prune versions
+        older than `cleanup_older_than` (LanceDB's default, 7 days, when None)."""
         for table in (self.images, self.rejected, self.manifest):
-            table.optimize()
+            table.optimize(cleanup_older_than=cleanup_older_than)
