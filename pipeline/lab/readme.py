@@ -38,7 +38,8 @@ def frontier_block(results: Path) -> str:
         f"{a['timing_images']}, batches of {a['batch_size']}, {a['threads']} threads, timed alternately "
         "against open_clip's `encode_image` in one process (speedup = median of same-round ratios, "
         f"min-max in brackets); [results/frontier.md](results/frontier.md), "
-        "[plot](results/frontier.png).\n\n" + frontier_markdown(r)
+        "[plot](results/frontier.png). Not out of sample: the shipped routes were chosen on these same "
+        "held-out scenes, so their quality here is in-sample.\n\n" + frontier_markdown(r)
     )
 
 
@@ -50,7 +51,9 @@ def bench_block(results: Path) -> str:
     head = (
         f"Latest `make bench`{mode}: {r['started_utc']}, {r['seconds']:.0f} s on {r['host']['cpu_count']} "
         f"CPUs, load average {load[0]:.2f} at start and {load[1]:.2f} at end "
-        "([results/bench/latest.md](results/bench/latest.md)):\n\n"
+        "([results/bench/latest.md](results/bench/latest.md)). Each speed is a ratio to its baseline in "
+        "the same run; the equal-quality point takes its quality from results/frontier.json, i.e. from "
+        "the scenes the routes were chosen on (in-sample):\n\n"
     )
     return head + "\n".join(f"- {text}" for text in r["answers"].values()) + "\n"
 
