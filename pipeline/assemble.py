@@ -32,13 +32,14 @@ class ShardTables:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _text(values: np.ndarray) -> pa.Array:
-    """Object array of str/None -> arrow strings, each value as long as itself (numpy's `astype(str)`
-    would pad every value to the longest one). Ray Data hands over a column that is null in every row of
-    a batch as float NaNs, so NaN means null here (`from_pandas`)."""
+def _text(values: np.ndarray, type: pa.DataType | None = None) -> pa.Array:
+    """Object array of str/bytes/None -> arrow strings (or binary), each value as long as itself (numpy's
+    `astype(str)` would pad every value to the longest one). Ray Data hands over a column that is null in
+    every row of a batch as float NaNs, so NaN means null here (`from_pandas`)."""
+    type = type or pa.string()
     if values.dtype.kind == "f":
-        return pa.nulls(len(values), pa.string())
-    return pa.array(values, pa.string(), from_pandas=True)
+        return pa.nulls(len(values), type)
+    return pa.array(values, type, from_pandas=True)
 
 
 def mark_duplicates(rows: Batch, shard_name: str, seen: dict[str, int] | None = None) -> Batch:
@@ -86,6 +87,7 @@ def shard_tables(
             "tokens": rows["tokens"][ok],
             "gflops": rows["gflops"][ok],
             "model_id": pa.array([model_id] * int(ok.sum()), pa.string()),
+            "thumbnail": _text(rows["thumbnail"][ok], pa.binary()),
         }
     )
     rejected = pa.table(

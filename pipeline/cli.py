@@ -1,4 +1,4 @@
-"""`icar`: index shards, query the table, build its indexes. Every command takes --config and --set.
+"""`icar`: index shards, query or serve the table, build its indexes. Every command takes --config and --set.
 
 Other packages add commands through the `icar.commands` entry-point group (a `register(subparsers)`
 function); that is how the lab's `icar calibrate` joins without the runtime importing the lab.
@@ -37,6 +37,12 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
     overrides = list(args.overrides)
     if getattr(args, "keep_removed", False):
         overrides.append("reindex.delete_removed=false")
+    if getattr(args, "no_thumbnails", False):
+        overrides.append("output.thumbnail_side=0")
+    if getattr(args, "host", None):
+        overrides.append(f"serve.host={json.dumps(args.host)}")
+    if getattr(args, "port", None) is not None:
+        overrides.append(f"serve.port={args.port}")
     if getattr(args, "input", None):
         overrides.append(f"input.paths={json.dumps(args.input)}")
     if getattr(args, "output", None):
@@ -109,6 +115,21 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from pipeline.serve.app import create_app
+    except ImportError as exc:
+        print(f"icar: serve needs pip install 'icar-pipeline[serve]' ({exc})", file=sys.stderr)
+        return 2
+    cfg = config_from_args(args)
+    app = create_app(cfg)  # loads the model and opens the table before the port opens
+    print(f"icar: serving {cfg.output.uri} table {cfg.output.table!r} on http://{cfg.serve.host}:{cfg.serve.port}")
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
+    return 0
+
+
 def cmd_build_index(args: argparse.Namespace) -> int:
     from pipeline.query import build_indexes
 
@@ -133,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="if another job is writing the table, wait for it (default: exit 3)",
     )
+    index.add_argument(
+        "--no-thumbnails", action="store_true", help="store no thumbnails (output.thumbnail_side=0)"
+    )
     index.set_defaults(func=cmd_index)
 
     reindex = sub.add_parser(
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     reindex.add_argument(
         "--keep-removed", action="store_true", help="keep the rows of shards no longer in the input"
     )
+    reindex.add_argument("--no-thumbnails", action="store_true", help="as for index")
     reindex.set_defaults(func=cmd_reindex)
 
     query = sub.add_parser("query", help="search the table by text or by an image file")
@@ -155,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--where", help="SQL filter applied before the vector search, e.g. \"route = 'full'\"")
     query.add_argument("--json", action="store_true", help="print JSON rows")
     query.set_defaults(func=cmd_query)
+
+    serve = sub.add_parser("serve", help="the HTTP search API and page over the table (serve extra)")
+    _config_args(serve)
+    serve.add_argument("--host", help="shorthand for serve.host (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="shorthand for serve.port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
 
     build = sub.add_parser("build-index", help="build the IVF_PQ vector index and scalar indexes")
     _config_args(build)

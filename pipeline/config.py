@@ -140,6 +140,10 @@ class EncoderConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="0 on CPU clusters, 1 per actor on GPU clusters")
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 = cpus_per_actor")
+    max_restarts: int = Field(
+        3, ge=0, description="times a crashed encoder actor is restarted, and a batch retried, before its "
+        "shards fail (Ray Data's own default retries forever)"
+    )
 
 
 class OutputConfig(_Section):
@@ -151,6 +155,9 @@ class OutputConfig(_Section):
     storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB object-store options")
     max_buffered_rows: int = Field(
         100_000, gt=0, description="rows the driver holds at most; a larger shard is written in parts"
+    )
+    thumbnail_side: int = Field(
+        128, ge=0, le=1024, description="longest side of the WebP thumbnail stored with each row; 0 = none"
     )
     lease_seconds: float = Field(
         600.0,
@@ -184,6 +191,21 @@ class ReindexConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """`icar serve`: the HTTP search API and page over the output table."""
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on every interface")
+    port: int = Field(8000, ge=0, le=65535)
+    max_upload_bytes: int = Field(10 * 2**20, gt=0, description="larger query images get 413")
+    max_query_pixels: int = Field(
+        25_000_000, gt=0, description="query images whose header claims more pixels are refused"
+    )
+    max_k: int = Field(100, gt=0, description="most results one request may ask for (k + offset)")
+    refresh_seconds: float = Field(
+        5.0, gt=0, description="how often the table is checked for new versions (a reindex's commits)"
+    )
+
+
 def shipped_routes_path(model: ModelConfig) -> Path | None:
     """The calibrated router shipped for a model, if any: `models/<name>.routes.yaml`.
 
@@ -203,6 +225,7 @@ class IndexConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     reindex: ReindexConfig = Field(default_factory=ReindexConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,6 +21,8 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _RESIZE_MODES = ("shortest", "longest", "squash")
 _VISION_IMAGE_SIZE = 224  # open_clip's CLIPVisionCfg default when a config omits image_size
+THUMBNAIL_QUALITY = 75
+THUMBNAIL_METHOD = 4  # libwebp effort, 0-6: its own default
 
 
 # the formats web crawls hold (JPEG's opener also returns cameras' MPO files); Pillow's others (EPS through
@@ -134,14 +136,32 @@ def resize_to(image: Image.Image, preprocess: Preprocess) -> Image.Image:
     return _center_crop_or_pad(image.resize((new_w, new_h), resample), height, width)
 
 
-def decode_image(
-    data: bytes | None, size: int | Preprocess, max_pixels: int = 64_000_000, use_draft: bool = True
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode, orient, convert and resize one image. Returns (uint8 [height, width, 3], original (w, h)).
+class Decoded(NamedTuple):
+    pixels: np.ndarray  # uint8 [height, width, 3], the model's input
+    size: tuple[int, int]  # (w, h) stored in the file header, before any EXIF rotation
+    thumbnail: bytes | None  # a small WebP of the whole image, when asked for
+
+
+def make_thumbnail(image: Image.Image, side: int, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    """The whole image (no crop) fitted into side x side, as WebP: what a result grid shows."""
+    small = image.copy()
+    small.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    small.save(out, "WEBP", quality=quality, method=THUMBNAIL_METHOD)
+    return out.getvalue()
+
+
+def decode(
+    data: bytes | None,
+    size: int | Preprocess,
+    max_pixels: int = 64_000_000,
+    use_draft: bool = True,
+    thumbnail_side: int = 0,
+) -> Decoded:
+    """Decode, orient, convert and resize one image, and (`thumbnail_side` > 0) make its thumbnail.
 
     `size` is the model's `Preprocess`, or an int for open_clip's default geometry at size x size (bicubic,
-    shortest side, centre crop). The original (w, h) is the size stored in the file header, before any EXIF
-    rotation is applied.
+    shortest side, centre crop).
     """
     preprocess = Preprocess((size, size)) if isinstance(size, int) else size
     if data is None:
@@ -162,11 +182,12 @@ def decode_image(
             if use_draft and image.format == "JPEG":
                 # libjpeg DCT scaling keeps both sides >= the request; the longer target side for both,
                 # because an EXIF rotation applied afterwards may swap them
-                side = max(preprocess.size)
+                side = max(*preprocess.size, thumbnail_side)
                 image.draft("RGB", (side, side))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            pixels = np.array(resize_to(_to_rgb(image), preprocess), dtype=np.uint8)
+            image = _to_rgb(ImageOps.exif_transpose(image))
+            pixels = np.array(resize_to(image, preprocess), dtype=np.uint8)
+            thumbnail = make_thumbnail(image, thumbnail_side) if thumbnail_side else None
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -179,4 +200,12 @@ def decode_image(
         raise DecodeError(f"image could not be decoded: {type(exc).__name__}: {exc}") from None
     if pixels.shape != (*preprocess.size, 3):  # pragma: no cover - defensive; resize_to guarantees it
         raise DecodeError(f"decoded to unexpected shape {pixels.shape}")
-    return pixels, (width, height)
+    return Decoded(pixels, (width, height), thumbnail)
+
+
+def decode_image(
+    data: bytes | None, size: int | Preprocess, max_pixels: int = 64_000_000, use_draft: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode` without a thumbnail: (uint8 [height, width, 3], original (w, h))."""
+    pixels, original, _ = decode(data, size, max_pixels, use_draft)
+    return pixels, original

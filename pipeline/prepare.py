@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import IndexConfig
-from pipeline.decode import DecodeError, Preprocess, decode_image
+from pipeline.decode import DecodeError, Preprocess, decode
 from pipeline.read import Shard, ShardPlan, read_chunks
 from pipeline.route import assign_routes
 from pipeline.score import Scorer, complexity_features, load_scorer
@@ -61,6 +61,7 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
     outcome = np.full(n, OK, dtype=object)
     reason = np.full(n, "", dtype=object)
     bytes_per_pixel = np.zeros(n, np.float32)
+    thumbnails = np.full(n, None, dtype=object)
     statuses = table.column("status").to_pylist()
     errors = table.column("error_message").to_pylist()
     text_errors = table.column("text_error").to_pylist()
@@ -75,7 +76,9 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
             outcome[i], reason[i] = SKIPPED, "image is null"
             continue
         try:
-            images[i], (w, h) = decode_image(data, preprocess, cfg.decode.max_pixels, cfg.decode.use_draft)
+            images[i], (w, h), thumbnails[i] = decode(
+                data, preprocess, cfg.decode.max_pixels, cfg.decode.use_draft, cfg.output.thumbnail_side
+            )
             bytes_per_pixel[i] = len(data) / (w * h)
         except DecodeError as exc:
             outcome[i], reason[i] = FAILED, str(exc)
@@ -97,6 +100,7 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
         outcome=outcome,
         reason=reason,
         image=images,
+        thumbnail=thumbnails,
         complexity=complexity,
         route=route,
         t_decode=np.full(n, (decoded - started) / max(n, 1), np.float32),
@@ -119,6 +123,7 @@ def failed_unit(unit: dict[str, Any], reason: str, preprocess: Preprocess) -> Ba
         "outcome": np.asarray([UNREADABLE], dtype=object),
         "reason": np.asarray([reason], dtype=object),
         "image": np.zeros((1, *preprocess.size, 3), np.uint8),
+        "thumbnail": np.asarray([None], dtype=object),
         "complexity": np.full(1, np.nan, np.float32),
         "route": np.zeros(1, np.int32),
         **{timer: np.zeros(1, np.float32) for timer in ("t_decode", "t_score", "t_read")},

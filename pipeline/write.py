@@ -79,6 +79,7 @@ def images_schema(dim: int, dtype: str, model_id: str | None = None) -> pa.Schem
             ("tokens", pa.int32()),
             ("gflops", pa.float32()),
             ("model_id", pa.string()),
+            ("thumbnail", pa.binary()),  # small WebP (output.thumbnail_side), null when off
         ],
         metadata=metadata,
     )
@@ -133,12 +134,18 @@ def output_filesystem(cfg: OutputConfig) -> tuple[fsspec.AbstractFileSystem, str
     return fsspec.core.url_to_fs(cfg.uri, **options)
 
 
-def connect(cfg: OutputConfig) -> lancedb.DBConnection:
+def connect(cfg: OutputConfig, read_consistency_interval: timedelta | None = None) -> lancedb.DBConnection:
     """Open the output database. lancedb is imported here, not at module load: importing it installs a
-    fork hook that warns in every process forked afterwards, and the job starts Ray (which forks) first."""
+    fork hook that warns in every process forked afterwards, and the job starts Ray (which forks) first.
+
+    With `read_consistency_interval`, open tables look for newer versions that often (a reader's view)."""
     import lancedb
 
-    return lancedb.connect(cfg.uri, storage_options=cfg.storage_options or None)
+    return lancedb.connect(
+        cfg.uri,
+        storage_options=cfg.storage_options or None,
+        read_consistency_interval=read_consistency_interval,
+    )
 
 
 class LanceWriter:
@@ -223,8 +230,10 @@ class LanceWriter:
 
     def _put(self, table, rows: pa.Table, shard: str, mode: str) -> None:
         """One commit of a shard's rows. `append`: rows never written before. `upsert`: on `id`.
-        `replace`: upsert, and delete the shard's old rows it no longer has, in the same commit."""
+        `replace`: upsert, and delete the shard's old rows it no longer has, in the same commit.
+        Columns the table lacks (a thumbnail, on a table made before thumbnails) are left out."""
         this_shard = f"shard = {sql_literal(shard)}"
+        rows = rows.select([name for name in table.schema.names if name in rows.column_names])
         if mode == "replace" and rows.num_rows == 0:
             table.delete(this_shard)
         elif mode == "append" and rows.num_rows:
