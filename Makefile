@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick browser serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,9 +15,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check pipeline jobs tests
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for the search page's browser test (Playwright drives it; it downloads no browser).
+# Where it cannot be installed (no root, no apt), the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "make browser: could not install chromium; the browser test will be skipped"
+
+serve: $(STAMP)
+	$(BIN)/icar serve --output .demo/lancedb
 
 bench: $(STAMP)
 	$(BIN)/python jobs/bench.py

@@ -58,7 +58,8 @@ def tiny(ray_local, tmp_path_factory):
 
 def test_tiny_run_writes_json_summary_and_plots(tiny):
     out, result = tiny
-    assert {"encoder", "machine", "pipeline", "router", "query", "projection", "answers"} <= set(result)
+    sections = {"encoder", "machine", "pipeline", "router", "query", "serve", "projection", "answers"}
+    assert sections <= set(result)
     for name in ("latest.md", "encoder.png", "pipeline.png", "query.png"):
         assert (out / name).stat().st_size > 0
     assert len(list(out.glob("20*.json"))) == 1
@@ -114,10 +115,13 @@ def test_router_and_query_sections_are_sane(tiny):
     assert query["rows"] == 2000 and [t["dtype"] for t in query["tables"]] == ["float32", "float16"]
     for table in query["tables"]:
         assert table["index_build_s"] > 0 and table["index_bytes"] > 0 and table["data_bytes"] > 0
-        default, tuned = table["settings"]["default"], table["settings"]["nprobes=50, refine_factor=10"]
+        settings = table["settings"]
+        default, shipped = settings["default"], settings["shipped"]
+        tuned = settings["nprobes=50, refine_factor=10"]
         assert default["recall@10"] > 0.5  # chance is 10 / 2000
         assert tuned["recall@10"] >= max(0.95, default["recall@10"])  # 50 probes of ~44 lists: near exact
-        for setting in (default, tuned):
+        assert shipped["recall@10"] >= 0.95  # the refine step reranks PQ's candidates on exact distances
+        for setting in settings.values():
             assert 0 < setting["latency_ms"]["p50"] <= setting["latency_ms"]["p99"]
     f16, f32 = query["tables"][1]["data_bytes"], query["tables"][0]["data_bytes"]
     assert f16 < 0.75 * f32
@@ -170,3 +174,12 @@ def test_a_toy_frontier_is_keyed_by_spec_and_feeds_the_bench(tmp_path):
     assert bench["points"][0]["t2i_R@10"] == points["full"]["t2i_R@10"]
     assert np.isclose(bench["points"][0]["mean_cosine_to_full"], 1.0, atol=1e-5)
     assert result["model"] == "icar-tiny-vit" and result["quality_images"] == 12
+
+
+def test_serve_section_loads_a_real_server_without_errors_and_refuses_every_abuse(tiny):
+    _, result = tiny
+    load, abuse = result["serve"]["load"], result["serve"]["abuse"]
+    assert load["requests"] > 0 and load["errors"] == 0 and load["statuses"] == {"200": load["requests"]}
+    assert 0 < load["p50_ms"] <= load["p99_ms"]
+    assert abuse["cases"] >= 20 and abuse["as_expected"] == abuse["cases"], abuse["failures"]
+    assert f"{load['errors']} errors" in result["answers"]["serve"]

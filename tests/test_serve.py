@@ -9,18 +9,21 @@ import os
 import shutil
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-import imagefactory
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import free_port, index_config, input_ids
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pipeline.config import ServeConfig
 from pipeline.job import run_index
+from pipeline.lab.bench.serve_load import abuse_cases, answered_as_expected
 from pipeline.query import DUPLICATE_COSINE, _drop_near_duplicates
 from pipeline.serve.app import create_app
 from pipeline.serve.filters import Filters
@@ -136,51 +139,20 @@ def test_filters_restrict_results_and_are_compiled_not_pasted(served):
     assert Filters(route=["a'b"], complexity_min=1e-5).where() == "route IN ('a''b') AND complexity >= 1e-05"
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"text": "x", "where": "1=1"},  # filter text is not a field
-        {"text": "x", "filters": {"sql": "1=1"}},
-        {"text": "x", "filters": {"caption_contains": "a\x00b"}},
-        {"text": "x", "filters": {"route": ["r"] * 33}},
-        {"text": "x", "filters": {"complexity_min": "NaN"}},
-        {"text": "x", "id": "y"},
-        {},
-        {"image_url": "http://169.254.169.254/latest/meta-data/"},
-    ],
-)
-def test_bad_requests_get_422_with_a_message(served, body):
-    _, client, _ = served
-    response = client.post("/api/search", json=body)
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]
-
-
-def test_image_url_is_refused_with_the_reason(served):
-    _, client, _ = served
-    response = client.post("/api/search", json={"image_url": "http://example.com/a.jpg"})
-    assert "not fetched server-side" in json.dumps(response.json())
-
-
-def test_abusive_uploads_and_bodies_get_4xx_and_leak_nothing(served):
+@pytest.mark.parametrize("case", abuse_cases(ServeConfig().max_upload_bytes), ids=lambda c: c.name)
+def test_abuse_gets_its_4xx_with_a_message_and_leaks_nothing(served, case):
     cfg, client, _ = served
-    too_big = b"\xff" * (cfg.serve.max_upload_bytes + 1)
-    cases = {
-        "oversized": (client.post("/api/search/image", content=too_big), 413),
-        "not an image": (client.post("/api/search/image", content=b"<html>hello</html>"), 400),
-        "empty": (client.post("/api/search/image", content=b""), 400),
-        "bomb": (client.post("/api/search/image", content=imagefactory.png_header_bomb(30_000, 30_000)), 400),
-        "bad json": (
-            client.post("/api/search", content=b"{not json", headers={"content-type": "application/json"}),
-            422,
-        ),
-        "bad filters": (client.post("/api/search/image?filters={", content=b"x"), 422),
-    }
-    for name, (response, status) in cases.items():
-        assert response.status_code == status, (name, response.text)
-        assert response.json()["error"], name
-        assert "Traceback" not in response.text and cfg.output.uri not in response.text, name
-    assert "pixels" in cases["bomb"][0].json()["error"]
+    response = client.post(case.path, content=case.body, headers=case.headers)
+    assert answered_as_expected(case, response.status_code, response.text, [cfg.output.uri]), response.text
+
+
+def test_refusals_say_why(served):
+    _, client, _ = served
+    url = client.post("/api/search", json={"image_url": "http://example.com/a.jpg"})
+    assert "not fetched server-side" in json.dumps(url.json())
+    (bomb,) = [c for c in abuse_cases(ServeConfig().max_upload_bytes) if c.name == "decompression bomb"]
+    refused = client.post(bomb.path, content=bomb.body)
+    assert refused.status_code == 400 and "pixels" in refused.json()["error"]
 
 
 def test_internal_errors_are_500_without_a_trace_and_counted(served, monkeypatch):
@@ -296,3 +268,32 @@ def test_search_page_in_headless_chromium(served, scene_shards, tmp_path):
         page.set_input_files("#image", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"})
         expect(page.get_by_role("alert")).to_contain_text("not a usable image")
         browser.close()
+
+
+@pytest.mark.slow
+def test_the_ray_serve_app_answers_like_icar_serve(served, tmp_path):
+    """infra/rayservice.yaml's import path, deployed on the local Ray with the config from ICAR_CONFIG."""
+    from ray import serve
+
+    from pipeline.serve import deployment
+
+    cfg, client, first = served
+    config = tmp_path / "index.yaml"
+    config.write_text(yaml.safe_dump({"output": {"uri": cfg.output.uri}}))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        env = {"env_vars": {"ICAR_CONFIG": str(config)}}
+        app = deployment.SearchAPI.options(ray_actor_options={"num_cpus": 0, "runtime_env": env}).bind()
+        serve.run(app, name="icar", route_prefix="/")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as response:
+            assert json.load(response)["rows"] == client.get("/healthz").json()["rows"]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/search",
+            json.dumps({"text": first["caption"], "k": 5}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.load(response)["results"] == _search(client, text=first["caption"], k=5)
+    finally:
+        serve.shutdown()

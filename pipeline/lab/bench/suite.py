@@ -22,7 +22,7 @@ from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.lab.bench import encoder as enc
-from pipeline.lab.bench import machine, pipeline_run, projection, query, report, router
+from pipeline.lab.bench import machine, pipeline_run, projection, query, report, router, serve_load
 from pipeline.lab.catalogue import bench_routes, route, router_key, spec_key, unique
 from pipeline.lab.heldout import load_heldout
 from pipeline.lab.speed import BASELINE, ROUTED, EncoderCase, measure_encoder, route_images
@@ -48,6 +48,8 @@ class Sizes:
     query_rows: int
     query_count: int
     flat_queries: int
+    serve_clients: int
+    serve_seconds: float
 
 
 SIZES = {
@@ -56,21 +58,21 @@ SIZES = {
         random_models=(("ViT-B-32", 2, 2), ("ViT-B-16", 2, 2)), random_rounds=1,
         matmul_size=256, matmul_repeats=2,
         pipeline_images=48, shard_size=16, pipeline_encoder_images=16, router_images=8,
-        query_rows=2000, query_count=20, flat_queries=2,
+        query_rows=2000, query_count=20, flat_queries=2, serve_clients=2, serve_seconds=2,
     ),
     "quick": Sizes(
         embedded_images=64, embedded_batch=64, rounds=3,
         random_models=(("ViT-B-32", 16, 16), ("ViT-B-16", 4, 4)), random_rounds=2,
         matmul_size=2048, matmul_repeats=3,
         pipeline_images=1000, shard_size=100, pipeline_encoder_images=256, router_images=64,
-        query_rows=100_000, query_count=100, flat_queries=3,
+        query_rows=100_000, query_count=100, flat_queries=3, serve_clients=4, serve_seconds=10,
     ),
     "full": Sizes(
         embedded_images=384, embedded_batch=64, rounds=5,
         random_models=(("ViT-B-32", 64, 32), ("ViT-B-16", 16, 16)), random_rounds=3,
         matmul_size=3072, matmul_repeats=5,
         pipeline_images=4000, shard_size=200, pipeline_encoder_images=512, router_images=384,
-        query_rows=1_000_000, query_count=200, flat_queries=5,
+        query_rows=1_000_000, query_count=200, flat_queries=5, serve_clients=4, serve_seconds=30,
     ),
 }  # fmt: skip
 
@@ -197,7 +199,7 @@ def _run(
         section_seconds[section] = time.perf_counter() - clock
         clock = time.perf_counter()
 
-    log("[1/6] encoder speed: embedded model")
+    log("[1/7] encoder speed: embedded model")
     quality = enc.frontier_quality(frontier, resolve_heads(ModelConfig()))
     case = embedded_case(sizes, load_config(routed_config).router, quality["routes"])
     embedded = measure_encoder(case, sizes.rounds)
@@ -208,17 +210,17 @@ def _run(
     enc.attach_quality(embedded, quality)
     encoders = [embedded]
     for name, images, batch in sizes.random_models:
-        log(f"[1/6] encoder speed: {name} (random weights)")
+        log(f"[1/7] encoder speed: {name} (random weights)")
         encoders.append(measure_encoder(random_case(name, images, batch), sizes.random_rounds))
     result["encoder"] = encoders
     done("encoder")
 
-    log("[2/6] machine limit: fp32 matmul peak")
+    log("[2/7] machine limit: fp32 matmul peak")
     result["machine"] = machine.matmul_peak(sizes.matmul_size, sizes.matmul_repeats)
     machine.attach_achieved(encoders, result["machine"]["peak_gflops"])
     done("machine")
 
-    log("[4/6] router cost")  # before the pipeline, while the embedded model and images are loaded
+    log("[4/7] router cost")  # before the pipeline, while the embedded model and images are loaded
     n = sizes.router_images
     images, bpp = case.images[:n], case.bytes_per_pixel[:n]
     if case.router:
@@ -233,7 +235,7 @@ def _run(
     done("router")
 
     with tempfile.TemporaryDirectory(prefix="icar-bench-") as tmp:
-        log("[3/6] pipeline efficiency: run_index on local Ray")
+        log("[3/7] pipeline efficiency: run_index on local Ray")
         result["pipeline"] = pipeline_run.measure_pipeline(
             Path(tmp) / "pipeline",
             sizes.pipeline_images,
@@ -246,14 +248,19 @@ def _run(
         )
         torch.set_num_threads(threads)
         done("pipeline")
-        log(f"[5/6] query: {sizes.query_rows:,} rows x 512-d, float32 and float16")
+        log(f"[6/7] serve: {sizes.serve_clients} clients x {sizes.serve_seconds:g} s, then the abuse cases")
+        result["serve"] = serve_load.measure_serve(
+            Path(tmp) / "pipeline", sizes.serve_clients, sizes.serve_seconds
+        )
+        done("serve")
+        log(f"[5/7] query: {sizes.query_rows:,} rows x 512-d, float32 and float16")
         (Path(tmp) / "query").mkdir()
         result["query"] = query.measure_query(
             Path(tmp) / "query", sizes.query_rows, 512, sizes.query_count, sizes.flat_queries
         )
         done("query")
 
-    log("[6/6] scale projection")
+    log("[7/7] scale projection")
     result["projection"] = projection.project(*projection_input(embedded))
     result["host"]["load_average_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - started
