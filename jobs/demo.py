@@ -55,6 +55,7 @@ def main() -> None:
             print(f"  {rank}. {row['score']:.3f}  {row['caption']}  [{row['route']}]")
     table = f"{cfg.output.uri}/{cfg.output.table}.lance"
     print(f"\ntable: {table} — try: icar query 'a pink cross' --output {cfg.output.uri}")
+    print(f"search page: icar serve --output {cfg.output.uri}, then open http://127.0.0.1:8000/")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ def test_more_like_this_excludes_the_row_and_unknown_ids_are_404(served):
     assert results[0]["score"] > 0.999  # a stored copy of the same image
     missing = client.post("/api/search", json={"id": "nope/1"})
     assert missing.status_code == 404 and missing.json() == {"error": "no row has that id"}
+    assert client.get("/no/such/page").json() == {"error": "Not Found"}
+    assert client.get("/api/search").status_code == 405
 
 
 def test_vector_query_matches_the_text_query_and_checks_dimensions(served):

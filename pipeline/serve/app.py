@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import IndexConfig
 from pipeline.decode import DecodeError
@@ -104,8 +105,8 @@ def create_app(cfg: IndexConfig, searcher: Searcher | None = None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return _error(422, "invalid request", details=_validation_details(exc.errors()))
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # ours, and the router's own 404 / 405
+    async def _http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

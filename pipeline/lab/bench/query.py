@@ -23,6 +23,7 @@ from pipeline.query import KMEANS_ITERATIONS, SEARCH, index_params
 K = 10
 CLUSTER_RANK = 16  # intrinsic dimension of each cluster (real CLIP embeddings: tens of dimensions)
 NOISE = 0.1  # isotropic noise norm next to a within-cluster offset of norm ~1
+APPENDED_FRACTION = 0.02  # rows appended after the index is built, as a night's new shards are
 SETTINGS = {
     "shipped": SEARCH,
     "default": {},
@@ -78,14 +79,15 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _table(stored: np.ndarray) -> pa.Table:
+def _table(stored: np.ndarray, first_id: int = 0) -> pa.Table:
     """id + fixed-size-list vector column over `stored` (float16 or float32) without copying it."""
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), stored.shape[1])
-    return pa.table({"id": pa.array(np.arange(len(stored), dtype=np.int64)), "vector": vectors})
+    ids = np.arange(first_id, first_id + len(stored), dtype=np.int64)
+    return pa.table({"id": pa.array(ids), "vector": vectors})
 
 
 def _search(table, query: np.ndarray, nprobes: int | None = None, refine_factor: int | None = None):
-    q = table.search(query.tolist()).distance_type("cosine").limit(K).select(["id", "_distance"])
+    q = table.search(query).distance_type("cosine").limit(K).select(["id", "_distance"])
     if nprobes:
         q = q.nprobes(nprobes)
     if refine_factor:
@@ -99,10 +101,28 @@ def _latency_ms(seconds: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(ms), "p99": p99, "mean": statistics.fmean(ms), "queries": len(ms)}
 
 
+def _time_settings(table, queries: np.ndarray, truth: np.ndarray, settings: dict) -> dict[str, Any]:
+    """p50/p99 latency and recall@10 against `truth` of every named search setting, one after another."""
+    measured = {}
+    for name, knobs in settings.items():
+        for q in queries[:5]:
+            _search(table, q, **knobs)  # warm-up: index and file handles into cache
+        seconds, recalls = [], []
+        for q, exact in zip(queries, truth, strict=True):
+            t = time.perf_counter()
+            found = _search(table, q, **knobs)
+            seconds.append(time.perf_counter() - t)
+            recalls.append(len(set(found.tolist()) & set(exact.tolist())) / K)
+        measured[name] = {"latency_ms": _latency_ms(seconds), "recall@10": statistics.fmean(recalls)}
+    return measured
+
+
 def measure_dtype(
-    workdir: Path, data: np.ndarray, queries: np.ndarray, dtype: str, flat_queries: int
+    workdir: Path, data: np.ndarray, appended: np.ndarray, queries: np.ndarray, dtype: str, flat_queries: int
 ) -> dict[str, Any]:
-    """Write the table, build the index, then time queries and score recall@10 against exact search."""
+    """Write the table, build the index, then time queries and score recall@10 against exact search;
+    then append `appended` without indexing it and time the shipped settings again (LanceDB scans
+    unindexed rows exactly, so they stay searchable at a cost)."""
     import lancedb  # here, not at import: the bench starts Ray (which forks) before this section
     from lancedb.index import IvfPq
 
@@ -122,22 +142,16 @@ def measure_dtype(
     build_s = time.perf_counter() - t0
     index_bytes = _dir_bytes(path) - data_bytes
 
-    settings = {}
-    for name, knobs in SETTINGS.items():
-        for q in queries[:5]:
-            _search(table, q, **knobs)  # warm-up: index and file handles into cache
-        seconds, recalls = [], []
-        for q, exact in zip(queries, truth, strict=True):
-            t = time.perf_counter()
-            found = _search(table, q, **knobs)
-            seconds.append(time.perf_counter() - t)
-            recalls.append(len(set(found.tolist()) & set(exact.tolist())) / K)
-        settings[name] = {"latency_ms": _latency_ms(seconds), "recall@10": statistics.fmean(recalls)}
+    settings = _time_settings(table, queries, truth, SETTINGS)
     flat = []
     for q in queries[:flat_queries]:
         t = time.perf_counter()
         table.search(q.tolist()).distance_type("cosine").limit(K).bypass_vector_index().to_arrow()
         flat.append(time.perf_counter() - t)
+    extra = appended.astype(stored.dtype)
+    table.add(_table(extra, first_id=len(stored)))
+    truth = exact_top_k(np.concatenate([stored, extra]), queries)
+    unindexed = _time_settings(table, queries, truth, {"shipped": SEARCH})["shipped"]
     return {
         "dtype": dtype,
         "write_s": write_s,
@@ -147,6 +161,7 @@ def measure_dtype(
         "index_bytes": index_bytes,
         "settings": settings,
         "flat_scan_latency_ms": _latency_ms(flat) if flat else None,
+        "with_unindexed_rows": {"rows": len(extra), **unindexed},
         "exact_cosine": {
             "top1": float(exact_cosine[:, 0].mean()),
             f"top{K}": float(exact_cosine[:, -1].mean()),
@@ -161,7 +176,10 @@ def measure_query(
     clusters = max(8, rows // 1000)
     data, sample = clustered_vectors(rows, dim, seed, clusters)
     query_vectors = sample(queries, np.random.default_rng(seed + 1))  # fresh draws, not table rows
-    results = [measure_dtype(workdir, data, query_vectors, d, flat_queries) for d in ("float32", "float16")]
+    appended = sample(max(1, int(rows * APPENDED_FRACTION)), np.random.default_rng(seed + 2))
+    results = [
+        measure_dtype(workdir, data, appended, query_vectors, d, flat_queries) for d in ("float32", "float16")
+    ]
     return {
         "rows": rows,
         "dim": dim,

@@ -50,7 +50,8 @@ def answers(r: dict[str, Any]) -> dict[str, str]:
     shipped = {d: t["settings"]["shipped"] for d, t in q.items()}
     query = "; ".join(
         f"{d}: p50 {s['latency_ms']['p50']:.1f} ms, p99 {s['latency_ms']['p99']:.1f} ms, "
-        f"recall@10 {s['recall@10']:.3f}"
+        f"recall@10 {s['recall@10']:.3f} (with {q[d]['with_unindexed_rows']['rows']:,} unindexed rows "
+        f"appended: p50 {q[d]['with_unindexed_rows']['latency_ms']['p50']:.1f} ms)"
         for d, s in shipped.items()
     )
     load, abuse = r["serve"]["load"], r["serve"]["abuse"]
@@ -216,6 +217,11 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {t['index_bytes'] / 1e6:.1f} | {name} | {s['latency_ms']['p50']:.1f} "
                 f"| {s['latency_ms']['p99']:.1f} | {s['recall@10']:.3f} |"
             )
+        u = t["with_unindexed_rows"]
+        lines.append(
+            f"| {t['dtype']} | same, then {u['rows']:,} rows appended, not indexed | | | | shipped "
+            f"| {u['latency_ms']['p50']:.1f} | {u['latency_ms']['p99']:.1f} | {u['recall@10']:.3f} |"
+        )
         c = t["exact_cosine"]
         contrast.append(f"{t['dtype']}: exact top-1 cosine {c['top1']:.3f}, top-10 {c['top10']:.3f}")
         if t["flat_scan_latency_ms"]:
