@@ -141,8 +141,10 @@ class EncoderConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 = cpus_per_actor")
     max_restarts: int = Field(
-        3, ge=0, description="times a crashed encoder actor is restarted, and a batch retried, before its "
-        "shards fail (Ray Data's own default retries forever)"
+        3,
+        ge=0,
+        description="times a batch is retried after the process running it died (the process itself is "
+        "restarted each time) before its shards fail; Ray Data's own default retries forever",
     )
 
 

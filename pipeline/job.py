@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -141,6 +142,8 @@ class _ShardAssembler:
         self.failed: set[str] = set()
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
+        held = self.buffered.total() + len(batch["shard"])  # before any shard of it commits
+        self.summary.peak_buffered_rows = max(self.summary.peak_buffered_rows, held)
         for uri in np.unique(batch["shard"]):
             mask = batch["shard"] == uri
             if uri in self.failed:
@@ -159,7 +162,6 @@ class _ShardAssembler:
                 self.commit(uri)
             elif self.rows[uri] > self.plans[uri].num_rows:
                 raise RuntimeError(f"{uri}: received more rows than the shard holds; refusing to write")
-        self.summary.peak_buffered_rows = max(self.summary.peak_buffered_rows, self.buffered.total())
         while self.buffered.total() > self.max_buffered_rows:
             self.write(max(self.buffered, key=self.buffered.__getitem__), final=False)
 
@@ -240,34 +242,57 @@ def stream(work: list[dict], cfg: IndexConfig, preprocess: Preprocess) -> ray.da
 
     GPU encoders: decode/score run on CPU tasks of their own (a memory reservation of its own keeps Ray
     from fusing them into the GPU actors), so the GPUs never wait on JPEG decoding. CPU encoders: the
-    stages share the same cores anyway, so one actor per core decodes, scores and encodes its own rows."""
+    stages share the same cores anyway, so one actor per core decodes, scores and encodes its own rows.
+
+    A process that dies under a batch (a decoder segfault on one image, an OOM kill, its node lost) is
+    restarted and the batch retried at most `encoder.max_restarts` times, never forever (Ray Data's
+    default for actor pools); past that, Ray Data drops the batch and goes on (`max_errored_blocks=-1`),
+    and `index_pending` fails the shards whose rows never came back. The actor process itself is always
+    restarted: Ray 2.60 never replaces a pool actor that is dead for good, so a bounded actor would shrink
+    the pool and, once every actor is gone, stall the job (ray-project/ray#62746). The tasks queued on an
+    actor die with it and spend a retry each, so a CPU actor (row groups in, no pixels to prefetch) takes
+    one task at a time; a GPU actor keeps Ray Data's two, the next batch's pixels travelling meanwhile."""
     cfg_dict = cfg.model_dump()
+    retries = cfg.encoder.max_restarts
     units = ray.data.from_items(work, override_num_blocks=len(work))
+    cpu_plan = cfg.encoder.gpus_per_actor == 0
     encoder_args = {
         # never more actors than row groups: an idle actor costs a model load and Ray warns about it
-        "compute": ray.data.ActorPoolStrategy(size=min(encoder_actors(cfg), len(work))),
+        "compute": ray.data.ActorPoolStrategy(
+            size=min(encoder_actors(cfg), len(work)), max_tasks_in_flight_per_actor=1 if cpu_plan else None
+        ),
         "num_cpus": cfg.encoder.cpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": retries,
     }
-    if cfg.encoder.gpus_per_actor == 0:
-        return units.map_batches(
-            DecodeEncodeStage,
-            fn_constructor_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
-            batch_size=1,
-            **encoder_args,
-        )
-    return units.map_batches(
-        prepare_unit,
-        batch_size=1,
-        fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
-        num_cpus=cfg.ray.decode_cpus,
-        memory=PREPARE_TASK_MEMORY,
-    ).map_batches(
-        EncodeStage,
-        fn_constructor_kwargs={"cfg": cfg_dict},
-        batch_size=cfg.encoder.batch_size,
-        num_gpus=cfg.encoder.gpus_per_actor,
-        **encoder_args,
-    )
+    # Ray 2.60 deprecates passing actor options as keyword arguments but has no named parameter for these
+    # two (ray-project/ray#65227 names the ones it adds): the warning is for Ray 2.64, not for the user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        if cpu_plan:
+            dataset = units.map_batches(
+                DecodeEncodeStage,
+                fn_constructor_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
+                batch_size=1,
+                **encoder_args,
+            )
+        else:
+            dataset = units.map_batches(
+                prepare_unit,
+                batch_size=1,
+                fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
+                num_cpus=cfg.ray.decode_cpus,
+                memory=PREPARE_TASK_MEMORY,
+                max_retries=retries,  # the decoding happens here on this plan: the same bound
+            ).map_batches(
+                EncodeStage,
+                fn_constructor_kwargs={"cfg": cfg_dict},
+                batch_size=cfg.encoder.batch_size,
+                num_gpus=cfg.encoder.gpus_per_actor,
+                **encoder_args,
+            )
+    dataset.context.max_errored_blocks = -1
+    return dataset
 
 
 @dataclass
@@ -349,14 +374,67 @@ def index_pending(run: Run, progress: Progress) -> None:
         else:
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
 
-    if units:
-        dataset = stream(units, cfg, run.preprocess)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    if not units:
+        return
+    batches = iter(stream(units, cfg, run.preprocess).iter_batches(batch_size=None, batch_format="numpy"))
+    # closing: a writer error (S3 down, the lease lost) shuts the stream down before it propagates
+    with _DroppedBatches() as dropped, contextlib.closing(batches):
+        while (batch := dropped.next(batches)) is not None:
             assembler.add(batch)
-        missing = {
-            uri: n
-            for uri, n in assembler.rows.items()
-            if n != plan_of[uri].num_rows and uri not in assembler.failed
-        }
-        if missing:
-            raise RuntimeError(f"shards incomplete after the stream ended (rows seen): {missing}")
+    # Rows that never came back (a batch dropped after its retries, a stream that stopped): the shard
+    # fails, like an unreadable one, and the next run retries it. Its parts already written, if any, stay
+    # under `writing`, so the next run replaces them whole; nothing of it is marked done.
+    for plan in plans:
+        uri, got = plan.shard.uri, assembler.rows[plan.shard.uri]
+        if not plan.error and got < plan.num_rows and uri not in assembler.failed:
+            lost = f"{plan.num_rows - got} of its {plan.num_rows} rows never came back from Ray"
+            assembler.fail(uri, f"{uri}: {lost}: {dropped.reason(cfg)}")
+
+
+class _DroppedBatches(logging.Handler):
+    """What Ray Data gave up on while streaming: the error of each batch it dropped (it logs each one,
+    with its exception, under `max_errored_blocks=-1`), or the error that stopped the stream."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[BaseException] = []
+        self.stopped: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def __enter__(self) -> _DroppedBatches:
+        logging.getLogger("ray.data").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("ray.data").removeHandler(self)
+
+    def next(self, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+        """The stream's next batch; None at its end, or when it failed (the error is kept, the job goes
+        on to fail the shards it left incomplete: the writer's own errors are not caught here)."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever stopped Ray, the shards it left fail
+            self.stopped = exc
+            return None
+
+    def reason(self, cfg: IndexConfig) -> str:
+        def short(exc: BaseException) -> str:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            return f"{type(exc).__name__}: {first[:300]}"
+
+        if self.stopped is not None:
+            return f"the stream stopped ({short(self.stopped)})"
+        errors = "; ".join(list(dict.fromkeys(short(e) for e in self.errors))[:3]) or "no error reported"
+        n = cfg.encoder.max_restarts
+        for died, who in (
+            (ray.exceptions.RayActorError, "the encoder actor"),
+            (ray.exceptions.WorkerCrashedError, "the worker decoding it"),  # the GPU plan's CPU tasks
+        ):
+            if any(isinstance(e, died) for e in self.errors):
+                return f"{who} died {n + 1} times on a batch (encoder.max_restarts={n}): {errors}"
+        return f"Ray Data dropped a batch: {errors}"

@@ -14,6 +14,7 @@ generation before its next commit and stops (`check`). Readers never look at it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
@@ -28,6 +29,8 @@ from pipeline.config import OutputConfig
 from pipeline.write import is_local, output_filesystem
 
 LEASE_DIR = "_leases"
+
+log = logging.getLogger("icar.lease")
 
 
 class OutputBusy(RuntimeError):
@@ -187,8 +190,13 @@ class TableLease:
             time.sleep(poll_seconds)
 
     def _renew_forever(self) -> None:
+        """Renew every quarter of the lease; a failed renewal (S3 briefly down) is retried at the next
+        tick, and `check()` still stops the job before a commit if the lease did run out."""
         while not self._stop.wait(self.seconds / 4):
-            self.renew()
+            try:
+                self.renew()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive a transient error
+                log.warning("renewing the lease on %r failed (%s); retrying", self.table, exc)
 
     def renew(self) -> None:
         """Push the expiry forward (an overwrite of this job's own generation; nobody else writes it)."""

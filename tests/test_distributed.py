@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import free_port, index_config, input_ids, lance_table
+from processes import assert_exactly_once, kill_session, session_pids, session_process
 
 from pipeline.job import run_index
 from pipeline.query import Searcher
@@ -33,12 +34,6 @@ REGION = "us-east-1"
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.prefix) / "bin"  # the venv's: python, ray
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
-def _assert_exactly_once(ids: list[str], expected: list[str]) -> None:
-    duplicated = {i: n for i, n in Counter(ids).items() if n > 1}
-    assert not duplicated, f"ids written more than once: {duplicated}"
-    assert sorted(ids) == sorted(expected)
 
 
 # --- 1. S3 in, S3 out ------------------------------------------------------------------------------------
@@ -90,7 +85,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     assert (summary.shards_committed, summary.shards_failed, summary.rows_ok) == (3, 0, 72)
 
     expected = input_ids(scene_shards)
-    _assert_exactly_once(
+    assert_exactly_once(
         lance_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected
     )
     assert fs.ls(f"{bucket}/lance")  # the tables really are objects in the bucket
@@ -118,7 +113,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
         f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]
     }
     expected = [i for i in expected if i not in dropped]
-    _assert_exactly_once(
+    assert_exactly_once(
         lance_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected
     )
 
@@ -140,50 +135,6 @@ def small_corpus(tmp_path_factory) -> Path:
     return out
 
 
-def _processes() -> dict[int, tuple[str, int, int]]:
-    """pid -> (state, parent pid, session id) of every process, from /proc (Linux)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                state, ppid, _, session = stat[stat.rindex(")") + 2 :].split()[:4]
-                table[int(entry)] = (state, int(ppid), int(session))
-    return table
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL all that a session we started runs, and wait until it is gone.
-
-    Its process group first (the crash), then the rest of the session (Ray workers run in process groups
-    of their own) and descendants that started sessions of their own (a Ray job's driver).
-    """
-    tree, table = {sid}, _processes()
-    while grown := {pid for pid, (_, ppid, _) in table.items() if ppid in tree} - tree:
-        tree |= grown
-
-    def alive() -> list[int]:
-        return [
-            pid
-            for pid, (state, _, session) in _processes().items()
-            if state not in "ZX" and (session == sid or pid in tree)
-        ]
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(sid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while pids := alive():
-        assert time.monotonic() < deadline, f"processes of session {sid} survived SIGKILL: {pids}"
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-
-
-def _session_processes(sid: int) -> list[int]:
-    return [pid for pid, (state, _, session) in _processes().items() if session == sid and state not in "ZX"]
-
-
 def _statuses(manifest) -> Counter:
     return Counter(manifest.to_arrow().column("status").to_pylist())
 
@@ -196,15 +147,10 @@ def _cli_index(corpus: Path, db: str, log: Path, *settings: str):
     for setting in ("ray.num_cpus=2", *KILL_RUN_SETTINGS, *settings):
         cmd += ["--set", setting]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     try:
-        yield proc
+        with session_process(cmd, log, env) as proc:
+            yield proc
     finally:
-        _kill_session(proc.pid)
-        proc.wait(timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -227,7 +173,7 @@ def _kill_when(proc: subprocess.Popen, db: str, log: Path, condition) -> Counter
             os.kill(proc.pid, signal.SIGSTOP)
             status = _statuses(manifest)
             if condition(connection, status):
-                _kill_session(proc.pid)
+                kill_session(proc.pid)
                 return status
             os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.002)
@@ -274,7 +220,7 @@ def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(
     with _cli_index(small_corpus, db, tmp_path / "cli.log", *settings) as proc:
         at_kill = _kill_when(proc, db, tmp_path / "cli.log", condition)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not _session_processes(proc.pid)
+    assert not session_pids(proc.pid)
     done = at_kill["done"]
 
     cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS, *settings)
@@ -284,7 +230,7 @@ def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(
 
     expected = input_ids(small_corpus)
     images = lance_table(db, "images")
-    _assert_exactly_once(images.column("id").to_pylist(), expected)
+    assert_exactly_once(images.column("id").to_pylist(), expected)
     assert images.num_rows == len(expected) == CORPUS_SHARDS * CORPUS_ROWS
     manifest = lance_table(db, "manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
@@ -303,7 +249,7 @@ def test_two_cli_runs_started_together_write_every_row_once(small_corpus, tmp_pa
     loser = logs[codes.index(3)].read_text()
     assert "is being written by job" in loser and "--wait" in loser
     expected = input_ids(small_corpus)
-    _assert_exactly_once(lance_table(db, "images").column("id").to_pylist(), expected)
+    assert_exactly_once(lance_table(db, "images").column("id").to_pylist(), expected)
     manifest = lance_table(db, "manifest").to_pylist()
     assert sorted(m["status"] for m in manifest) == ["done"] * CORPUS_SHARDS
 
@@ -341,7 +287,7 @@ def _ray_head(env: dict[str, str]):
             time.sleep(1)
         yield address
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         proc.wait(timeout=30)
 
 
@@ -384,7 +330,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster_with_the_venv_python(scene_sha
     searcher = Searcher.open(cfg)
     searcher.check_model()
     ids = searcher.table.to_arrow().column("id").to_pylist()
-    _assert_exactly_once(ids, input_ids(scene_shards))
+    assert_exactly_once(ids, input_ids(scene_shards))
     row = pq.read_table(scene_shards / "00001.parquet", columns=["key", "caption"]).to_pylist()[0]
     hits = searcher.search(searcher.embed_text([row["caption"]]), k=5, where="id LIKE '00001.parquet/%'")
     assert len(hits) == 5 and all(h["id"].startswith("00001.parquet/") for h in hits)

@@ -56,6 +56,7 @@ def _rows(ids: list[str], rows: list[int]) -> dict[str, np.ndarray]:
         "exit_depth": np.full(n, 12, np.int32),
         "tokens": np.full(n, 65, np.int32),
         "gflops": np.ones(n, np.float32),
+        "thumbnail": np.full(n, None, dtype=object),
         **{t: np.zeros(n, np.float32) for t in ("t_read", "t_decode", "t_score", "t_encode")},
     }
 
