@@ -134,18 +134,12 @@ def output_filesystem(cfg: OutputConfig) -> tuple[fsspec.AbstractFileSystem, str
     return fsspec.core.url_to_fs(cfg.uri, **options)
 
 
-def connect(cfg: OutputConfig, read_consistency_interval: timedelta | None = None) -> lancedb.DBConnection:
+def connect(cfg: OutputConfig) -> lancedb.DBConnection:
     """Open the output database. lancedb is imported here, not at module load: importing it installs a
-    fork hook that warns in every process forked afterwards, and the job starts Ray (which forks) first.
-
-    With `read_consistency_interval`, open tables look for newer versions that often (a reader's view)."""
+    fork hook that warns in every process forked afterwards, and the job starts Ray (which forks) first."""
     import lancedb
 
-    return lancedb.connect(
-        cfg.uri,
-        storage_options=cfg.storage_options or None,
-        read_consistency_interval=read_consistency_interval,
-    )
+    return lancedb.connect(cfg.uri, storage_options=cfg.storage_options or None)
 
 
 class LanceWriter:

@@ -185,12 +185,12 @@ def create_app(cfg: IndexConfig, searcher: Searcher | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz():
-        table = searcher.table
+        dataset = searcher.dataset
         return {
             "status": "ok",
             "table": cfg.output.table,
-            "rows": table.count_rows(),
-            "version": table.version,
+            "rows": dataset.count_rows(),
+            "version": dataset.version,
             "model": searcher.loaded.model_id,
         }
 

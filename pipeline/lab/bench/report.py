@@ -199,7 +199,9 @@ def markdown(r: dict[str, Any]) -> str:
         "## 5. Query (LanceDB)",
         "",
         f"{q['rows']:,} rows x {q['dim']}-d, {q['queries']} queries, k={q['k']}; vectors: {q['vectors']}; "
-        f"exact: {q['exact']}; lancedb {q['lancedb']}.",
+        f"exact: {q['exact']}; lancedb {q['lancedb']}. `shipped` is what `icar query` and `icar serve` run "
+        f"({_settings(SEARCH)}, through `pipeline.query.nearest` on the Lance dataset); the other settings "
+        "go through lancedb's query builder, as a LanceDB user would write them.",
         "",
         "| dtype | index | build s | data MB | index MB | settings | p50 ms | p99 ms | recall@10 |",
         "|---|---|---|---|---|---|---|---|---|",

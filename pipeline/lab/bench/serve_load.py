@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -106,9 +107,13 @@ def answered_as_expected(case: AbuseCase, status: int, text: str, secrets: list[
 
 @contextmanager
 def serve_process(output_uri: str, port: int, extra: list[str] = ()) -> Iterator[str]:
-    """`icar serve` in its own process on 127.0.0.1:port until the block ends; yields the base URL."""
+    """`icar serve` in its own process on 127.0.0.1:port until the block ends; yields the base URL.
+
+    Its output goes to a file (a pipe nobody reads would block the server once full); a server that
+    logged anything is an error, so the log is checked to be empty at the end."""
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--output", output_uri, "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.NamedTemporaryFile("w+", prefix="icar-serve-", suffix=".log")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -118,14 +123,18 @@ def serve_process(output_uri: str, port: int, extra: list[str] = ()) -> Iterator
                     break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"icar serve exited: {proc.stderr.read()[-2000:]}") from None
+                    raise RuntimeError(f"icar serve exited: {Path(log.name).read_text()[-2000:]}") from None
                 if time.monotonic() > deadline:
                     raise TimeoutError("icar serve did not answer /healthz in 120 s") from None
                 time.sleep(0.2)
         yield url
+        logged = Path(log.name).read_text()
+        if logged:
+            raise RuntimeError(f"icar serve logged while it served: {logged[-2000:]}")
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(30)
+        log.close()
 
 
 def _client(url: str, texts: list[str], offset: int, deadline: float, out: list, statuses: Counter) -> None:
@@ -199,8 +208,11 @@ def run_abuse(url: str, cases: list[AbuseCase], secrets: list[str]) -> dict[str,
     """Send every case; count the ones answered as expected, with a JSON error and nothing leaked."""
     failures = []
     for case in cases:
-        status, text = send(url, case)
-        if not answered_as_expected(case, status, text, secrets):
+        try:
+            status, text = send(url, case)
+        except OSError as exc:  # no answer at all (a reset, a timeout) is a failure of this case
+            status, text = 0, f"{type(exc).__name__}: {exc}"
+        if status == 0 or not answered_as_expected(case, status, text, secrets):
             failures.append(
                 {"case": case.name, "status": status, "expected": case.status, "body": text[:300]}
             )
