@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pipeline.alias import resolve
 from pipeline.config import load_config
 from pipeline.job import run_index
 from pipeline.lab.scenes.shards import write_corpus
@@ -53,7 +54,7 @@ def main() -> None:
         print(f'query: "{text}"')
         for rank, row in enumerate(searcher.search(searcher.embed_text([text]), k=args.k), 1):
             print(f"  {rank}. {row['score']:.3f}  {row['caption']}  [{row['route']}]")
-    table = f"{cfg.output.uri}/{cfg.output.table}.lance"
+    table = f"{cfg.output.uri}/{resolve(cfg.output).table}.lance"
     print(f"\ntable: {table} — try: icar query 'a pink cross' --output {cfg.output.uri}")
     print(f"search page: icar serve --output {cfg.output.uri}, then open http://127.0.0.1:8000/")
 

@@ -14,6 +14,10 @@ EMBEDDED_MODEL = "icar-tiny-vit"
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # shipped, read-only: configs, weights, routes
 
 
+# a dataset name never holds '/', so in an id the first '/' always ends it (read.row_id)
+DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -22,6 +26,13 @@ class InputConfig(_Section):
     """Where the shards are and how their columns map onto the pipeline's names."""
 
     paths: list[str] = Field(default_factory=list, description="fsspec URLs or globs of parquet shards")
+    dataset: str | None = Field(
+        None,
+        pattern=DATASET_NAME,
+        description="name of the collection the shards belong to; a shard is identified by this name plus "
+        "its path relative to the input root, never by where it is read from. None: the input is the "
+        "table's one unnamed collection (ids as before); set it when several collections share a table",
+    )
     image_column: str | None = Field(
         None, description="image bytes column; None = first of jpg/png/webp/image"
     )
@@ -165,6 +176,18 @@ class OutputConfig(_Section):
         600.0,
         gt=0,
         description="a crashed job's hold on the table expires after this long (renewed while alive)",
+    )
+    commit_attempts: int = Field(
+        5,
+        ge=1,
+        description="tries of each LanceDB commit that fails on a transient object-store error (connection "
+        "reset or refused, timeout, 5xx, SlowDown) before the job stops; other errors are never retried",
+    )
+    commit_backoff_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="wait before a commit's second try, doubled for each later one (5 tries: 1+2+4+8 s, "
+        "with Lance's own request retries an outage of about 25 s)",
     )
 
 

@@ -21,6 +21,7 @@ import open_clip
 import pyarrow as pa
 import ray
 
+from pipeline.alias import Aliases, Generation, target_generation
 from pipeline.assemble import STAGE_TIMERS, shard_tables
 from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
@@ -53,7 +54,7 @@ class RunSummary:
     gflops_full: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGE_TIMERS, 0.0))
     write_seconds: float = 0.0
-    failed_shards: dict[str, str] = field(default_factory=dict)
+    failed_shards: dict[str, str] = field(default_factory=dict)  # uri -> why
     commits: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows ok so far)
     peak_buffered_rows: int = 0  # the most rows the driver held at once
 
@@ -116,7 +117,8 @@ class _Written:
 
 
 class _ShardAssembler:
-    """Buffers each shard's rows until all have come back from Ray, then commits the shard.
+    """Buffers each shard's rows until all have come back from Ray, then commits the shard (shards are
+    keyed by name, the `shard` column of the rows).
 
     The driver holds at most `max_buffered_rows` rows plus one row group's: past that, the shard holding
     the most is written as a part (its manifest row stays `writing` until its last part, so a crash in
@@ -144,53 +146,54 @@ class _ShardAssembler:
     def add(self, batch: dict[str, np.ndarray]) -> None:
         held = self.buffered.total() + len(batch["shard"])  # before any shard of it commits
         self.summary.peak_buffered_rows = max(self.summary.peak_buffered_rows, held)
-        for uri in np.unique(batch["shard"]):
-            mask = batch["shard"] == uri
-            if uri in self.failed:
+        for name in np.unique(batch["shard"]):
+            mask = batch["shard"] == name
+            if name in self.failed:
                 continue
             rows = {k: v[mask] for k, v in batch.items()}
             unreadable = rows["outcome"] == UNREADABLE
             if unreadable.any():
-                self.fail(uri, str(rows["reason"][unreadable][0]))
+                self.fail(name, str(rows["reason"][unreadable][0]))
                 continue
             n = int(mask.sum())
-            self.parts[uri].append(rows)
-            self.rows[uri] += n
-            self.buffered[uri] += n
+            self.parts[name].append(rows)
+            self.rows[name] += n
+            self.buffered[name] += n
             self.progress.advance(n)
-            if self.rows[uri] == self.plans[uri].num_rows:
-                self.commit(uri)
-            elif self.rows[uri] > self.plans[uri].num_rows:
+            if self.rows[name] == self.plans[name].num_rows:
+                self.commit(name)
+            elif self.rows[name] > self.plans[name].num_rows:
+                uri = self.plans[name].shard.uri
                 raise RuntimeError(f"{uri}: received more rows than the shard holds; refusing to write")
         while self.buffered.total() > self.max_buffered_rows:
             self.write(max(self.buffered, key=self.buffered.__getitem__), final=False)
 
-    def fail(self, uri: str, reason: str) -> None:
+    def fail(self, name: str, reason: str) -> None:
         """A row group of this shard could not be read: drop its rows, record why, go on with the rest."""
-        self.failed.add(uri)
-        self.parts.pop(uri, None)
-        self.buffered.pop(uri, None)
-        self.written.pop(uri, None)  # parts already written stay under `writing`: the next run replaces them
-        plan = self.plans[uri]
-        self.writer.record_failed_shard(ShardRecord(uri, plan.shard.fingerprint, SHARD_FAILED, error=reason))
+        self.failed.add(name)
+        self.parts.pop(name, None)
+        self.buffered.pop(name, None)
+        self.written.pop(name, None)  # parts already written stay under `writing`: the next run replaces them
+        shard = self.plans[name].shard
+        self.writer.record_failed_shard(ShardRecord.of(shard, SHARD_FAILED, reason))
         self.summary.shards_failed += 1
-        self.summary.failed_shards[uri] = reason
+        self.summary.failed_shards[shard.uri] = reason
         self.progress.note(f"FAILED {reason}")
         self.progress.shard_done(None)
 
-    def commit(self, uri: str) -> None:
-        self.write(uri, final=True)
+    def commit(self, name: str) -> None:
+        self.write(name, final=True)
 
-    def write(self, uri: str, final: bool) -> None:
+    def write(self, name: str, final: bool) -> None:
         """Write the rows held for a shard: the whole shard (one commit per table), or its next part."""
-        plan, s = self.plans[uri], self.summary
-        parts = self.parts.pop(uri, [])
-        self.buffered.pop(uri, None)
-        state = self.written.get(uri)
+        plan, s = self.plans[name], self.summary
+        parts = self.parts.pop(name, [])
+        self.buffered.pop(name, None)
+        state = self.written.get(name)
         if state is None and not final:  # the first part of a shard too large to hold
-            record = ShardRecord(uri, plan.shard.fingerprint, DONE)
-            state = self.written[uri] = _Written(record, self.writer.begin_shard(record))
-        record = state.record if state else ShardRecord(uri, plan.shard.fingerprint, DONE)
+            record = ShardRecord.of(plan.shard, DONE)
+            state = self.written[name] = _Written(record, self.writer.begin_shard(record))
+        record = state.record if state else ShardRecord.of(plan.shard, DONE)
         images = rejected = pa.table({})
         if parts:
             rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -203,16 +206,16 @@ class _ShardAssembler:
             s.gflops_sum += tables.gflops
             for timer, seconds in tables.stage_seconds.items():
                 s.stage_seconds[timer] += seconds
-        t0, known = time.perf_counter(), uri in self.known
+        t0, known = time.perf_counter(), name in self.known
         if state is None:
             self.writer.commit_shard(record, images, rejected, upsert=known)
         else:
             mode = ("replace" if state.parts == 0 else "upsert") if known else "append"
-            self.writer.put_part(uri, images, rejected, mode)
+            self.writer.put_part(name, images, rejected, mode)
             state.parts += 1
             if final:
                 self.writer.finish_shard(record, state.started)
-                del self.written[uri]
+                del self.written[name]
         s.write_seconds += time.perf_counter() - t0
         if not final:
             return
@@ -297,7 +300,8 @@ def stream(work: list[dict], cfg: IndexConfig, preprocess: Preprocess) -> ray.da
 
 @dataclass
 class Run:
-    """One job's hold on its output: the shards found, the writer (under the table's lease), the summary."""
+    """One job's hold on its output: the shards found, the writer (under the table's lease), the summary,
+    the generation of tables it writes and the one `output.table` names now (`pipeline.alias`)."""
 
     cfg: IndexConfig
     shards: list[Shard]
@@ -305,11 +309,22 @@ class Run:
     summary: RunSummary
     preprocess: Preprocess
     started: float
+    generation: Generation
+    live: Generation
+
+    @property
+    def switching(self) -> bool:
+        """This run builds a new generation (a changed identity), to be switched to when complete."""
+        return self.generation != self.live
 
 
 @contextlib.contextmanager
-def open_run(cfg: IndexConfig, verbose: bool = False, wait: bool = False) -> Iterator[Run]:
-    """Check the config's files, list the shards, start Ray, take the table's lease, open the writer.
+def open_run(
+    cfg: IndexConfig, verbose: bool = False, wait: bool = False, switch: bool = False
+) -> Iterator[Run]:
+    """Check the config's files, list the shards, start Ray, take the table's lease, open the writer on
+    the generation of tables this config's embedding identity writes (`alias.target_generation`: a
+    changed identity is a ConfigError unless `switch`, reindex's, which builds a new generation).
 
     Raises `OutputBusy` if another job holds the lease (with `wait`, waits for it); the lease is released
     when the block ends, however it ends."""
@@ -320,9 +335,15 @@ def open_run(cfg: IndexConfig, verbose: bool = False, wait: bool = False) -> Ite
     shards = list_shards(cfg.input)
     init_ray(cfg, verbose)  # before LanceDB is opened: Ray forks its processes, LanceDB warns on fork
     with TableLease(cfg.output).acquire(wait) as lease:
-        writer = LanceWriter(cfg.output, cfg.model.model_id, int(model_cfg["embed_dim"]), lease.check)
+        generation, live = target_generation(cfg, switch)
+        dim = int(model_cfg["embed_dim"])
+        output = generation.output(cfg.output)
+        writer = LanceWriter(output, cfg.model.model_id, dim, lease.check, cfg.input.dataset)
+        if live is None:  # the first generation: named as soon as its tables exist, as tables always were
+            lease.check()
+            Aliases(cfg.output).switch(generation)
         summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
-        run = Run(cfg, shards, writer, summary, preprocess, started)
+        run = Run(cfg, shards, writer, summary, preprocess, started, generation, live or generation)
         yield run
         summary.seconds = time.time() - started
 
@@ -345,7 +366,8 @@ def index_pending(run: Run, progress: Progress) -> None:
     """Skip the committed shards, stream the rest through Ray, commit each shard as it completes."""
     cfg, shards, writer, summary = run.cfg, run.shards, run.writer, run.summary
     done, known = writer.committed(), writer.known()  # a known shard may hold rows: upsert it
-    pending = [s for s in shards if done.get(s.uri) != s.fingerprint]
+    pending = [s for s in shards if done.get(s.name) != s.fingerprint]
+    writer.relocate({s.name: s.uri for s in shards if done.get(s.name) == s.fingerprint})
     summary.shards_total, summary.shards_already_done = len(shards), len(shards) - len(pending)
     progress.note(
         f"{len(shards)} shards found, {summary.shards_already_done} already indexed, {len(pending)} to do; "
@@ -354,7 +376,7 @@ def index_pending(run: Run, progress: Progress) -> None:
     with ThreadPoolExecutor(max_workers=16) as pool:
         plans = list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
 
-    plan_of = {p.shard.uri: p for p in plans}
+    plan_of = {p.shard.name: p for p in plans}
     assembler = _ShardAssembler(
         writer, plan_of, known, summary, progress, run.started, cfg.output.max_buffered_rows
     )
@@ -362,15 +384,13 @@ def index_pending(run: Run, progress: Progress) -> None:
     units = []
     for plan in plans:
         if plan.error:
-            writer.record_failed_shard(
-                ShardRecord(plan.shard.uri, plan.shard.fingerprint, SHARD_FAILED, error=plan.error)
-            )
+            writer.record_failed_shard(ShardRecord.of(plan.shard, SHARD_FAILED, plan.error))
             summary.shards_failed += 1
             summary.failed_shards[plan.shard.uri] = plan.error
             progress.note(f"FAILED {plan.error}")
             progress.shard_done(None)
         elif plan.num_rows == 0:
-            assembler.commit(plan.shard.uri)
+            assembler.commit(plan.shard.name)
         else:
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
 
@@ -385,10 +405,10 @@ def index_pending(run: Run, progress: Progress) -> None:
     # fails, like an unreadable one, and the next run retries it. Its parts already written, if any, stay
     # under `writing`, so the next run replaces them whole; nothing of it is marked done.
     for plan in plans:
-        uri, got = plan.shard.uri, assembler.rows[plan.shard.uri]
-        if not plan.error and got < plan.num_rows and uri not in assembler.failed:
+        name, got = plan.shard.name, assembler.rows[plan.shard.name]
+        if not plan.error and got < plan.num_rows and name not in assembler.failed:
             lost = f"{plan.num_rows - got} of its {plan.num_rows} rows never came back from Ray"
-            assembler.fail(uri, f"{uri}: {lost}: {dropped.reason(cfg)}")
+            assembler.fail(name, f"{plan.shard.uri}: {lost}: {dropped.reason(cfg)}")
 
 
 class _DroppedBatches(logging.Handler):

@@ -118,7 +118,7 @@ def failed_unit(unit: dict[str, Any], reason: str, preprocess: Preprocess) -> Ba
     text = {name: np.asarray([None], dtype=object) for name in ("key", "url", "caption")}
     return text | {
         "id": np.asarray([""], dtype=object),
-        "shard": np.asarray([str(unit["uri"])], dtype=object),
+        "shard": np.asarray([str(unit["name"])], dtype=object),
         "row": np.asarray([-1], np.int64),
         "outcome": np.asarray([UNREADABLE], dtype=object),
         "reason": np.asarray([reason], dtype=object),

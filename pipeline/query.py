@@ -9,6 +9,7 @@ the search itself.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.alias import Aliases, resolve
 from pipeline.config import IndexConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import LoadedModel, load_model, normalize_uint8
@@ -32,6 +34,8 @@ PQ_DIMS_PER_SUB_VECTOR = 8  # 64 sub-vectors for 512-d: PQ distances good enough
 KMEANS_ITERATIONS = 10  # IVF k-means (lancedb: 50): capped so 1M-row builds fit the bench, which uses it
 SEARCH = {"nprobes": 5, "refine_factor": 3}  # shipped search settings (see `make bench`)
 DUPLICATE_COSINE = 0.98  # results at least this similar to a better one are near-duplicates
+
+log = logging.getLogger("icar.query")
 
 
 def nearest(
@@ -53,8 +57,10 @@ def nearest(
 class Searcher:
     """Embeds queries with the table's own model (full depth) and searches the table.
 
-    One dataset handle is kept and looks for a newer version every `refresh_seconds`, so a long-lived
-    service sees what a reindex committed without a restart, and a query never sees half a commit."""
+    One dataset handle is kept; every `refresh_seconds` it resolves the `output.table` alias (a reindex
+    may have switched it to a new generation of tables, `pipeline.alias`) and looks for a newer version,
+    so a long-lived service sees what a reindex committed without a restart. Each query runs on one
+    handle: it never sees half a commit, nor the old and the new generation together."""
 
     cfg: IndexConfig
     loaded: LoadedModel
@@ -62,24 +68,51 @@ class Searcher:
     _table: Any = None
     _dataset: Any = None
     _checked: float = 0.0
+    _aliases: Aliases | None = None
 
     @classmethod
     def open(cls, cfg: IndexConfig, refresh_seconds: float = 5.0) -> Searcher:
         return cls(cfg, load_model(cfg.model), refresh_seconds)
 
     @property
+    def aliases(self) -> Aliases:
+        if self._aliases is None:
+            self._aliases = Aliases(self.cfg.output)
+        return self._aliases
+
+    @property
     def table(self):
         if self._table is None:
-            self._table = connect(self.cfg.output).open_table(self.cfg.output.table)
+            self._reopen()
         return self._table
+
+    def _reopen(self) -> None:
+        """Open the table the alias names now. A generation of another model than the one loaded is
+        not taken (its vectors would not compare): the old one answers until it is dropped."""
+        output = self.aliases.resolve()
+        table = connect(output).open_table(output.table)
+        owner = table_model(table)
+        if self._table is not None and owner not in (None, self.loaded.model_id):
+            log.warning(
+                "%r now names a table of %s; this service embeds with %s and keeps the replaced "
+                "table until restarted with that model",
+                self.cfg.output.table,
+                owner,
+                self.loaded.model_id,
+            )
+            return
+        self._table, self._dataset = table, table.to_lance()
 
     @property
     def dataset(self) -> lance.LanceDataset:
-        """The table's Lance dataset at its latest version (checked at most every `refresh_seconds`)."""
+        """The aliased table's Lance dataset at its latest version (checked every `refresh_seconds`)."""
         now = time.monotonic()
         if self._dataset is None:
-            self._dataset, self._checked = self.table.to_lance(), now
+            self._reopen()
+            self._checked = now
         elif now - self._checked >= self.refresh_seconds:
+            if self.aliases.resolve().table != self._table.name:
+                self._reopen()
             latest = self._dataset.latest_version
             if latest != self._dataset.version:
                 self._dataset = self._dataset.checkout_version(latest)
@@ -175,11 +208,16 @@ def index_params(rows: int, dim: int) -> dict[str, int]:
     }
 
 
-def build_indexes(cfg: IndexConfig, partitions: int | None = None, sub_vectors: int | None = None) -> dict:
-    """IVF_PQ on the vectors (cosine) plus scalar indexes for id lookups and common filters."""
+def build_indexes(
+    cfg: IndexConfig, partitions: int | None = None, sub_vectors: int | None = None, table: Any = None
+) -> dict:
+    """IVF_PQ on the vectors (cosine) plus scalar indexes for id lookups and common filters, on `table`
+    (default: the one `output.table` names now)."""
     from lancedb.index import BTree, IvfPq  # here: importing lancedb before Ray forks makes it warn
 
-    table = connect(cfg.output).open_table(cfg.output.table)
+    if table is None:
+        output = resolve(cfg.output)
+        table = connect(output).open_table(output.table)
     rows = table.count_rows()
     params = index_params(rows, table.schema.field("vector").type.list_size)
     params["num_partitions"] = partitions or params["num_partitions"]

@@ -23,7 +23,11 @@ IMAGE_COLUMN_CANDIDATES = ("jpg", "png", "webp", "image", "jpeg", "IMAGE", "imag
 
 @dataclass(frozen=True)
 class Shard:
-    """One input file: where it is, its stable name (used in row ids) and its content fingerprint."""
+    """One input file: where it is read from now, its stable name and its content fingerprint.
+
+    The name (`[<input.dataset>/]<path relative to the input root>`) is the shard's identity: row ids,
+    the tables' `shard` column and the manifest use it, so the same shards read from another location
+    are the same shards, and two datasets with the same file names are not."""
 
     uri: str
     name: str
@@ -63,7 +67,8 @@ def _fingerprint(info: dict) -> str:
 
 
 def list_shards(cfg: InputConfig) -> list[Shard]:
-    """Expand every input pattern to parquet files. Names are relative to each pattern's root."""
+    """Expand every input pattern to parquet files. Names are relative to each pattern's root, under
+    `input.dataset` when it is set (see `Shard`)."""
     shards: dict[str, Shard] = {}
     for pattern in cfg.paths:
         fs, path = _filesystem(pattern, cfg.storage_options)
@@ -82,6 +87,7 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
             if info.get("type") == "directory":
                 continue
             name = posixpath.relpath(match, root) if root else match
+            name = f"{cfg.dataset}/{name}" if cfg.dataset else name
             uri = match if protocol in ("file", "local") else f"{protocol}://{match}"
             if name in shards and shards[name].uri != uri:
                 raise ValueError(
@@ -175,7 +181,10 @@ def _cap_text(text: dict[str, pa.Array], limit: int) -> tuple[dict[str, pa.Array
 
 def row_id(shard_name: str, key: str | None, row: int) -> str:
     """The id of a row: `<shard name>/<key>`, or `<shard name>#<row index>` for a row without a key (a
-    real key cannot produce it: after the same shard name, a key's id continues with '/')."""
+    real key cannot produce it: after the same shard name, a key's id continues with '/').
+
+    The shard name is `[<input.dataset>/]<path relative to the input root>` (`Shard`): with a dataset,
+    `laion/part-00000.parquet/123`; without, `part-00000.parquet/123`. A dataset name holds no '/'."""
     return f"{shard_name}/{key}" if key is not None else f"{shard_name}#{row}"
 
 
@@ -206,7 +215,7 @@ def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: i
                 {
                     "id": pc.if_else(key_too_long, by_row, pc.coalesce(by_key, by_row)),
                     "row": row_index,
-                    "shard": pa.array([plan.shard.uri] * n, pa.string()),
+                    "shard": pa.array([plan.shard.name] * n, pa.string()),
                     **text,
                     "text_error": text_error,
                     "status": pc.coalesce(column("status"), pa.scalar("success")),

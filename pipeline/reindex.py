@@ -6,6 +6,15 @@ empty the table); new shards are indexed and changed ones replaced, exactly as `
 LanceDB maintenance: compaction, new rows folded into the vector index (or the index rebuilt when more
 than `reindex.rebuild_unindexed_share` of the rows are outside it), versions older than
 `reindex.cleanup_older_than_days` pruned. The report (JSON + markdown) says what changed and what it cost.
+
+A model, heads or router change (the embedding identity, `pipeline.alias`) re-embeds every shard into a
+new generation of tables while queries go on reading the old one; the alias `output.table` switches to
+the new generation in one commit once it is complete (no shard failed), and the generation it replaced
+is dropped by the first reindex after `reindex.cleanup_older_than_days`.
+
+A shard is "no longer in the input" when no input file has its name (`read.Shard`: dataset plus path
+relative to the input root), wherever the input now is: a bucket moved to a new location is the same
+shards, not a removal of them all.
 """
 
 from __future__ import annotations
@@ -19,11 +28,12 @@ from typing import Any
 
 import fsspec
 
+from pipeline.alias import Aliases
 from pipeline.config import ConfigError, IndexConfig
-from pipeline.job import RunSummary, index_pending, open_run
+from pipeline.job import Run, RunSummary, index_pending, open_run
 from pipeline.progress import Progress
 from pipeline.query import build_indexes
-from pipeline.write import LanceWriter, is_local, output_filesystem
+from pipeline.write import LanceWriter, connect, is_local, output_filesystem
 
 REPORTS_DIR = "_reports"
 
@@ -43,7 +53,11 @@ class ReindexReport:
     output: str
     table: str
     model_id: str
-    shards_removed: list[str]
+    identity: str  # the embedding identity this run wrote (pipeline.alias)
+    physical_table: str  # the generation's images table it wrote
+    switched: bool  # `table` now names that generation (it did not before this run)
+    replaced_dropped: str | None  # identity of the replaced generation whose tables were dropped
+    shards_removed: list[str]  # shard names
     summary: dict[str, Any]
     maintenance: Maintenance
     rows_before: int
@@ -62,6 +76,9 @@ class ReindexReport:
             "",
             f"`{', '.join(self.input)}` -> `{self.output}` table `{self.table}` ({self.model_id}), "
             f"{self.seconds:.1f} s",
+            "",
+            f"embedding identity {self.identity} in `{self.physical_table}`"
+            + (f"; `{self.table}` switched to it" if self.switched else ""),
             "",
             "| | |",
             "|---|---|",
@@ -82,14 +99,16 @@ class ReindexReport:
             f"| versions pruned | older than {self.maintenance.versions_pruned_older_than_days:g} days |",
         ]
         lines += [f"| FAILED {uri} | {why} |" for uri, why in s["failed_shards"].items()]
-        lines += [f"| removed {uri} | rows deleted |" for uri in self.shards_removed]
+        lines += [f"| removed {name} | rows deleted |" for name in self.shards_removed]
+        if self.replaced_dropped:
+            lines.append(f"| dropped the replaced tables | {self.replaced_dropped} |")
         return "\n".join(lines) + "\n"
 
 
-def remove_missing(writer: LanceWriter, input_uris: set[str], cfg: IndexConfig) -> list[str]:
-    """Delete the rows of every indexed shard that the input no longer lists; returns their uris."""
+def remove_missing(writer: LanceWriter, input_names: set[str], cfg: IndexConfig) -> list[str]:
+    """Delete the rows of every indexed shard whose name the input no longer lists; returns the names."""
     indexed = writer.known()
-    removed = sorted(indexed - input_uris)
+    removed = sorted(indexed - input_names)
     if not removed or not cfg.reindex.delete_removed:
         return []
     if len(removed) > cfg.reindex.max_removed_share * len(indexed):
@@ -98,9 +117,31 @@ def remove_missing(writer: LanceWriter, input_uris: set[str], cfg: IndexConfig) 
             f"{removed[0]}); refusing to delete more than reindex.max_removed_share="
             f"{cfg.reindex.max_removed_share:g} of them. Check input.paths, or raise the share for this run"
         )
-    for uri in removed:
-        writer.remove_shard(uri)
+    for name in removed:
+        writer.remove_shard(name)
     return removed
+
+
+def switch_when_complete(run: Run, progress: Progress) -> bool:
+    """Point `output.table` at the generation this run built, in one commit, once it holds every input
+    shard; with a vector index first when the live generation has one (queries must not lose it)."""
+    if not run.switching:
+        return False
+    if run.summary.shards_failed:
+        progress.note(
+            f"not switched: {run.summary.shards_failed} shards failed; {run.cfg.output.table!r} stays on "
+            f"{run.live.identity} until a reindex completes {run.generation.identity}"
+        )
+        return False
+    live = run.live.output(run.cfg.output)
+    old = connect(live).open_table(live.table)
+    if any(i.columns == ["vector"] for i in old.list_indices()) and run.writer.images.count_rows():
+        run.writer.check_lease()
+        build_indexes(run.cfg, table=run.writer.images)
+    run.writer.check_lease()
+    Aliases(run.cfg.output).switch(run.generation)
+    progress.note(f"switched {run.cfg.output.table!r} to {run.generation.identity}")
+    return True
 
 
 def maintain(writer: LanceWriter, cfg: IndexConfig) -> Maintenance:
@@ -114,7 +155,7 @@ def maintain(writer: LanceWriter, cfg: IndexConfig) -> Maintenance:
     action = "folded in" if vector_indexes else "none"
     if vector_indexes and rows and unindexed > cfg.reindex.rebuild_unindexed_share * rows:
         writer.check_lease()
-        build_indexes(cfg)
+        build_indexes(cfg, table=images)
         action = "rebuilt"
     return Maintenance(action, unindexed, cfg.reindex.cleanup_older_than_days, time.perf_counter() - started)
 
@@ -150,14 +191,17 @@ def run_reindex(
     job holds the table."""
     progress = progress or Progress.silent()
     started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open_run(cfg, verbose, wait) as run:
+    with open_run(cfg, verbose, wait, switch=True) as run:
         images = run.writer.images
         rows_before, version_before = images.count_rows(), images.version
-        removed = remove_missing(run.writer, {s.uri for s in run.shards}, cfg)
-        for uri in removed:
-            progress.note(f"removed {uri}: no longer in the input")
+        removed = remove_missing(run.writer, {s.name for s in run.shards}, cfg)
+        for name in removed:
+            progress.note(f"removed {name}: no longer in the input")
         index_pending(run, progress)
         maintenance = maintain(run.writer, cfg)
+        switched = switch_when_complete(run, progress)
+        run.writer.check_lease()
+        dropped = Aliases(cfg.output).drop_replaced(cfg.reindex.cleanup_older_than_days * 86400)
         images.checkout_latest()
         rows_after, version_after = images.count_rows(), images.version
     report = ReindexReport(
@@ -166,6 +210,10 @@ def run_reindex(
         output=cfg.output.uri,
         table=cfg.output.table,
         model_id=cfg.model.model_id,
+        identity=run.generation.identity,
+        physical_table=run.writer.cfg.table,
+        switched=switched,
+        replaced_dropped=dropped,
         shards_removed=removed,
         summary=_summary_dict(run.summary),
         maintenance=maintenance,

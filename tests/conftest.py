@@ -31,6 +31,17 @@ def ray_local():
     ray.shutdown()
 
 
+def lance_s3_options(endpoint: str) -> dict[str, str]:
+    """LanceDB storage options for moto's server at `endpoint` (moto accepts any credentials)."""
+    return {
+        "aws_endpoint": endpoint,
+        "allow_http": "true",
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "aws_region": "us-east-1",
+    }
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API (moto's threaded server), as s3fs's own tests use; credentials via env vars."""
@@ -57,7 +68,7 @@ def scene_shards(tmp_path_factory) -> Path:
     from pipeline.lab.scenes.shards import write_corpus
 
     out = tmp_path_factory.mktemp("scenes")
-    write_corpus(out, seed=7, split="test", num_images=72, shard_size=24)
+    write_corpus(out, seed=7, split="fixture", num_images=72, shard_size=24)
     return out
 
 

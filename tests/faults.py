@@ -3,7 +3,8 @@ hooks that make a real process die at a named point (imported by the processes u
 pipeline).
 
 * `FaultProxy`: HTTP in front of an S3 endpoint (moto); a share of requests is answered 500/503 without
-  reaching S3 (a failed request, never a lost answer), a share is delayed.
+  reaching S3 (a failed request, never a lost answer), a share is delayed; `on_next_put` runs a callback
+  (e.g. take S3 down) just before the next PUT goes through, so a fault can start inside a commit.
 * `crash_encoder_on_key`: a Ray `worker_process_setup_hook`; the encoder actor that gets a batch holding
   the key in `ICAR_FAULT_CRASH_KEY` SIGKILLs itself, on every try (a deterministic decoder segfault).
 * `kill_driver_at(point, nth)`: in the job's driver, SIGKILL the process right after the `nth` time it
@@ -19,6 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -47,6 +49,7 @@ class FaultProxy:
         self.fail, self.delay, self.pause = fail, delay, pause
         self.faulty = True
         self.counts: Counter = Counter()
+        self._on_put: Callable[[], None] | None = None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -61,6 +64,17 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def on_next_put(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, in the proxy, just before the next PUT is forwarded to S3."""
+        with self._lock:
+            self._on_put = callback
+
+    def _before_forward(self, method: str) -> None:
+        with self._lock:
+            callback, self._on_put = (self._on_put, None) if method == "PUT" else (None, self._on_put)
+        if callback is not None:
+            callback()
 
     def _decide(self) -> str:
         with self._lock:
@@ -115,6 +129,7 @@ class FaultProxy:
                     return
                 if fate == "delay":
                     time.sleep(proxy.pause)
+                proxy._before_forward(self.command)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
                 upstream = http.client.HTTPConnection(

@@ -22,7 +22,7 @@ import lancedb
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import free_port, index_config, input_ids, lance_table
+from conftest import free_port, index_config, input_ids, lance_s3_options, lance_table
 from processes import assert_exactly_once, kill_session, session_pids, session_process
 
 from pipeline.job import run_index
@@ -64,13 +64,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
         fs.put_file(str(path), f"{bucket}/scenes/{path.name}")
 
     input_options = {"endpoint_url": s3_server, "key": KEY, "secret": SECRET}
-    lance_options = {
-        "aws_endpoint": s3_server,
-        "allow_http": "true",
-        "aws_access_key_id": KEY,
-        "aws_secret_access_key": SECRET,
-        "aws_region": REGION,
-    }
+    lance_options = lance_s3_options(s3_server)
     cfg = index_config([f"s3://{bucket}/scenes/*.parquet"], f"s3://{bucket}/lance")
     cfg.input.storage_options = input_options
     cfg.output.storage_options = lance_options
@@ -94,7 +88,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     for path in sorted(scene_shards.glob("*.parquet")):
         head = client.head_object(Bucket=bucket, Key=f"scenes/{path.name}")
         etags[f"s3://{bucket}/scenes/{path.name}"] = f"{head['ContentLength']}:{head['ETag'].strip(chr(34))}"
-    assert {m["shard"]: (m["status"], m["rows_ok"], m["fingerprint"]) for m in manifest} == {
+    assert {m["uri"]: (m["status"], m["rows_ok"], m["fingerprint"]) for m in manifest} == {
         uri: ("done", 24, fingerprint) for uri, fingerprint in etags.items()
     }
 
@@ -109,9 +103,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
     fs.put_file(str(changed), f"{bucket}/scenes/00001.parquet")
     third = run_index(cfg)
     assert (third.shards_already_done, third.shards_committed, third.rows_ok) == (2, 1, 20)
-    dropped = {
-        f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]
-    }
+    dropped = {f"00001.parquet/{k}" for k in pq.read_table(scene_shards / "00001.parquet").column("key")[20:]}
     expected = [i for i in expected if i not in dropped]
     assert_exactly_once(
         lance_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected
@@ -131,7 +123,9 @@ def small_corpus(tmp_path_factory) -> Path:
     from pipeline.lab.scenes.shards import write_corpus
 
     out = tmp_path_factory.mktemp("small")
-    write_corpus(out, seed=11, split="test", num_images=CORPUS_SHARDS * CORPUS_ROWS, shard_size=CORPUS_ROWS)
+    write_corpus(
+        out, seed=11, split="fixture", num_images=CORPUS_SHARDS * CORPUS_ROWS, shard_size=CORPUS_ROWS
+    )
     return out
 
 

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, index_config, lance_table
+from conftest import free_port, index_config, lance_s3_options, lance_table
 from faults import CRASH_KEY_ENV, CRASH_LOG_ENV, FaultProxy
 from PIL import Image
 from processes import assert_exactly_once, session_pids, session_process
@@ -222,7 +223,7 @@ def test_shards_a_stream_left_incomplete_are_failed_not_the_job(ray_local, tmp_p
         assert reason.startswith(f"{uri}: 4 of its 4 rows never came back from Ray: {why}"), reason
     manifest = lance_table(db, "manifest").to_pylist()
     assert [(m["status"], m["error"]) for m in manifest] == [
-        ("failed", summary.failed_shards[m["shard"]]) for m in manifest
+        ("failed", summary.failed_shards[m["uri"]]) for m in manifest
     ]
     assert lance_table(db, "images").num_rows == 0
 
@@ -323,35 +324,79 @@ class _Moto:
         self.server._server.server_close()  # stop() alone leaves the socket listening, unanswered
 
 
-def test_s3_down_mid_run_and_flaky_requests_then_rerun_leaves_every_id_once(ray_local, tmp_path):
-    """Input and output on S3 behind a proxy that answers 10% of requests 500/503 and delays 10% by 0.3 s;
-    mid-run S3 goes away for 4 s. The run ends 0 with every id once, or non-zero naming the failure; a
-    rerun with S3 healthy ends with every id once."""
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": REGION}
+
+
+def _s3_client(moto: _Moto):
     import boto3
 
-    moto, bucket = _Moto(), f"faults-{uuid4().hex[:8]}"
-    moto.start()
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=moto.endpoint,
         aws_access_key_id=KEY,
         aws_secret_access_key=SECRET,
         region_name=REGION,
     )
-    client.create_bucket(Bucket=bucket)
+
+
+def _bucket(moto: _Moto) -> str:
+    bucket = f"faults-{uuid4().hex[:8]}"
+    _s3_client(moto).create_bucket(Bucket=bucket)
+    return bucket
+
+
+def test_s3_down_during_a_commit_is_retried_and_the_run_ends_0_with_every_id_once(tmp_path):
+    """Output on S3 behind the proxy (input local). Once a shard is done, S3 goes away for 4 s, starting
+    just before the next PUT, i.e. inside a commit. The writer retries that commit
+    (output.commit_attempts, with backoff) and the run ends 0 with every id once: no rerun."""
+    moto = _Moto()
+    moto.start()
+    corpus, log = tmp_path / "in", tmp_path / "cli.log"
+    expected = write_shards(corpus, shards=8, rows=8, row_group=4)
+    db, direct = f"s3://{_bucket(moto)}/lance", lance_s3_options(moto.endpoint)
+    outage: list[float] = []  # when S3 went down, when it came back
+    restarts: list[threading.Timer] = []
+
+    def down_for_4_seconds() -> None:
+        moto.stop()
+        outage.append(time.monotonic())
+        restarts.append(threading.Timer(4, lambda: (moto.start(), outage.append(time.monotonic()))))
+        restarts[0].start()
+
+    try:
+        with FaultProxy(moto.endpoint) as proxy, _ray_tmp() as ray_tmp:
+            storage = f"output.storage_options={json.dumps(lance_s3_options(proxy.endpoint))}"
+            cmd = _icar("index", "--input", str(corpus), "--output", db, "--set", storage)
+            with session_process(cmd, log, _env(ray_tmp, **CREDENTIALS)) as job:
+                _wait_for("a shard done", lambda: "done" in _statuses(db, **direct), job, log, poll=0.2)
+                proxy.on_next_put(down_for_4_seconds)
+                code = job.wait(timeout=400)
+            for restart in restarts:
+                restart.join()
+        out = log.read_text()
+        assert len(outage) == 2, f"no PUT after the first shard was done: {out[-3000:]}"
+        assert proxy.counts["upstream down"] > 0, proxy.counts
+        assert code == 0, out[-5000:]
+        retries = re.findall(r"commit failed \(try (\d) of 5\), retrying in ([\d.]+) s", out)
+        assert retries and retries[0] == ("1", "1.0"), out[-5000:]
+        assert "shards: 8 found, 0 already indexed, 8 committed, 0 failed" in out, out[-5000:]
+        _check_table(db, expected, shards=8, **direct)
+    finally:
+        moto.stop()
+
+
+def test_s3_down_mid_run_and_flaky_requests_then_rerun_leaves_every_id_once(ray_local, tmp_path):
+    """Input and output on S3 behind a proxy that answers 10% of requests 500/503 and delays 10% by 0.3 s;
+    mid-run S3 goes away for 4 s. The run ends 0 with every id once, or non-zero naming the failure; a
+    rerun with S3 healthy ends with every id once."""
+    moto = _Moto()
+    moto.start()
+    bucket, client = _bucket(moto), _s3_client(moto)
     ids = write_shards(tmp_path / "in", shards=4, rows=12, row_group=4, skip_every=5)
     skipped = [i for n, i in enumerate(ids) if n % 12 % 5 == 4]  # rows 4 and 9 of each shard
     expected = [i for i in ids if i not in skipped]
     for path in sorted((tmp_path / "in").glob("*.parquet")):
         client.upload_file(str(path), bucket, f"in/{path.name}")
-    creds = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": REGION}
-
-    def lance_options(endpoint: str) -> dict[str, str]:
-        return {"aws_endpoint": endpoint, "allow_http": "true", "aws_region": REGION} | {
-            "aws_access_key_id": KEY,
-            "aws_secret_access_key": SECRET,
-        }
-
     db, log = f"s3://{bucket}/lance", tmp_path / "cli.log"
     try:
         with (
@@ -360,12 +405,12 @@ def test_s3_down_mid_run_and_flaky_requests_then_rerun_leaves_every_id_once(ray_
         ):
             storage = [
                 f"input.storage_options={json.dumps({'endpoint_url': proxy.endpoint})}",
-                f"output.storage_options={json.dumps(lance_options(proxy.endpoint))}",
+                f"output.storage_options={json.dumps(lance_s3_options(proxy.endpoint))}",
             ]
             cmd = _icar("index", "--input", f"s3://{bucket}/in/*.parquet", "--output", db)
             cmd += [a for s in storage for a in ("--set", s)]
-            with session_process(cmd, log, _env(ray_tmp, **creds)) as job:
-                direct = lance_options(moto.endpoint)
+            with session_process(cmd, log, _env(ray_tmp, **CREDENTIALS)) as job:
+                direct = lance_s3_options(moto.endpoint)
                 _wait_for("a shard done", lambda: "done" in _statuses(db, **direct), job, log, poll=0.5)
                 moto.stop()
                 down = proxy.counts["upstream down"]
@@ -453,7 +498,7 @@ def test_reindex_killed_while_removing_a_deleted_shard_then_rerun_leaves_the_new
             _icar("reindex", "--input", str(corpus), "--output", db, prelude=kill), log, _env(ray_tmp)
         ) as proc:
             assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-5000:]
-    removed = str(corpus / "00002.parquet")
+    removed = "00002.parquet"  # the shard's name: its identity, wherever the input is
     assert lance_table(db, "images").filter(pa.compute.field("shard") == removed).num_rows == 0
     assert lance_table(db, "rejected").filter(pa.compute.field("shard") == removed).num_rows == 2
 

@@ -217,7 +217,7 @@ def test_the_unreadable_marker_has_the_columns_and_dtypes_of_a_prepared_batch(tm
     assert {k: (v.dtype, v.shape[1:]) for k, v in marker.items()} == {
         k: (v.dtype, v.shape[1:]) for k, v in prepared.items()
     }
-    assert marker["outcome"][0] == UNREADABLE and marker["shard"][0] == plan.shard.uri
+    assert marker["outcome"][0] == UNREADABLE and marker["shard"][0] == plan.shard.name
 
 
 def test_oversized_text_fails_its_row_is_stored_cut_and_a_huge_key_loses_its_id(tmp_path):

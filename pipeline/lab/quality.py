@@ -270,6 +270,7 @@ def evaluate_table(
     differs (e.g. the job listed a parent directory) is matched on the shard's file name and key instead.
     Captions are embedded with `cfg.model`'s text tower; the table must hold that model's vectors.
     """
+    from pipeline.alias import resolve
     from pipeline.write import connect
 
     paths = list(shard_paths) if shard_paths is not None else list(cfg.input.paths)
@@ -281,7 +282,7 @@ def evaluate_table(
         short = f"{Path(row_id.rsplit('/', 1)[0]).name}/{row['key']}"
         by_file_key[short] = None if short in by_file_key else row  # ambiguous file names match nothing
 
-    table = connect(cfg.output).open_table(cfg.output.table)
+    table = connect(cfg.output).open_table(resolve(cfg.output).table)  # the live generation
     data = table.to_arrow().select(["id", "vector", "gflops", "model_id"])
     model_ids = set(data.column("model_id").to_pylist())
     if model_ids - {cfg.model.model_id}:

@@ -26,7 +26,9 @@ class Filters(BaseModel):
     complexity_min: float | None = None
     complexity_max: float | None = None
     gflops_max: float | None = None
-    shard: list[Text] | None = Field(None, max_length=32, description="shard URI is one of these")
+    shard: list[Text] | None = Field(
+        None, max_length=32, description="shard name ([dataset/]path in the input) is one of these"
+    )
     caption_contains: Text | None = Field(None, description="case-insensitive substring of the caption")
 
     @field_validator("route", "shard", "caption_contains")
