@@ -30,6 +30,7 @@ from pipeline.lab.quality import (
     evaluate_table,
     reports_markdown,
 )
+from pipeline.lab.scenes.splits import TEST
 
 
 def _write(out_dir: Path, stem: str, payload: dict, markdown: str) -> None:
@@ -42,7 +43,7 @@ def _write(out_dir: Path, stem: str, payload: dict, markdown: str) -> None:
 def run_models(args: argparse.Namespace) -> int:
     cfg = ModelConfig(name=args.model_name, pretrained=args.model_pretrained)
     started = time.perf_counter()
-    heldout = load_heldout(args.seed, args.count, args.image_size, args.split, args.cache_dir or None)
+    heldout = load_heldout(args.split, args.count, args.image_size, args.seed, args.cache_dir or None)
     print(f"{len(heldout)} held-out scenes ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     runs: list[tuple[str, str | bool | None]] = []
     if not args.random_init:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--count", type=int, default=2000, help="held-out scenes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="heldout")
+    parser.add_argument("--split", default=TEST, help="scene stream (pipeline/lab/scenes/splits.py)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")

@@ -23,6 +23,7 @@ from pipeline.lab import plots
 from pipeline.lab.frontier import frontier_markdown, measure_frontier
 from pipeline.lab.heldout import load_heldout
 from pipeline.lab.outputs import output_path
+from pipeline.lab.scenes.splits import TEST
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     cfg = load_config(args.config)
     out = output_path(Path(args.out) / "frontier.json").parent
     probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
-    heldout = load_heldout(0, args.images, probe.loaded.image_size)
+    heldout = load_heldout(TEST, args.images, probe.loaded.image_size)
     result = measure_frontier(
         probe,
         cfg.model.name,

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for 00000.parquet, 00001.parquet, …")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--split", default="demo", help="scene stream name; 'train' and 'heldout' are the model's own"
+        "--split",
+        default="demo",
+        help="scene stream: train, heads, calib, test (see pipeline/lab/scenes/splits.py) or any name",
     )
     parser.add_argument("--images", type=int, default=1000, help="number of scenes")
     parser.add_argument("--shard-size", type=int, default=250, help="scenes per shard")

@@ -21,14 +21,18 @@ EDGE_LEVEL = 24.0  # a gradient above this many grey levels counts as an edge
 BYTES_PER_PIXEL_SCALE = 1.0
 GRID = 4  # the learned scorer also sees gradient energy on a GRID x GRID layout
 STRIDE = 2  # features read every STRIDE-th pixel in each direction
+PATCH = 16  # the ViT patch the redundancy features are read at (icar-tiny-vit, ViT-B/16)
+FLAT_STD = 6.0  # a patch whose grey std is below this many levels is flat
+SAME_COLOUR = 8.0  # neighbouring flat patches whose mean colours differ less than this look alike
 
 
 def complexity_features(images: np.ndarray, bytes_per_pixel: np.ndarray) -> np.ndarray:
-    """[N, H, W, 3] uint8 + [N] -> [N, 6 + GRID²] float32.
+    """[N, H, W, 3] uint8 + [N] -> [N, 6 + GRID² + 4] float32.
 
     Columns: gradient energy, edge density, bytes per pixel, grey std, saturation mean, saturation std,
-    then gradient energy per grid cell. Computed on every STRIDE-th pixel: the statistics barely move and
-    the router's CPU cost falls STRIDE² times.
+    gradient energy per grid cell, then patch redundancy at the ViT's patch grid (`patch_redundancy`).
+    Computed on every STRIDE-th pixel: the statistics barely move and the router's CPU cost falls STRIDE²
+    times.
     """
     pixels = images[:, ::STRIDE, ::STRIDE].astype(np.float32)
     # channel planes with plain elementwise ops: numpy's matmul and reductions over a trailing axis of
@@ -50,7 +54,34 @@ def complexity_features(images: np.ndarray, bytes_per_pixel: np.ndarray) -> np.n
         saturation.mean(axis=(1, 2)),
         saturation.std(axis=(1, 2)),
     ]
-    return np.concatenate([np.stack(columns, axis=1), cells], axis=1).astype(np.float32)
+    patches = patch_redundancy(np.stack([r, g, b, grey], axis=-1), PATCH // STRIDE)
+    return np.concatenate([np.stack(columns, axis=1), cells, patches], axis=1).astype(np.float32)
+
+
+def patch_redundancy(planes: np.ndarray, side: int) -> np.ndarray:
+    """[N, H, W, 4] (r, g, b, grey) -> [N, 4]: how many of the ViT's patch tokens look alike.
+
+    Token merging and pruning save most where many patches carry the same content, so these predict how
+    far an image's tokens can be reduced: the share of flat patches, the share of neighbouring patch pairs
+    that are both flat and of one colour (the pairs ToMe would merge first), the mean patch std and the
+    spread of patch mean brightness."""
+    n, h, w, _ = planes.shape
+    gh, gw = h // side, w // side
+    cells = planes[:, : gh * side, : gw * side].reshape(n, gh, side, gw, side, 4)
+    mean = cells.mean(axis=(2, 4))  # [N, gh, gw, 4]
+    std = cells[..., 3].std(axis=(2, 4))  # [N, gh, gw] grey std per patch
+    flat = std < FLAT_STD
+
+    def alike(a: tuple, b: tuple) -> np.ndarray:
+        colour = np.abs(mean[a][..., :3] - mean[b][..., :3]).max(axis=-1) < SAME_COLOUR
+        return flat[a] & flat[b] & colour
+
+    right = alike((slice(None), slice(None), slice(1, None)), (slice(None), slice(None), slice(None, -1)))
+    down = alike((slice(None), slice(1, None)), (slice(None), slice(None, -1)))
+    pairs = right.sum(axis=(1, 2)) + down.sum(axis=(1, 2))
+    total_pairs = gh * (gw - 1) + (gh - 1) * gw
+    columns = [flat.mean(axis=(1, 2)), pairs / max(total_pairs, 1), std.mean(axis=(1, 2))]
+    return np.stack([*columns, mean[..., 3].std(axis=(1, 2))], axis=1)
 
 
 class Scorer(Protocol):

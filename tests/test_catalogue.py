@@ -51,13 +51,13 @@ def test_the_key_is_the_spec_without_its_name_or_defaults():
 
 def test_selections_are_one_catalogue_with_unique_names_and_keys():
     calibration = calibration_routes(EXITS)
-    assert len(calibration) == 5 * 17
+    assert len(calibration) == 5 * 20
     for selection in (calibration, frontier_routes(EXITS), bench_routes([6, 8])):
         assert len(set(keys(selection))) == len(selection) == len({r.name for r in selection})
     assert set(keys(bench_routes([6, 8]))) <= set(keys(frontier_routes(EXITS))) <= set(keys(calibration))
     frontier = frontier_routes([6])
     assert [r.name for r in frontier[:2]] == ["full", "exit6"]
-    assert all(r.exit_depth is None for r in frontier[2:]) and len(frontier) == 2 + 16
+    assert all(r.exit_depth is None for r in frontier[2:]) and len(frontier) == 2 + 19
     assert all(a.name != b.name for a, b in itertools.combinations(calibration, 2))
 
 

@@ -29,6 +29,7 @@ from pipeline.lab.quality import (
 )
 from pipeline.lab.scenes.render import make_example
 from pipeline.lab.scenes.shards import SHARD_SCHEMA
+from pipeline.lab.scenes.splits import CALIB, TEST
 from pipeline.write import images_schema
 
 HELDOUT_IMAGES = 300
@@ -63,6 +64,7 @@ def fake_heldout(keys: list[str], levels: list[str]) -> HeldoutSet:
         object_count=np.ones(n, np.int32),
         background=np.asarray(["plain"] * n),
         bytes_per_pixel=np.zeros(n, np.float32),
+        split="fake",
     )
 
 
@@ -170,26 +172,27 @@ def test_mismatched_lengths_are_refused():
 
 # -- held-out set -------------------------------------------------------------------------------------
 def test_heldout_is_the_pipeline_pixels_and_the_cache_round_trips(tmp_path):
-    rendered = load_heldout(seed=0, count=12, image_size=64, cache_dir=tmp_path)
+    rendered = load_heldout(TEST, count=12, image_size=64, cache_dir=tmp_path)
     assert rendered.images.shape == (12, 64, 64, 3) and rendered.images.dtype == np.uint8
-    scene, data, _ = make_example(0, "heldout", 5)
+    scene, data, _ = make_example(0, TEST, 5)
     np.testing.assert_array_equal(rendered.images[5], decode_image(data, 64)[0])
     assert rendered.captions[5] == scene.caption and rendered.scene_keys[5] == scene.scene_key
     assert rendered.complexity_level[5] == scene.complexity_level
     assert rendered.object_count[5] == scene.object_count and rendered.background[5] == scene.background
     assert len(list(tmp_path.glob("*.npz"))) == 1
-    cached = load_heldout(seed=0, count=12, image_size=64, cache_dir=tmp_path)
+    cached = load_heldout(TEST, count=12, image_size=64, cache_dir=tmp_path)
     np.testing.assert_array_equal(cached.images, rendered.images)
     assert cached.captions == rendered.captions and cached.scene_keys == rendered.scene_keys
+    assert cached.split == rendered.split == TEST
     np.testing.assert_array_equal(cached.complexity_level, rendered.complexity_level)
-    other_split = load_heldout(seed=0, count=12, image_size=64, split="other", cache_dir=tmp_path)
+    other_split = load_heldout(CALIB, count=12, image_size=64, cache_dir=tmp_path)
     assert other_split.captions != rendered.captions and len(list(tmp_path.glob("*.npz"))) == 2
 
 
 # -- real models ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def heldout() -> HeldoutSet:
-    return load_heldout(seed=0, count=HELDOUT_IMAGES, image_size=128)
+    return load_heldout(TEST, count=HELDOUT_IMAGES, image_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +213,7 @@ def test_trained_model_retrieves_well_and_random_init_does_not(heldout, trained)
 
 
 def test_route_ids_split_the_batch_and_reference_is_compared(trained):
-    small = load_heldout(seed=0, count=40, image_size=128)
+    small = load_heldout(TEST, count=40, image_size=128)
     encoder = RoutedEncoder(trained, [RouteSpec(name="a"), RouteSpec(name="b")])
     full = encoder.encode(small.images, np.zeros(40, np.int64)).vectors
     routed = evaluate_encoder(encoder, small, route_ids=np.arange(40) % 2, reference=full, batch_size=16)

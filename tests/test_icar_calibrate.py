@@ -23,6 +23,8 @@ from pipeline.encode.routed import RoutedEncoder
 from pipeline.lab.catalogue import FULL, calibration_routes, spec_key
 from pipeline.lab.outputs import PACKAGE_DIR
 from pipeline.lab.sample import read_captioned
+from pipeline.lab.scenes.shards import write_corpus
+from pipeline.lab.scenes.splits import CALIB, TEST
 from pipeline.lab.speed import route_images
 from pipeline.score import load_scorer
 
@@ -111,7 +113,7 @@ def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
     assert cfg.model.name == "icar-tiny-vit" and cfg.model.pretrained is None and cfg.model.heads is None
     catalogue = {spec_key(r) for r in calibration_routes([8])}
     assert {spec_key(r) for r in cfg.router.routes} <= catalogue
-    assert len(report["routes"]) == len(catalogue) == 34
+    assert len(report["routes"]) == len(catalogue) == 40
     assert report["outputs"]["routes"] == str(out)
     assert report["sample"] == {
         "images": 24,
@@ -129,8 +131,9 @@ def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
 def test_scene_calibration_meets_the_floor_on_the_data(scenes, scene_shards):
     _, out, report = scenes
     plan = report["final_plan"]
-    assert report["target"] == {"QualityFloor": {"min_cosine": 0.985, "min_recall_ratio": 0.99}}
-    assert plan["meets_target"] and plan["mean_cosine"] >= 0.985 and plan["recall_ratio"] >= 0.99
+    floor = {"min_cosine": 0.985, "min_recall_ratio": 0.99, "confidence": 0.95}
+    assert report["target"] == {"QualityFloor": floor}
+    assert plan["meets_target"] and plan["mean_cosine"] >= 0.985 and plan["recall_ratio_lower"] >= 0.99
     assert sum(plan["share"]) == pytest.approx(1.0) and len(plan["thresholds"]) == len(plan["routes"]) - 1
     assert set(report["comparison"]) == {"handcrafted", "learned"}
     assert report["winner"] in report["comparison"]
@@ -153,7 +156,9 @@ def test_a_captioned_shard_of_drawings_with_another_checkpoint_path(drawings, tm
     assert {spec_key(r) for r in cfg.router.routes} <= {spec_key(r) for r in calibration_routes([])}
     assert report["sample"]["match_key"] == "caption" and report["sample"]["distinct_keys"] == 12
     assert report["sample"]["skipped"] == {"does not decode": 1, "no caption": 1}
-    assert report["target"] == {"QualityFloor": {"min_cosine": 0.97, "min_recall_ratio": 0.9}}
+    assert report["target"] == {
+        "QualityFloor": {"min_cosine": 0.97, "min_recall_ratio": 0.9, "confidence": 0.95}
+    }
     plan = report["final_plan"]
     assert plan["meets_target"] and plan["mean_cosine"] >= 0.97 and plan["recall_ratio"] >= 0.9
     assert rerun_as_the_job(out, drawings) == pytest.approx(plan["mean_cosine"], abs=1e-4)
@@ -173,3 +178,16 @@ def test_bad_requests_fail_fast_with_exit_2(argv, message, drawings, tmp_path, c
     assert main(["calibrate", "--input", str(drawings), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_calibration_refuses_the_test_split(tmp_path, capsys):
+    """Scene shards name their stream; calibration (which chooses) must never read the test stream,
+    whose only use is reporting. Mixed in with calib rows it is refused just the same."""
+    write_corpus(tmp_path / "mixed" / "calib", seed=0, split=CALIB, num_images=12, shard_size=12)
+    write_corpus(tmp_path / "mixed" / "test", seed=0, split=TEST, num_images=12, shard_size=12)
+    out = tmp_path / "r.yaml"
+    assert main(["calibrate", "--input", str(tmp_path / "mixed"), "--out", str(out), *TOY]) == 2
+    assert f"read rows of the {TEST!r} scene split" in capsys.readouterr().err
+    assert not out.exists()
+    sample = read_captioned([str(tmp_path / "mixed" / "calib")], 64, 12)
+    assert sample.splits == {CALIB} and len(sample) == 12

@@ -28,6 +28,7 @@ from pipeline.lab.router_search import (
     subset,
 )
 from pipeline.lab.sample import CaptionedSample
+from pipeline.lab.scenes.splits import refuse_test
 from pipeline.lab.speed import EncoderCase, measure_encoder
 from pipeline.lab.targets import QualityFloor, Target
 from pipeline.lab.timing import best_of
@@ -207,6 +208,7 @@ def calibrate(
 ) -> Calibration:
     """Measure `encoder.routes` on `sample`, compare the scorers on held-back rows, pick the router."""
     s = settings or CalibrationSettings()
+    refuse_test(sample.splits, "calibration")
     log(f"measuring {len(encoder.routes)} routes on {len(sample)} images ({s.rounds} timing rounds)")
     measurements = measure_routes(encoder, model_name, sample.images, s.batch_size, s.timing_images, s.rounds)
     full = next(m for m in measurements if spec_key(m.route) == FULL_KEY).embeddings

@@ -28,6 +28,8 @@ FAMILIES: dict[str, tuple[dict[str, Any], ...]] = {
     ),
     # spectral-energy budget per image (block-2 token features are low-rank: tau 0.9 keeps ~6 of 64)
     "energy": tuple({"energy_tau": tau, "prune_after": PRUNE_AFTER} for tau in (0.98, 0.99, 0.995, 0.999)),
+    # a fixed token budget: the same number of patch tokens kept for every image after block 2
+    "budget": tuple({"keep_tokens": n, "prune_after": PRUNE_AFTER} for n in (16, 32, 48)),
 }
 TOKEN_PATHS: tuple[dict[str, Any], ...] = tuple(path for paths in FAMILIES.values() for path in paths)
 

@@ -17,13 +17,15 @@ CALIBRATE = """Calibrate a router for any open_clip ViT on any captioned sample.
 
     icar calibrate --input <captioned parquet shards> --out routes.yaml \\
         [--model ViT-B-32 --pretrained <open_clip tag or checkpoint> --heads <exit heads>] \\
-        [--images 2000] [--min-cosine 0.985 --min-recall-ratio 0.99 | --max-gflops 0.3]
+        [--images 2000] [--min-cosine 0.985 --min-recall-ratio 0.99 --confidence 0.95 | --max-gflops 0.3]
 
 Reads the first --images usable rows (img2dataset-style shards, decoded as `icar index` decodes them),
 measures every catalogue route (each token path at each exit the heads serve, and at full depth), and
 writes a config with `model:` and `router:` sections; `icar index --config routes.yaml --input <shards>`
 indexes with it. Quality is text->image R@10 and mean cosine to full depth: images with identical
 captions count as the same target (a `scene_key` column, when every row has one, is used instead).
+The R@10 floor is judged by its bootstrap lower bound (--confidence), so the router keeps its quality on
+images it was not calibrated on. Scene shards of the reserved `test` split are refused.
 """
 
 
@@ -50,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--min-recall-ratio", type=float, default=QualityFloor.min_recall_ratio, help="floor: R@10 / full's"
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=QualityFloor.confidence,
+        help="judge the R@10 ratio by its bootstrap lower bound at this level (0: the point estimate)",
     )
     p.add_argument(
         "--max-gflops", type=float, help="instead of a floor: the most faithful router within GFLOPs/image"
@@ -126,7 +134,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     target = (
         ComputeBudget(args.max_gflops)
         if args.max_gflops is not None
-        else QualityFloor(args.min_cosine, args.min_recall_ratio)
+        else QualityFloor(args.min_cosine, args.min_recall_ratio, args.confidence)
     )
     saved_threads = torch.get_num_threads()
     if args.threads:

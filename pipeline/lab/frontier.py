@@ -83,6 +83,7 @@ def measure_frontier(
     result["routed_share"] = {r.name: float((route_ids == j).mean()) for j, r in enumerate(router.routes)}
     result["router"] = router.model_dump(exclude_defaults=True)
     result["quality_images"] = n
+    result["split"] = heldout.split
     return result
 
 

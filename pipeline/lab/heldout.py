@@ -1,7 +1,7 @@
 """Held-out scene sets: rendered, decoded exactly as the pipeline decodes, cached as .npz.
 
 Training, calibration, evaluation and benchmarks all read their scenes here, so a split means the same
-images everywhere.
+images everywhere; which split may be used for what is in `pipeline/lab/scenes/splits.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class HeldoutSet:
     object_count: np.ndarray  # int32 [N]
     background: np.ndarray  # str [N]
     bytes_per_pixel: np.ndarray  # float32 [N]: encoded size / pixels, the router's free feature
+    split: str  # the scene stream drawn from (see scenes/splits.py)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -72,19 +73,19 @@ def _render(seed: int, split: str, count: int, image_size: int) -> HeldoutSet:
         object_count=np.asarray(counts, dtype=np.int32),
         background=np.asarray(backgrounds, dtype=str),
         bytes_per_pixel=bytes_per_pixel,
+        split=split,
     )
 
 
 def load_heldout(
-    seed: int = 0,
+    split: str,
     count: int = 2000,
     image_size: int = 128,
-    split: str = "heldout",
+    seed: int = 0,
     cache_dir: str | Path | None = None,
 ) -> HeldoutSet:
-    """Render (or read from the .npz cache) the first `count` scenes of `split`.
-
-    The "heldout" split is disjoint from training's "train" split. Rendering 2000 scenes takes ~15 s,
+    """Render (or read from the .npz cache) the first `count` scenes of `split` (calib or test: see
+    scenes/splits.py for which may be used for what). Rendering 2000 scenes takes ~15 s,
     so callers that evaluate repeatedly pass a `cache_dir`; the cache is keyed by (seed, split, count,
     size) and by the renderer's source, and written atomically so concurrent runs cannot read half a file.
     """
@@ -93,6 +94,7 @@ def load_heldout(
         with np.load(path, allow_pickle=False) as data:
             columns = {f.name: data[f.name] for f in fields(HeldoutSet)}
         columns["captions"], columns["scene_keys"] = list(columns["captions"]), list(columns["scene_keys"])
+        columns["split"] = str(columns["split"])
         return HeldoutSet(**columns)
     heldout = _render(seed, split, count, image_size)
     if path is not None:

@@ -34,13 +34,25 @@ def frontier_block(results: Path) -> str:
     a = r["args"]
     return (
         f"Measured by `python jobs/frontier.py --images {a['images']} --timing-images {a['timing_images']} "
-        f"--rounds {a['rounds']}`: quality on {r['quality_images']} held-out scenes, speed on the first "
-        f"{a['timing_images']}, batches of {a['batch_size']}, {a['threads']} threads, timed alternately "
-        "against open_clip's `encode_image` in one process (speedup = median of same-round ratios, "
-        f"min-max in brackets); [results/frontier.md](results/frontier.md), "
-        "[plot](results/frontier.png). Not out of sample: the shipped routes were chosen on these same "
-        "held-out scenes, so their quality here is in-sample.\n\n" + frontier_markdown(r)
+        f"--rounds {a['rounds']}`: quality on {r['quality_images']} scenes of the `{r['split']}` split, "
+        f"speed on the first {a['timing_images']}, batches of {a['batch_size']}, {a['threads']} threads, "
+        "timed alternately against open_clip's `encode_image` in one process (speedup = median of "
+        "same-round ratios, min-max in brackets); [results/frontier.md](results/frontier.md), "
+        "[plot](results/frontier.png). The shipped router (`routed`) was chosen on the calib split, so its "
+        "row is out of sample; the other rows are fixed catalogue points, none chosen here.\n\n"
+        + frontier_markdown(r)
     )
+
+
+def headroom_block(results: Path) -> str:
+    """Each results/headroom/headroom-<split>.md, with the command that wrote it."""
+    parts = []
+    for path in sorted((results / "headroom").glob("headroom-*.json")):
+        a = _json(path)["args"]
+        command = f"python jobs/headroom.py --split {a['split']} --images {a['images']}"
+        parts.append(f"`{command}` ([{path.stem}.md](results/headroom/{path.stem}.md)):\n\n")
+        parts.append(path.with_suffix(".md").read_text() + "\n")
+    return "".join(parts)
 
 
 def bench_block(results: Path) -> str:
@@ -52,8 +64,8 @@ def bench_block(results: Path) -> str:
         f"Latest `make bench`{mode}: {r['started_utc']}, {r['seconds']:.0f} s on {r['host']['cpu_count']} "
         f"CPUs, load average {load[0]:.2f} at start and {load[1]:.2f} at end "
         "([results/bench/latest.md](results/bench/latest.md)). Each speed is a ratio to its baseline in "
-        "the same run; the equal-quality point takes its quality from results/frontier.json, i.e. from "
-        "the scenes the routes were chosen on (in-sample):\n\n"
+        "the same run; quality comes from results/frontier.json, measured on the test split, which nothing "
+        "was chosen on:\n\n"
     )
     return head + "\n".join(f"- {text}" for text in r["answers"].values()) + "\n"
 
@@ -61,6 +73,7 @@ def bench_block(results: Path) -> str:
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "quality": quality_block,
     "frontier": frontier_block,
+    "headroom": headroom_block,
     "bench": bench_block,
 }
 

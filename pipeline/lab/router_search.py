@@ -17,11 +17,11 @@ import torch
 
 from pipeline.config import RouterConfig, RouteSpec
 from pipeline.lab.catalogue import spec_key
-from pipeline.lab.metrics import recall_at_k
 from pipeline.lab.targets import QualityFloor, Target
 from pipeline.route import assign_routes
 
 K = 10  # quality is text->image R@K
+BOOTSTRAP_RESAMPLES = 400  # resamples of the queries for the R@10 ratio's lower confidence bound
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PlanQuality:
     full_recall_at_10: float
     seconds_per_image: float  # the scorer's CPU time included for multi-route plans
     gflops_per_image: float
+    recall_ratio_lower: float | None = None  # bootstrap lower bound of recall_ratio (QualityFloor.confidence)
 
     @property
     def recall_ratio(self) -> float:
@@ -53,7 +54,11 @@ class PlanQuality:
         return self.recall_at_10 / self.full_recall_at_10
 
     def meets(self, target: Target) -> bool:
-        return target.admits(self.mean_cosine, self.recall_ratio, self.gflops_per_image)
+        """The target holds; a quality floor with a confidence level judges R@10 by its lower bound."""
+        ratio = self.recall_ratio
+        if isinstance(target, QualityFloor) and target.confidence and self.recall_ratio_lower is not None:
+            ratio = self.recall_ratio_lower
+        return target.admits(self.mean_cosine, ratio, self.gflops_per_image)
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -61,6 +66,7 @@ class PlanQuality:
             "t2i_R@10": self.recall_at_10,
             "full_R@10": self.full_recall_at_10,
             "recall_ratio": self.recall_ratio,
+            "recall_ratio_lower": self.recall_ratio_lower,
             "seconds_per_image": self.seconds_per_image,
             "gflops_per_image": self.gflops_per_image,
         }
@@ -85,7 +91,18 @@ class RouterPlan:
         }
 
 
-class _Evaluator:
+def ratio_lower_bound(hits: torch.Tensor, full_hits: torch.Tensor, confidence: float, seed: int = 0) -> float:
+    """One-sided lower confidence bound of mean(hits) / mean(full_hits), paired bootstrap over queries.
+
+    Paired: each resample takes the same queries for both, so the bound reflects how much the plan's
+    misses (not the queries' difficulty) could move on a new sample of the same size."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(hits), (BOOTSTRAP_RESAMPLES, len(hits)), generator=gen)
+    ratios = hits.float()[idx].mean(1) / full_hits.float()[idx].mean(1).clamp_min(1e-9)
+    return float(torch.quantile(ratios, 1 - confidence))
+
+
+class PlanEvaluator:
     """Scores an assignment (image -> route) using precomputed text-image similarities per route."""
 
     def __init__(
@@ -95,8 +112,10 @@ class _Evaluator:
         text: torch.Tensor,
         keys: list[str],
         router_seconds: float = 0.0,
+        confidence: float = 0.0,
     ):
         self.router_seconds = router_seconds  # the scorer's CPU time, paid only by multi-route plans
+        self.confidence = confidence  # > 0: also compute the R@10 ratio's lower bound at this level
         self.sims = torch.stack([text @ m.embeddings.T for m in measurements])  # [R, Q, N]
         self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
         _, inverse = np.unique(np.asarray(keys), return_inverse=True)
@@ -104,26 +123,33 @@ class _Evaluator:
         self.hit = key_ids[None, :] == key_ids[:, None]  # [Q, N]
         self.seconds = np.array([m.seconds_per_image for m in measurements])
         self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
-        self.full_recall = recall_at_k(text, full, keys, keys, (K,))[K]
+        self.full_hits = self.hit.gather(1, (text @ full.T).topk(K, dim=1).indices).any(dim=1)  # [Q]
+        self.full_recall = float(self.full_hits.float().mean())
 
-    def quality(self, assign: np.ndarray) -> tuple[float, float]:
+    def hits(self, assign: np.ndarray) -> torch.Tensor:
+        """[Q] bool: text query q finds a same-key image in its top K when image j is on route assign[j]."""
         idx = torch.from_numpy(assign)
-        n = len(assign)
-        sims = self.sims[idx, :, torch.arange(n)].T  # [Q, N]: column j from image j's route
-        top = sims.topk(K, dim=1).indices
-        recall = float(self.hit.gather(1, top).any(dim=1).float().mean())
-        cosine = float(self.cos[idx, torch.arange(n)].mean())
-        return cosine, recall
+        sims = self.sims[idx, :, torch.arange(len(assign))].T  # [Q, N]: column j from image j's route
+        return self.hit.gather(1, sims.topk(K, dim=1).indices).any(dim=1)
 
     def cost(self, assign: np.ndarray, routes_in_plan: int) -> tuple[float, float]:
         seconds = float(self.seconds[assign].mean()) + (self.router_seconds if routes_in_plan > 1 else 0.0)
         gflops = float(self.gflops[assign, np.arange(len(assign))].mean())
         return seconds, gflops
 
-    def measure(self, assign: np.ndarray, routes_in_plan: int) -> PlanQuality:
-        cosine, recall = self.quality(assign)
+    def measure(self, assign: np.ndarray, routes_in_plan: int, bound: bool = True) -> PlanQuality:
+        """Quality and cost; with `bound` (and a confidence level) also the R@10 ratio's lower bound."""
+        hits = self.hits(assign)
+        cosine = float(self.cos[torch.from_numpy(assign), torch.arange(len(assign))].mean())
         seconds, gflops = self.cost(assign, routes_in_plan)
-        return PlanQuality(cosine, recall, self.full_recall, seconds, gflops)
+        wanted = bound and self.confidence
+        lower = ratio_lower_bound(hits, self.full_hits, self.confidence) if wanted else None
+        return PlanQuality(cosine, float(hits.float().mean()), self.full_recall, seconds, gflops, lower)
+
+
+def confidence(target: Target) -> float:
+    """The confidence level a target judges R@10 at (0: the point estimate)."""
+    return target.confidence if isinstance(target, QualityFloor) else 0.0
 
 
 def pareto_routes(measurements: list[RouteMeasurement], full: torch.Tensor, target: Target) -> list[int]:
@@ -155,7 +181,7 @@ def search_router(
     A ladder of two or more routes pays `router_seconds` per image (the scorer's own CPU time), so
     routing is chosen only where it saves more than it costs; a single route needs no scorer."""
     kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
-    ev = _Evaluator(kept, full, text, keys, router_seconds)
+    ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target))
     grid = np.unique(np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1]))
     best: RouterPlan | None = None
     best_cost = float("inf")
@@ -168,10 +194,14 @@ def search_router(
                 seconds, _ = ev.cost(assign, size)
                 if isinstance(target, QualityFloor) and seconds >= best_cost:
                     continue  # cannot win: skip the (dearer) quality evaluation
-                quality = ev.measure(assign, size)
+                quality = ev.measure(assign, size, bound=False)  # the point estimate first: cheaper
                 cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
                 if cost >= best_cost or not quality.meets(target):
                     continue
+                if ev.confidence:  # the bound sits below the point estimate: only now worth computing
+                    quality = ev.measure(assign, size)
+                    if not quality.meets(target):
+                        continue
                 best_cost = cost
                 share = [float((bucket == j).mean()) for j in range(size)]
                 best = RouterPlan(routes, [float(c) for c in cut], quality, share)
@@ -186,11 +216,13 @@ def apply_plan(
     text: torch.Tensor,
     keys: list[str],
     router_seconds: float = 0.0,
+    confidence_level: float = QualityFloor.confidence,
 ) -> PlanQuality:
     """Quality and cost (the scorer's CPU time included) of a router on a sample it was not fitted on
-    (the honest estimate)."""
+    (the honest estimate), with the R@10 ratio's lower bound at `confidence_level`."""
     by_key = {spec_key(m.route): m for m in measurements}
-    ev = _Evaluator([by_key[spec_key(r)] for r in plan.routes], full, text, keys, router_seconds)
+    routes = [by_key[spec_key(r)] for r in plan.routes]
+    ev = PlanEvaluator(routes, full, text, keys, router_seconds, confidence_level)
     return ev.measure(assign_routes(scores, plan.router()), len(plan.routes))
 
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, DecodeConfig, InputConfig
 from pipeline.decode import DecodeError, decode_image
+from pipeline.lab.scenes.splits import SPLIT_COLUMN
 from pipeline.read import ShardPlan, inspect_shard, list_shards, read_chunks
 
 MATCH_COLUMN = "scene_key"
@@ -35,23 +36,26 @@ class CaptionedSample:
     key_source: str  # "caption" or the match column's name
     ids: list[str] = field(default_factory=list)  # the job's row ids (shard name / key)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows passed over
+    splits: set[str] = field(default_factory=set)  # scene streams of the rows, where shards name them
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
-def _match_values(plan: ShardPlan, row_group: int, cfg: InputConfig, column: str) -> list | None:
-    """The match column of one row group, in the reader's row order, or None if the shard lacks it."""
+def _side_columns(plan: ShardPlan, row_group: int, cfg: InputConfig, columns: list[str]) -> dict[str, list]:
+    """Those of `columns` the shard has (the match key, the scene split), for one row group in the
+    reader's row order; a column the shard lacks reads as all None."""
     fs, path = fsspec.core.url_to_fs(plan.shard.uri, **cfg.storage_options)
     with fs.open(path, "rb") as fh:
         meta = pq.ParquetFile(fh)
-        if column not in meta.schema_arrow.names:
-            return None
-        return meta.read_row_group(row_group, columns=[column]).column(column).to_pylist()
+        present = [c for c in columns if c in meta.schema_arrow.names]
+        table = meta.read_row_group(row_group, columns=present)
+    return {c: table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns}
 
 
-def _rows(cfg: InputConfig, match_column: str | None) -> Iterator[tuple[dict[str, Any], Any]]:
-    """(row with id, caption, status, image; its match value or None), shard by shard in listing order."""
+def _rows(cfg: InputConfig, match_column: str | None) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+    """(row with id, caption, status, image; its match value or None; its scene split or None), shard by
+    shard in listing order."""
     try:
         shards = list_shards(cfg)
     except FileNotFoundError as exc:
@@ -61,12 +65,13 @@ def _rows(cfg: InputConfig, match_column: str | None) -> Iterator[tuple[dict[str
         if plan.error:
             raise ConfigError(plan.error)
         for row_group in range(plan.row_groups):
-            column = _match_values(plan, row_group, cfg, match_column) if match_column else None
+            side = _side_columns(plan, row_group, cfg, [c for c in (match_column, SPLIT_COLUMN) if c])
+            matches = side[match_column] if match_column else None
             offset = 0
             for chunk in read_chunks(plan, row_group, cfg, chunk_rows=256):
                 rows = chunk.select(["id", "caption", "status", "image"]).to_pylist()
                 for i, row in enumerate(rows, start=offset):
-                    yield row, (column[i] if column is not None else None)
+                    yield row, (matches[i] if matches is not None else None), side[SPLIT_COLUMN][i]
                 offset += len(rows)
 
 
@@ -82,11 +87,11 @@ def read_captioned(
     caption or do not decode are skipped and counted; a shard without an image column is a ConfigError."""
     cfg = (input_cfg or InputConfig()).model_copy(update={"paths": list(paths)})
     decode = decode_cfg or DecodeConfig()
-    images, captions, matches, bpp, ids = [], [], [], [], []
+    images, captions, matches, bpp, ids, splits = [], [], [], [], [], set()
     skipped: Counter[str] = Counter()
     rows = _rows(cfg, match_column)
     while len(images) < limit and (item := next(rows, None)) is not None:
-        row, match = item
+        row, match, split = item
         if row["status"] != "success" or row["image"] is None:
             skipped["not a success or no image"] += 1
             continue
@@ -103,6 +108,8 @@ def read_captioned(
         captions.append(row["caption"])
         matches.append(match)
         ids.append(row["id"])
+        if split is not None:
+            splits.add(str(split))
     use_column = bool(matches) and all(m is not None for m in matches)
     return CaptionedSample(
         images=np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
@@ -112,4 +119,5 @@ def read_captioned(
         key_source=str(match_column) if use_column else "caption",
         ids=ids,
         skipped=dict(skipped),
+        splits=splits,
     )

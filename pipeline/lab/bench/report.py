@@ -21,16 +21,16 @@ def answers(r: dict[str, Any]) -> dict[str, str]:
     """The four questions the summary must answer, each in one sentence with its numbers."""
     emb = r["encoder"][0]
     eq = emb.get("equal_quality")
-    if eq and eq.get("point"):
+    if eq:
         s = eq["speedup"]
         own = next(p for p in emb["points"] if p["name"] == eq["point"])["speedup_vs_full_route"]
+        verdict = "meets" if eq["meets"] else "MISSES"
         speed = (
-            f"{s['median']:.2f}x faster than open_clip encode_image (round spread {s['min']:.2f}-"
-            f"{s['max']:.2f}x; {_fmt(own and own['median'])}x vs our own full-depth forward) with "
-            f"`{eq['point']}` on {emb['model']}, the fastest point whose {eq['rule']}"
+            f"the shipped router (chosen on the calib split) runs {s['median']:.2f}x faster than open_clip "
+            f"encode_image on {emb['model']} (round spread {s['min']:.2f}-{s['max']:.2f}x; "
+            f"{_fmt(own and own['median'])}x vs our own full-depth forward) at t2i R@10 {eq['t2i_R@10']:.4f} "
+            f"on the test split, {eq['recall_ratio']:.3f} of full depth's: it {verdict} {eq['rule']}"
         )
-    elif eq:
-        speed = f"no adaptive point of {emb['model']} meets {eq['rule']}"
     else:
         best = max(
             (p for p in emb["points"] if p["kind"] != "baseline" and p["name"] != "full"),

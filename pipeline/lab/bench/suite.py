@@ -4,8 +4,11 @@ and full; the code path is the same."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,9 +25,10 @@ from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.lab.bench import encoder as enc
-from pipeline.lab.bench import machine, pipeline_run, projection, query, report, router, serve_load
+from pipeline.lab.bench import machine, pipeline_run, projection, report, router, serve_load
 from pipeline.lab.catalogue import bench_routes, route, router_key, spec_key, unique
 from pipeline.lab.heldout import load_heldout
+from pipeline.lab.scenes.splits import TEST
 from pipeline.lab.speed import BASELINE, ROUTED, EncoderCase, measure_encoder, route_images
 from pipeline.score import load_scorer
 
@@ -93,7 +97,7 @@ def embedded_case(sizes: Sizes, router_cfg: RouterConfig | None, extra: list[Rou
         except ValueError as exc:  # a route the available heads cannot serve
             note += f"; calibrated router skipped: {exc}"
             router_cfg = None
-    heldout = load_heldout(0, sizes.embedded_images, loaded.image_size)  # frontier's first scenes
+    heldout = load_heldout(TEST, sizes.embedded_images, loaded.image_size)  # the frontier's first scenes
     routes = unique([*bench_routes(SPEED_EXITS), *extra])
     return EncoderCase(
         model_name=cfg.name,
@@ -112,7 +116,7 @@ def random_case(name: str, images: int, batch: int) -> EncoderCase:
     """A standard open_clip architecture with random weights: speed only (no quality is claimed)."""
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(name=name), pretrained=False)
-    heldout = load_heldout(0, images, loaded.image_size)
+    heldout = load_heldout(TEST, images, loaded.image_size)
     return EncoderCase(
         model_name=name,
         loaded=loaded,
@@ -127,15 +131,16 @@ def random_case(name: str, images: int, batch: int) -> EncoderCase:
 
 
 def projection_input(embedded: dict[str, Any]) -> tuple[float | None, str, float | None]:
-    """The ratio to project with: equal-quality point, else the calibrated router, else ToMe (speed only)."""
+    """The ratio to project with: the shipped router, with its quality on the test split when known, else
+    ToMe (speed only)."""
     points = {p["name"]: p for p in embedded["points"]}
     full = points[BASELINE]["gflops_per_image"]
     eq = embedded.get("equal_quality") or {}
-    if eq.get("point"):
-        point, source = (
-            points[eq["point"]],
-            f"{eq['point']} on {embedded['model']}, equal quality ({eq['rule']})",
-        )
+    if eq:
+        ratio = eq["recall_ratio"]
+        verdict = "equal quality" if eq["meets"] else f"below equal quality ({ratio:.3f} of full)"
+        point = points[eq["point"]]
+        source = f"shipped router on {embedded['model']}, {verdict} on the test split"
     elif ROUTED in points:
         point, source = points[ROUTED], f"calibrated router on {embedded['model']}, quality not established"
     else:
@@ -144,6 +149,16 @@ def projection_input(embedded: dict[str, Any]) -> tuple[float | None, str, float
     # vs our own full-depth route: the work saved, without the attention-kernel gain over open_clip
     ratio = (point["speedup_vs_full_route"] or point["speedup"])["median"]
     return ratio, source + " vs the adaptive forward at full depth", point["gflops_per_image"] / full
+
+
+def isolated_query(workdir: Path, sizes: Sizes) -> dict[str, Any]:
+    """The query section in a fresh interpreter (see `query.main` for why), its JSON read back."""
+    out = workdir / "query.json"
+    command = [sys.executable, "-m", "pipeline.lab.bench.query", "--workdir", str(workdir)]
+    command += ["--rows", str(sizes.query_rows), "--queries", str(sizes.query_count)]
+    command += ["--flat-queries", str(sizes.flat_queries), "--out", str(out)]
+    subprocess.run(command, check=True)
+    return json.loads(out.read_text())
 
 
 def run_suite(
@@ -253,11 +268,8 @@ def _run(
             Path(tmp) / "pipeline", sizes.serve_clients, sizes.serve_seconds
         )
         done("serve")
-        log(f"[5/7] query: {sizes.query_rows:,} rows x 512-d, float32 and float16")
-        (Path(tmp) / "query").mkdir()
-        result["query"] = query.measure_query(
-            Path(tmp) / "query", sizes.query_rows, 512, sizes.query_count, sizes.flat_queries
-        )
+        log(f"[5/7] query: {sizes.query_rows:,} rows x 512-d, float32 and float16 (own process)")
+        result["query"] = isolated_query(Path(tmp) / "query", sizes)
         done("query")
 
     log("[7/7] scale projection")

@@ -94,12 +94,24 @@ def _place(rng: np.random.Generator, size: str) -> tuple[float, float, float]:
     return float(x), float(y), radius
 
 
+BIMODAL = "-bimodal"  # a stream whose name ends so draws the bimodal mix
+
+
 def sample_scene(seed: int, split: str, index: int) -> Scene:
-    """The scene for one (seed, split, index); the same triple always gives the same scene."""
+    """The scene for one (seed, split, index); the same triple always gives the same scene.
+
+    The default mix spreads complexity evenly. A stream named `<split>-bimodal` draws from two ends only,
+    as a crawl mixes product shots with street scenes: one object on a plain or gradient background, or
+    6-12 objects on a textured one; per-image routing has the most to gain there."""
     rng = _rng(seed, split, index)
-    background = str(rng.choice(BACKGROUNDS))
-    kind = rng.choice(["single", "few", "clutter"], p=[0.3, 0.3, 0.4])
-    n = 1 if kind == "single" else int(rng.integers(2, 4)) if kind == "few" else int(rng.integers(4, 13))
+    if split.endswith(BIMODAL):
+        kind = str(rng.choice(["single", "clutter"]))
+        background = str(rng.choice(BACKGROUNDS[:2] if kind == "single" else BACKGROUNDS[3:]))
+        n = 1 if kind == "single" else int(rng.integers(6, 13))
+    else:
+        background = str(rng.choice(BACKGROUNDS))
+        kind = rng.choice(["single", "few", "clutter"], p=[0.3, 0.3, 0.4])
+        n = 1 if kind == "single" else int(rng.integers(2, 4)) if kind == "few" else int(rng.integers(4, 13))
 
     def new_object(size: str, avoid: tuple[str, str] | None = None) -> SceneObject:
         while True:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.lab.scenes.render import make_example
+from pipeline.lab.scenes.splits import SPLIT_COLUMN
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -28,6 +29,7 @@ SHARD_SCHEMA = pa.schema(
         ("background", pa.string()),
         ("complexity_level", pa.string()),
         ("scene_key", pa.string()),
+        (SPLIT_COLUMN, pa.string()),  # the scene stream: calibration refuses the test split's rows
     ]
 )
 
@@ -55,6 +57,7 @@ def scene_rows(seed: int, split: str, start: int, count: int) -> pa.Table:
             "background": scene.background,
             "complexity_level": scene.complexity_level,
             "scene_key": scene.scene_key,
+            SPLIT_COLUMN: split,
         }
         for name, value in row.items():
             cols[name].append(value)

@@ -25,6 +25,7 @@ from pipeline.lab.metrics import multi_positive_infonce, recall_at_k
 from pipeline.lab.outputs import output_path
 from pipeline.lab.quality import embed_texts
 from pipeline.lab.scenes.render import make_example
+from pipeline.lab.scenes.splits import CALIB
 
 
 @dataclass
@@ -112,7 +113,7 @@ def train(settings: TrainSettings) -> dict:
 
     stream = SceneStream(settings.seed, loaded.image_size)
     loader = DataLoader(stream, batch_size=settings.batch_size, num_workers=1, prefetch_factor=4)
-    heldout = load_heldout(settings.seed, settings.eval_images, loaded.image_size)
+    heldout = load_heldout(CALIB, settings.eval_images, loaded.image_size, settings.seed)  # picks the best
     log_path = out / f"{EMBEDDED_MODEL}.train_log.jsonl"
     log_path.write_text("")
     started = time.time()

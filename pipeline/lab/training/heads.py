@@ -26,6 +26,7 @@ from pipeline.encode.heads import ExitHeads, model_fingerprint
 from pipeline.encode.model import LoadedModel, normalize_uint8
 from pipeline.lab.heldout import load_heldout
 from pipeline.lab.metrics import multi_positive_infonce
+from pipeline.lab.scenes.splits import HEADS
 
 
 @dataclass
@@ -33,7 +34,7 @@ class HeadSettings:
     depths: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     images: int = 8000
     seed: int = 0
-    split: str = "heads"
+    split: str = HEADS
     epochs: int = 30
     batch_size: int = 512
     lr: float = 2e-3
@@ -54,7 +55,7 @@ class _Targets:
 
 
 def _targets(loaded: LoadedModel, settings: HeadSettings, log) -> _Targets:
-    sample = load_heldout(settings.seed, settings.images, loaded.image_size, split=settings.split)
+    sample = load_heldout(settings.split, settings.images, loaded.image_size, settings.seed)
     model, full, text, started = loaded.model, [], [], time.time()
     with torch.inference_mode():
         for i in range(0, len(sample), 256):

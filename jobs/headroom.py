@@ -1,0 +1,73 @@
+"""How much per-image routing could ever buy: the oracle against the best static route, and a router.
+
+    python jobs/headroom.py --split test --images 2000 --out results/headroom
+    python jobs/headroom.py --split calib --config results/routes.yaml --out /tmp/headroom-calib
+
+Measures every catalogue route (each token path at each exit the heads serve, and at full depth) on the
+split's scenes, timed against open_clip `encode_image` in alternating rounds; then, at the quality floor:
+the fastest single route, the per-image oracle (each image on the cheapest route keeping its cosine to full
+depth >= tau), and the router of --config (default: the embedded model's shipped one), each with its
+quality per complexity level. Writes <out>/headroom-<split>.json, .md and .png.
+
+Report on `test`; choose on `calib` (pipeline/lab/scenes/splits.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab import plots
+from pipeline.lab.catalogue import calibration_routes, unique
+from pipeline.lab.headroom import headroom_markdown, measure_headroom
+from pipeline.lab.heldout import load_heldout
+from pipeline.lab.outputs import output_path
+from pipeline.lab.scenes.splits import TEST
+from pipeline.lab.targets import QualityFloor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--split", default=TEST, help="scene stream (default: test, the reporting split)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--timing-images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--exits", type=int, nargs="*", help="exit depths (default: every depth of the heads)"
+    )
+    parser.add_argument("--config", help="config with the model and router (default: embedded, shipped)")
+    parser.add_argument("--cache-dir", help="where rendered scene sets are cached")
+    parser.add_argument("--out", default="results/headroom")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(args.config)
+    probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
+    heads = probe.vit.heads
+    exits = (heads.depths if heads is not None else []) if args.exits is None else args.exits
+    encoder = RoutedEncoder(probe.loaded, unique([*calibration_routes(exits), *cfg.router.routes]), heads)
+    heldout = load_heldout(args.split, args.images, probe.loaded.image_size, cache_dir=args.cache_dir)
+    report = measure_headroom(
+        encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, args.timing_images, args.batch_size,
+        args.rounds,
+    )  # fmt: skip
+    report["args"] = vars(args)
+    out = output_path(Path(args.out) / f"headroom-{args.split}.json")
+    out.write_text(json.dumps(report, indent=2, default=float))
+    markdown = headroom_markdown(report)
+    out.with_suffix(".md").write_text(markdown)
+    plots.headroom(report, out.with_suffix(".png"), f"{cfg.model.name} on {args.split}")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""How much per-image routing could ever buy on a sample, before any scorer is tried.
+
+The oracle sees every route's embedding of every image and sends each image down the cheapest route
+whose cosine to full depth is at least tau, with tau the loosest that still meets the quality target.
+Against it stands the best single static route meeting the same target on the same images. If the oracle
+is barely faster than that static route, no complexity score can make per-image routing pay on this data,
+however good; where it is much faster, the gap is what a scorer can aim at.
+
+Costs are each route's measured seconds per image in dense batches (lab/calibrate.py `measure_routes`),
+so the oracle's figure assumes its groups are large enough to run at that speed: an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import RouterConfig
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.calibrate import measure_routes, scorer_seconds
+from pipeline.lab.catalogue import FULL_KEY, spec_key
+from pipeline.lab.heldout import HeldoutSet
+from pipeline.lab.quality import embed_texts
+from pipeline.lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement
+from pipeline.lab.speed import route_images
+from pipeline.lab.targets import QualityFloor
+from pipeline.score import load_scorer
+
+TAUS = np.round(np.arange(0.900, 1.0, 0.001), 3)  # per-image cosine floors the oracle tries
+
+
+@dataclass
+class Plan:
+    """One way of assigning the sample's images to routes, and what it gives."""
+
+    name: str
+    assign: np.ndarray  # [N] index into the measurements
+    quality: PlanQuality
+
+    def share(self, measurements: list[RouteMeasurement]) -> dict[str, float]:
+        used, counts = np.unique(self.assign, return_counts=True)
+        n = len(self.assign)
+        return {measurements[i].route.name: float(c) / n for i, c in zip(used, counts, strict=True)}
+
+
+@dataclass
+class Headroom:
+    target: QualityFloor
+    static: Plan | None  # the fastest single route meeting the target
+    oracle: Plan | None  # the fastest per-image oracle meeting the target
+    oracle_tau: float | None
+
+    @property
+    def gain(self) -> float | None:
+        """How many times faster the oracle is than the best static route (None if either is missing)."""
+        if self.static is None or self.oracle is None:
+            return None
+        return self.static.quality.seconds_per_image / self.oracle.quality.seconds_per_image
+
+
+def _fastest(ev: PlanEvaluator, plans: list[tuple[str, np.ndarray]], target: QualityFloor) -> Plan | None:
+    """The cheapest plan meeting `target`; plans are measured cheapest first and the search stops early."""
+    costed = sorted(plans, key=lambda p: ev.cost(p[1], 1)[0])
+    for name, assign in costed:
+        quality = ev.measure(assign, 1)
+        if quality.meets(target):
+            return Plan(name, assign, quality)
+    return None
+
+
+def oracle_assign(cos: np.ndarray, seconds: np.ndarray, tau: float) -> np.ndarray:
+    """[R, N] cosines to full depth, [R] costs -> per image the cheapest route with cosine >= tau (the
+    full-depth route, cosine 1, always qualifies)."""
+    order = np.argsort(seconds, kind="stable")
+    ok = cos[order] >= tau
+    return order[ok.argmax(axis=0)]
+
+
+def find_headroom(ev: PlanEvaluator, measurements: list[RouteMeasurement], target: QualityFloor) -> Headroom:
+    """Best static route and best cosine-floor oracle at `target` over the evaluator's routes (the
+    `measurements`, full depth among them), judged by point estimates on this sample: the oracle is an
+    upper bound, and confidence margins belong to calibration."""
+    if FULL_KEY not in {spec_key(m.route) for m in measurements}:
+        raise ValueError("the headroom needs the plain full-depth route among the measurements")
+    point = dataclasses.replace(target, confidence=0.0)
+    n = ev.cos.shape[1]
+    static = _fastest(ev, [(m.route.name, np.full(n, i)) for i, m in enumerate(measurements)], point)
+    cos = ev.cos.numpy()
+    taus = {f"oracle tau={t:.3f}": float(t) for t in TAUS}
+    oracle = _fastest(ev, [(name, oracle_assign(cos, ev.seconds, t)) for name, t in taus.items()], point)
+    return Headroom(point, static, oracle, taus[oracle.name] if oracle else None)
+
+
+def per_level(ev: PlanEvaluator, plan: Plan, levels: np.ndarray) -> dict[str, dict[str, float]]:
+    """The plan's cost, mean cosine and t->i R@10 (queries of the level, whole gallery) per level."""
+    hits = ev.hits(plan.assign).float().numpy()
+    full_hits = ev.full_hits.float().numpy()
+    cos = ev.cos[torch.from_numpy(plan.assign), torch.arange(len(plan.assign))].numpy()
+    out = {}
+    for level in np.unique(levels):
+        rows = levels == level
+        out[str(level)] = {
+            "images": int(rows.sum()),
+            "ms_per_image": 1e3 * float(ev.seconds[plan.assign[rows]].mean()),
+            "mean_cosine": float(cos[rows].mean()),
+            "t2i_R@10": float(hits[rows].mean()),
+            "full_t2i_R@10": float(full_hits[rows].mean()),
+        }
+    return out
+
+
+def measure_headroom(
+    encoder: RoutedEncoder,
+    model_name: str,
+    heldout: HeldoutSet,
+    target: QualityFloor,
+    router: RouterConfig | None = None,
+    timing_images: int = 512,
+    batch_size: int = 64,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Measure every route of `encoder` on `heldout`, then the best static route, the oracle and (if
+    given) a router -- each router route must be one of the encoder's -- side by side."""
+    measurements = measure_routes(encoder, model_name, heldout.images, batch_size, timing_images, rounds)
+    full_m = next(m for m in measurements if spec_key(m.route) == FULL_KEY)
+    encode_image_seconds = full_m.seconds_per_image * full_m.speedup["median"]
+    full, keys = full_m.embeddings, heldout.scene_keys
+    text = embed_texts(encoder.loaded, heldout.captions)
+    router_seconds = 0.0
+    if router is not None:
+        index = {spec_key(m.route): i for i, m in enumerate(measurements)}
+        missing = [r.name for r in router.routes if spec_key(r) not in index]
+        if missing:
+            raise ValueError(f"router routes {missing} are not among the measured routes")
+        ids = route_images(router, heldout.images, heldout.bytes_per_pixel)
+        if len(router.routes) > 1:
+            scorer = load_scorer(router.scorer)
+            router_seconds = scorer_seconds(scorer, heldout.images, heldout.bytes_per_pixel)
+        assign = np.asarray([index[spec_key(r)] for r in router.routes])[ids]
+    ev = PlanEvaluator(measurements, full, text, keys, router_seconds, target.confidence)
+    found = find_headroom(ev, measurements, target)
+    plans = {"best static route": found.static, "oracle": found.oracle}
+    if router is not None:
+        plans["router"] = Plan("router", assign, ev.measure(assign, len(router.routes)))
+    report: dict[str, Any] = {
+        "split": heldout.split,
+        "images": len(heldout),
+        "target": vars(target),
+        "encode_image_ms_per_image": 1e3 * encode_image_seconds,
+        "routes": [
+            {
+                "name": m.route.name,
+                "route": m.route.model_dump(exclude_defaults=True),
+                "ms_per_image": 1e3 * m.seconds_per_image,
+                "speedup_vs_encode_image": encode_image_seconds / m.seconds_per_image,
+                "gflops_per_image": float(m.gflops.mean()),
+                **ev.measure(np.full(len(heldout), i), 1).to_dict(),
+            }
+            for i, m in enumerate(measurements)
+        ],
+        "plans": {},
+        "oracle_tau": found.oracle_tau,
+        "oracle_gain_over_static": found.gain,
+    }
+    for name, plan in plans.items():
+        if plan is None:
+            report["plans"][name] = None
+            continue
+        remeasured = ev.measure(plan.assign, len(router.routes) if name == "router" and router else 1)
+        report["plans"][name] = {
+            "plan": plan.name,
+            **remeasured.to_dict(),
+            "speedup_vs_encode_image": encode_image_seconds / remeasured.seconds_per_image,
+            "share": plan.share(measurements),
+            "per_level": per_level(ev, plan, heldout.complexity_level),
+        }
+    if router is not None:
+        report["router"] = router.model_dump(exclude_defaults=True)
+    return report
+
+
+def headroom_markdown(report: dict[str, Any]) -> str:
+    """The three plans side by side, then per complexity level."""
+    lines = [
+        f"Split `{report['split']}`, {report['images']} scenes; target: mean cosine to full depth >= "
+        f"{report['target']['min_cosine']}, t->i R@10 >= {report['target']['min_recall_ratio']} x full "
+        f"(R@10 ratio lower bound at {report['target']['confidence']:.0%} confidence shown beside it).",
+        "",
+        "| plan | speedup vs encode_image | ms/img | t2i R@10 (full) | ratio (lower bound) | mean cos "
+        "| share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, p in report["plans"].items():
+        if p is None:
+            lines.append(f"| {name} | none meets the target | | | | | |")
+            continue
+        share = ", ".join(f"{k} {v:.0%}" for k, v in sorted(p["share"].items(), key=lambda kv: -kv[1])[:4])
+        lower = f"{p['recall_ratio_lower']:.3f}" if p["recall_ratio_lower"] is not None else "-"
+        lines.append(
+            f"| {name} | {p['speedup_vs_encode_image']:.2f}x | {1e3 * p['seconds_per_image']:.3f} | "
+            f"{p['t2i_R@10']:.4f} ({p['full_R@10']:.4f}) | {p['recall_ratio']:.4f} ({lower}) | "
+            f"{p['mean_cosine']:.4f} | {share} |"
+        )
+    gain = report["oracle_gain_over_static"]
+    lines += ["", f"Oracle over best static route: {gain:.3f}x" if gain else "Oracle gain: n/a", ""]
+    lines += ["| plan | level | images | ms/img | mean cos | t2i R@10 (full) |", "|---|---|---|---|---|---|"]
+    for name, p in report["plans"].items():
+        for level, q in (p or {}).get("per_level", {}).items():
+            lines.append(
+                f"| {name} | {level} | {q['images']} | {q['ms_per_image']:.3f} | {q['mean_cosine']:.4f} | "
+                f"{q['t2i_R@10']:.4f} ({q['full_t2i_R@10']:.4f}) |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""The headroom oracle, the confidence margin of the quality floor and the patch-redundancy features, on
+constructed cases whose right answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import RouteSpec
+from pipeline.lab.headroom import find_headroom, oracle_assign
+from pipeline.lab.router_search import PlanEvaluator, RouteMeasurement, ratio_lower_bound, search_router
+from pipeline.lab.targets import QualityFloor
+from pipeline.score import patch_redundancy
+
+N = 100
+
+
+def _routes(hard: np.ndarray) -> tuple[list[RouteMeasurement], torch.Tensor]:
+    """`cheap` is exact except on the `hard` images (noise there), `full` is exact and four times dearer."""
+    g = torch.Generator().manual_seed(0)
+    full = F.normalize(torch.randn(N, 32, generator=g), dim=-1)
+    noise = F.normalize(torch.randn(N, 32, generator=g), dim=-1)
+    cheap = torch.where(torch.from_numpy(hard)[:, None], noise, full)
+    ones = np.ones(N, np.float32)
+    return [
+        RouteMeasurement(RouteSpec(name="cheap", exit_depth=2), cheap, 0.25 * ones, 0.001),
+        RouteMeasurement(RouteSpec(name="full"), full, ones, 0.004),
+    ], full
+
+
+def test_oracle_sends_each_image_to_the_cheapest_route_that_keeps_it():
+    cos = np.array([[1.0, 0.2, 0.97], [1.0, 1.0, 1.0]])  # cheap route first
+    assert oracle_assign(cos, np.array([0.001, 0.004]), 0.95).tolist() == [0, 1, 0]
+    assert oracle_assign(cos, np.array([0.001, 0.004]), 0.99).tolist() == [0, 1, 1]
+    assert oracle_assign(cos[::-1], np.array([0.004, 0.001]), 0.99).tolist() == [1, 0, 0]
+
+
+def test_headroom_is_the_oracle_against_the_best_static_route():
+    hard = np.arange(N) % 2 == 1  # half the images need full depth
+    routes, full = _routes(hard)
+    keys = [f"scene{i}" for i in range(N)]
+    ev = PlanEvaluator(routes, full, full, keys)
+    found = find_headroom(ev, routes, QualityFloor(0.95, 0.99))
+    assert found.static is not None and found.static.name == "full"  # cheap alone loses half the scenes
+    assert found.oracle is not None and found.oracle.assign.tolist() == hard.astype(int).tolist()
+    assert found.oracle.quality.recall_ratio == 1.0
+    assert found.gain == pytest.approx(0.004 / (0.5 * 0.001 + 0.5 * 0.004))
+
+
+def test_a_plan_that_only_just_meets_the_floor_is_refused_at_a_confidence_level():
+    hard = np.zeros(N, bool)
+    hard[7] = True  # one scene in a hundred lost: R@10 ratio exactly 0.99 on this sample
+    routes, full = _routes(hard)
+    keys = [f"scene{i}" for i in range(N)]
+    scores = np.zeros(N)
+    point = search_router(scores, routes, full, full, keys, QualityFloor(0.95, 0.99, confidence=0.0))
+    robust = search_router(scores, routes, full, full, keys, QualityFloor(0.95, 0.99, confidence=0.95))
+    assert [r.name for r in point.routes] == ["cheap"] and point.quality.recall_ratio == pytest.approx(0.99)
+    assert point.quality.recall_ratio_lower is None
+    assert [r.name for r in robust.routes] == ["full"] and robust.quality.recall_ratio_lower == 1.0
+
+
+def test_ratio_lower_bound_is_paired_and_below_the_point_estimate():
+    full_hits = torch.ones(200, dtype=torch.bool)
+    assert ratio_lower_bound(full_hits, full_hits, 0.95) == 1.0
+    hits = full_hits.clone()
+    hits[:10] = False  # 5% of the queries lost
+    lower = ratio_lower_bound(hits, full_hits, 0.95)
+    assert float(hits.float().mean()) == pytest.approx(0.95) and 0.9 < lower < 0.95
+    assert ratio_lower_bound(hits, full_hits, 0.95, seed=1) == pytest.approx(lower, abs=0.01)
+
+
+def test_patch_redundancy_counts_alike_flat_patches():
+    rng = np.random.default_rng(0)
+    plain = np.full((1, 64, 64, 4), 120.0, np.float32)
+    noisy = rng.uniform(0, 255, (1, 64, 64, 4)).astype(np.float32)
+    halves = plain.copy()
+    halves[:, :, 32:, :] = 30.0  # two flat colours: pairs across the seam differ
+    features = patch_redundancy(np.concatenate([plain, noisy, halves]), side=8)
+    flat, alike, mean_std, spread = features.T
+    assert flat.tolist() == [1.0, 0.0, 1.0]
+    assert alike[0] == 1.0 and alike[1] == 0.0 and alike[2] == pytest.approx(1 - 8 / 112)
+    assert mean_std[0] == 0.0 and mean_std[1] > 50 and spread[0] == 0.0 and spread[2] == 45.0
