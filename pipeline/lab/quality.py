@@ -309,6 +309,7 @@ def evaluate_table(
         object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
         background=np.asarray([r["background"] for r in rows], dtype=str),
         bytes_per_pixel=np.zeros(len(rows), np.float32),  # not needed to score written vectors
+        split="table",  # the rows of a written table, whatever streams its shards were drawn from
     )
     loaded = loaded or load_model(cfg.model)
     report = evaluate_embeddings(vectors, embed_texts(loaded, heldout.captions), heldout, name=name)

@@ -47,9 +47,13 @@ def frontier_block(results: Path) -> str:
 def headroom_block(results: Path) -> str:
     """Each results/headroom/headroom-<split>.md, with the command that wrote it."""
     parts = []
-    for path in sorted((results / "headroom").glob("headroom-*.json")):
+    paths = (results / "headroom").glob("headroom-*.json")
+    for path in sorted(paths, key=lambda p: (p.stem.count("-"), p.stem)):  # the plain split first
         a = _json(path)["args"]
         command = f"python jobs/headroom.py --split {a['split']} --images {a['images']}"
+        command += f" --exits {' '.join(map(str, a['exits']))}" if a["exits"] is not None else ""
+        command += f" --timing-images {a['timing_images']} --rounds {a['rounds']}"
+        command += f" --config {a['config']}" if a["config"] else ""
         parts.append(f"`{command}` ([{path.stem}.md](results/headroom/{path.stem}.md)):\n\n")
         parts.append(path.with_suffix(".md").read_text() + "\n")
     return "".join(parts)

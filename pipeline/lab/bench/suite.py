@@ -112,8 +112,9 @@ def embedded_case(sizes: Sizes, router_cfg: RouterConfig | None, extra: list[Rou
     )
 
 
-def random_case(name: str, images: int, batch: int) -> EncoderCase:
-    """A standard open_clip architecture with random weights: speed only (no quality is claimed)."""
+def random_case(name: str, images: int, batch: int, extra: list[RouteSpec]) -> EncoderCase:
+    """A standard open_clip architecture with random weights, at the bench's points plus `extra` (the
+    shipped routes: the same schedule on more tokens): speed only, no quality is claimed."""
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(name=name), pretrained=False)
     heldout = load_heldout(TEST, images, loaded.image_size)
@@ -125,7 +126,7 @@ def random_case(name: str, images: int, batch: int) -> EncoderCase:
         images=heldout.images,
         bytes_per_pixel=heldout.bytes_per_pixel,
         batch_size=batch,
-        routes=bench_routes(SPEED_EXITS),
+        routes=unique([*bench_routes(SPEED_EXITS), *(r for r in extra if r.exit_depth is None)]),
         weights="random (open_clip.create_model, no pretrained tag)",
     )
 
@@ -224,9 +225,10 @@ def _run(
         quality["points"] = {k: v for k, v in quality["points"].items() if k not in stale}
     enc.attach_quality(embedded, quality)
     encoders = [embedded]
+    shipped = load_config(routed_config).router.routes
     for name, images, batch in sizes.random_models:
         log(f"[1/7] encoder speed: {name} (random weights)")
-        encoders.append(measure_encoder(random_case(name, images, batch), sizes.random_rounds))
+        encoders.append(measure_encoder(random_case(name, images, batch, shipped), sizes.random_rounds))
     result["encoder"] = encoders
     done("encoder")
 
