@@ -173,7 +173,7 @@ def test_a_toy_frontier_is_keyed_by_spec_and_feeds_the_bench(tmp_path):
     quality = frontier_quality(path, None)
     assert [spec_key(r) for r in quality["routes"]] == [spec_key(r) for r in routes]
     assert set(quality["points"]) == {spec_key(r) for r in routes} | {router_key(cfg.router)}
-    bench = {"points": [{"name": "renamed", "key": FULL_KEY, "speedup": {"median": 1.0}}]}
+    bench = {"points": [{"name": "renamed", "kind": "fixed", "key": FULL_KEY, "speedup": {"median": 1.0}}]}
     attach_quality(bench, quality)
     assert bench["points"][0]["t2i_R@10"] == points["full"]["t2i_R@10"]
     assert np.isclose(bench["points"][0]["mean_cosine_to_full"], 1.0, atol=1e-5)
