@@ -8,9 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import RouteSpec
-from pipeline.lab.headroom import find_headroom, oracle_assign
+from pipeline.config import RouteSpec, load_config
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.catalogue import route, unique
+from pipeline.lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
+from pipeline.lab.heldout import load_heldout
 from pipeline.lab.router_search import PlanEvaluator, RouteMeasurement, ratio_lower_bound, search_router
+from pipeline.lab.scenes.splits import TEST
 from pipeline.lab.targets import QualityFloor
 from pipeline.score import patch_redundancy
 
@@ -83,3 +87,31 @@ def test_patch_redundancy_counts_alike_flat_patches():
     assert flat.tolist() == [1.0, 0.0, 1.0]
     assert alike[0] == 1.0 and alike[1] == 0.0 and alike[2] == pytest.approx(1 - 8 / 112)
     assert mean_std[0] == 0.0 and mean_std[1] > 50 and spread[0] == 0.0 and spread[2] == 45.0
+
+
+def test_measure_headroom_reports_the_three_plans_on_a_split():
+    """The embedded model with its shipped router on a few test scenes: every plan carries its quality,
+    speed and per-level breakdown, and the one-route router equals that route measured alone."""
+    cfg = load_config(None)
+    probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
+    routes = unique([route(), route(8), *cfg.router.routes])
+    encoder = RoutedEncoder(probe.loaded, routes, probe.vit.heads)
+    heldout = load_heldout(TEST, 24, probe.loaded.image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = measure_headroom(
+            encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, 8, 24, rounds=1
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert report["split"] == TEST and report["images"] == 24 and len(report["routes"]) == 3
+    assert set(report["plans"]) == {"best static route", "oracle", "router"}
+    router = report["plans"]["router"]
+    alone = next(
+        r for r in report["routes"] if r["route"] == cfg.router.routes[0].model_dump(exclude_defaults=True)
+    )
+    assert router["share"] == {cfg.router.routes[0].name: 1.0} and router["t2i_R@10"] == alone["t2i_R@10"]
+    for plan in report["plans"].values():
+        assert plan is None or sum(level["images"] for level in plan["per_level"].values()) == 24
+    assert "| router |" in headroom_markdown(report)
