@@ -21,7 +21,6 @@ TRAIN = "train"
 HEADS = "heads"
 CALIB = "calib"
 TEST = "test"
-CHOOSING = (TRAIN, HEADS, CALIB)  # streams that may shape a shipped artefact
 SPLIT_COLUMN = "split"  # scene shards' column naming the stream a row was drawn from
 
 
