@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from pipeline.alias import resolve
-from pipeline.config import load_config
-from pipeline.job import run_index
+from pipeline.config import ConfigError, IndexConfig, load_config
+from pipeline.job import RunSummary, run_index
 from pipeline.lab.scenes.shards import write_corpus
 from pipeline.progress import Progress, StderrFilter
 from pipeline.query import Searcher
@@ -25,6 +26,14 @@ QUERIES = [
     "two shapes on a stripes background: a green square and a yellow triangle",
     "many shapes on a noise background, the largest a purple hexagon",
 ]
+
+
+def index(cfg: IndexConfig) -> RunSummary:
+    progress = Progress()
+    with StderrFilter():  # as `icar index` does: Ray's one known native line is dropped
+        summary = run_index(cfg, progress)
+    progress.close()
+    return summary
 
 
 def main() -> None:
@@ -43,10 +52,12 @@ def main() -> None:
         write_corpus(corpus, seed=0, split="demo", num_images=args.images, shard_size=args.shard_size)
     overrides = [f"input.paths={json.dumps([str(corpus)])}", f"output.uri={Path(args.out) / 'lancedb'}"]
     cfg = load_config(None, overrides)  # the embedded model with its shipped calibrated routes
-    progress = Progress()
-    with StderrFilter():  # as `icar index` does: Ray's one known native line is dropped
-        summary = run_index(cfg, progress)
-    progress.close()
+    try:
+        summary = index(cfg)
+    except ConfigError as exc:  # a demo table an older icar (or another router) wrote: it is disposable
+        print(f"{cfg.output.uri}: {exc}\nthe demo table is rebuilt from scratch")
+        shutil.rmtree(cfg.output.uri)
+        summary = index(cfg)
     print("\n" + summary.render() + "\n")
 
     searcher = Searcher.open(cfg)
