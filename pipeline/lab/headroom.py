@@ -49,7 +49,6 @@ class Plan:
 
 @dataclass
 class Headroom:
-    target: QualityFloor
     static: Plan | None  # the fastest single route meeting the target
     oracle: Plan | None  # the fastest per-image oracle meeting the target
     oracle_tau: float | None
@@ -92,7 +91,7 @@ def find_headroom(ev: PlanEvaluator, measurements: list[RouteMeasurement], targe
     cos = ev.cos.numpy()
     taus = {f"oracle tau={t:.3f}": float(t) for t in TAUS}
     oracle = _fastest(ev, [(name, oracle_assign(cos, ev.seconds, t)) for name, t in taus.items()], point)
-    return Headroom(point, static, oracle, taus[oracle.name] if oracle else None)
+    return Headroom(static, oracle, taus[oracle.name] if oracle else None)
 
 
 def per_level(ev: PlanEvaluator, plan: Plan, levels: np.ndarray) -> dict[str, dict[str, float]]:

@@ -56,7 +56,7 @@ class PlanQuality:
     def meets(self, target: Target) -> bool:
         """The target holds; a quality floor with a confidence level judges R@10 by its lower bound."""
         ratio = self.recall_ratio
-        if isinstance(target, QualityFloor) and target.confidence and self.recall_ratio_lower is not None:
+        if confidence(target) and self.recall_ratio_lower is not None:
             ratio = self.recall_ratio_lower
         return target.admits(self.mean_cosine, ratio, self.gflops_per_image)
 

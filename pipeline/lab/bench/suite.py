@@ -217,7 +217,8 @@ def _run(
 
     log("[1/7] encoder speed: embedded model")
     quality = enc.frontier_quality(frontier, resolve_heads(ModelConfig()))
-    case = embedded_case(sizes, load_config(routed_config).router, quality["routes"])
+    shipped = load_config(routed_config).router
+    case = embedded_case(sizes, shipped, quality["routes"])
     embedded = measure_encoder(case, sizes.rounds)
     if case.heads_note.startswith(UNTRAINED_HEADS):  # the frontier's exit quality belongs to trained heads
         stale = {spec_key(r) for r in case.routes if r.exit_depth}
@@ -225,10 +226,10 @@ def _run(
         quality["points"] = {k: v for k, v in quality["points"].items() if k not in stale}
     enc.attach_quality(embedded, quality)
     encoders = [embedded]
-    shipped = load_config(routed_config).router.routes
     for name, images, batch in sizes.random_models:
         log(f"[1/7] encoder speed: {name} (random weights)")
-        encoders.append(measure_encoder(random_case(name, images, batch, shipped), sizes.random_rounds))
+        model_case = random_case(name, images, batch, shipped.routes)
+        encoders.append(measure_encoder(model_case, sizes.random_rounds))
     result["encoder"] = encoders
     done("encoder")
 
