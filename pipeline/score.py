@@ -54,34 +54,34 @@ def complexity_features(images: np.ndarray, bytes_per_pixel: np.ndarray) -> np.n
         saturation.mean(axis=(1, 2)),
         saturation.std(axis=(1, 2)),
     ]
-    patches = patch_redundancy(np.stack([r, g, b, grey], axis=-1), PATCH // STRIDE)
+    patches = patch_redundancy(pixels, grey, PATCH // STRIDE)
     return np.concatenate([np.stack(columns, axis=1), cells, patches], axis=1).astype(np.float32)
 
 
-def patch_redundancy(planes: np.ndarray, side: int) -> np.ndarray:
-    """[N, H, W, 4] (r, g, b, grey) -> [N, 4]: how many of the ViT's patch tokens look alike.
+def patch_redundancy(pixels: np.ndarray, grey: np.ndarray, side: int) -> np.ndarray:
+    """[N, H, W, 3] colour + [N, H, W] grey -> [N, 4]: how many of the ViT's patch tokens look alike.
 
     Token merging and pruning save most where many patches carry the same content, so these predict how
     far an image's tokens can be reduced: the share of flat patches, the share of neighbouring patch pairs
     that are both flat and of one colour (the pairs ToMe would merge first), the mean patch std and the
-    spread of patch mean brightness."""
-    n, h, w, _ = planes.shape
+    spread of patch mean brightness. Reads the arrays as patches in place (no copy on the router's path)."""
+    n, h, w = grey.shape
     gh, gw = h // side, w // side
-    cells = planes[:, : gh * side, : gw * side].reshape(n, gh, side, gw, side, 4)
-    mean = cells.mean(axis=(2, 4))  # [N, gh, gw, 4]
-    std = cells[..., 3].std(axis=(2, 4))  # [N, gh, gw] grey std per patch
+    grey_cells = grey[:, : gh * side, : gw * side].reshape(n, gh, side, gw, side)
+    colour = pixels[:, : gh * side, : gw * side].reshape(n, gh, side, gw, side, 3).mean(axis=(2, 4))
+    std = grey_cells.std(axis=(2, 4))  # [N, gh, gw] grey std per patch
     flat = std < FLAT_STD
 
     def alike(a: tuple, b: tuple) -> np.ndarray:
-        colour = np.abs(mean[a][..., :3] - mean[b][..., :3]).max(axis=-1) < SAME_COLOUR
-        return flat[a] & flat[b] & colour
+        same = np.abs(colour[a] - colour[b]).max(axis=-1) < SAME_COLOUR
+        return flat[a] & flat[b] & same
 
     right = alike((slice(None), slice(None), slice(1, None)), (slice(None), slice(None), slice(None, -1)))
     down = alike((slice(None), slice(1, None)), (slice(None), slice(None, -1)))
     pairs = right.sum(axis=(1, 2)) + down.sum(axis=(1, 2))
     total_pairs = gh * (gw - 1) + (gh - 1) * gw
     columns = [flat.mean(axis=(1, 2)), pairs / max(total_pairs, 1), std.mean(axis=(1, 2))]
-    return np.stack([*columns, mean[..., 3].std(axis=(1, 2))], axis=1)
+    return np.stack([*columns, grey_cells.mean(axis=(2, 4)).std(axis=(1, 2))], axis=1)
 
 
 class Scorer(Protocol):

@@ -82,7 +82,8 @@ def test_patch_redundancy_counts_alike_flat_patches():
     noisy = rng.uniform(0, 255, (1, 64, 64, 4)).astype(np.float32)
     halves = plain.copy()
     halves[:, :, 32:, :] = 30.0  # two flat colours: pairs across the seam differ
-    features = patch_redundancy(np.concatenate([plain, noisy, halves]), side=8)
+    planes = np.concatenate([plain, noisy, halves])  # r, g, b, grey
+    features = patch_redundancy(planes[..., :3], planes[..., 3], side=8)
     flat, alike, mean_std, spread = features.T
     assert flat.tolist() == [1.0, 0.0, 1.0]
     assert alike[0] == 1.0 and alike[1] == 0.0 and alike[2] == pytest.approx(1 - 8 / 112)
