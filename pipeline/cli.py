@@ -125,7 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     cfg = config_from_args(args)
     app = create_app(cfg)  # loads the model and opens the table before the port opens
-    print(f"icar: serving {cfg.output.uri} table {cfg.output.table!r} on http://{cfg.serve.host}:{cfg.serve.port}")
+    print(
+        f"icar: serving {cfg.output.uri} table {cfg.output.table!r} on http://{cfg.serve.host}:{cfg.serve.port}"
+    )
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
     return 0
 

@@ -73,6 +73,17 @@ class RouteSpec(_Section):
     )
     keep_tokens: int | None = Field(None, ge=1, description="fixed number of patch tokens kept")
     prune_after: int = Field(1, ge=1, description="blocks run on all tokens before energy/fixed pruning")
+    late_keep: float | None = Field(
+        None, ge=0.5, lt=1, description="from block late_after on, the fraction each block keeps instead"
+    )
+    late_after: int = Field(0, ge=0, description="blocks that keep merge_keep before late_keep takes over")
+    late_similarity: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="per image: only images whose late merges would pair tokens at least this alike "
+        "(cosine of keys at block late_after) switch to late_keep; None = every image switches",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> RouteSpec:
@@ -82,19 +93,36 @@ class RouteSpec(_Section):
             raise ValueError(
                 f"route {self.name!r}: merge={self.merge!r} needs exactly one of merge_r > 0 or merge_keep"
             )
+        if self.late_keep is None and (self.late_after or self.late_similarity is not None):
+            raise ValueError(f"route {self.name!r}: late_after and late_similarity need late_keep")
+        if self.late_keep is not None:
+            if self.merge == "none" or self.merge_keep is None or self.late_after < 1:
+                raise ValueError(
+                    f"route {self.name!r}: late_keep needs a merge_keep schedule and late_after >= 1"
+                )
+            if self.prunes:
+                raise ValueError(f"route {self.name!r}: late_keep and pruning cannot be combined")
         return self
 
-    def merge_count(self, tokens: int) -> int:
-        """Tokens to merge away in a block that holds `tokens` (the matcher may clip it further).
+    def merge_count(self, tokens: int, late: bool = False) -> int:
+        """Tokens to merge away in a block that holds `tokens` (the matcher may clip it further); `late`:
+        the block is at or past `late_after` on an image that switched to `late_keep`.
 
         A front-loaded schedule (`merge_keep` with a floor) merges most where tokens are many and
         redundant and stops before the few last tokens collapse; on the embedded model it beats a constant
-        r by a wide margin at equal FLOPs (results/frontier.md).
+        r by a wide margin at equal FLOPs. A late schedule merges gently while tokens are still raw
+        patches and harder once attention has mixed context into them (results/frontier.md).
         """
         if self.merge == "none":
             return 0
-        r = self.merge_r if self.merge_keep is None else tokens - math.ceil(tokens * self.merge_keep)
+        keep = self.late_keep if late and self.late_keep is not None else self.merge_keep
+        r = self.merge_r if keep is None else tokens - math.ceil(tokens * keep)
         return max(0, min(r, tokens - self.merge_floor))
+
+    @property
+    def splits(self) -> bool:
+        """Whether images choose their own schedule at `late_after` (so the batch splits in two groups)."""
+        return self.late_similarity is not None
 
     @property
     def prunes(self) -> bool:

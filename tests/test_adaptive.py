@@ -139,6 +139,60 @@ def test_pruned_batch_equals_each_image_alone(embedded):
     assert together.tokens[0] < together.tokens[1]  # a flat image keeps fewer tokens than noise
 
 
+def test_late_schedule_merges_gently_first_then_harder(embedded):
+    vit = AdaptiveViT(embedded.model.visual)
+    x = _images(2, embedded.image_size)
+    gentle = RouteSpec(name="g", merge="tome", merge_keep=0.8, merge_floor=8)
+    late = RouteSpec(**{**gentle.model_dump(), "name": "l", "late_keep": 0.65, "late_after": 3})
+    # keep 0.8 for blocks 0-2 (65 -> 52 -> 42 -> 34), then 0.65 (34 -> 23 -> 15 -> 10 -> 8)
+    assert vit(x, late).tokens.tolist() == [8, 8]
+    full = vit(x, RouteSpec(name="full"))
+    with torch.no_grad():
+        state = vit._run_blocks(vit._embed(x), 0, 12, gentle, want_cls=False)
+    assert state.x.shape[1] == 8  # the gentle schedule reaches its floor too, but later: it spends more
+    assert vit(x, late).gflops[0] < vit(x, gentle).gflops[0] < full.gflops[0]
+
+
+def test_split_route_sends_each_image_down_the_schedule_its_tokens_allow(embedded):
+    """Alike tokens (flat images) switch to the late schedule, busy ones (noise) keep merge_keep; grouping
+    the batch must give each image exactly what it gets alone on its schedule."""
+    vit = AdaptiveViT(embedded.model.visual)
+    flat = torch.full((1, 3, embedded.image_size, embedded.image_size), 0.5)  # match similarity 0.98
+    x = torch.cat([flat, _images(3, embedded.image_size), flat])  # noise: 0.49-0.52
+    fields = {"merge": "tome", "merge_keep": 0.8, "merge_floor": 8, "late_keep": 0.65, "late_after": 3}
+    split = RouteSpec(name="s", late_similarity=0.95, **fields)
+    out = vit(x, split)
+    switched = RouteSpec(name="late", **fields)
+    stayed = RouteSpec(name="gentle", **{k: v for k, v in fields.items() if not k.startswith("late")})
+    expected = [switched, stayed, stayed, stayed, switched]
+    for i, route in enumerate(expected):
+        alone = vit(x[i : i + 1], route)
+        assert torch.allclose(out.embeddings[i], alone.embeddings[0], atol=1e-5), (i, route.name)
+        assert out.gflops[i] > alone.gflops[0]  # the decision's key projection and matching are charged
+    assert vit(x, RouteSpec(name="all", late_similarity=-1.0, **fields)).embeddings.allclose(
+        vit(x, switched).embeddings, atol=1e-5
+    )
+
+
+def test_split_route_trains_heads_on_the_tokens_each_image_reads(embedded):
+    visual = embedded.model.visual
+    vit = AdaptiveViT(visual, ExitHeads(visual, [6]))
+    flat = torch.full((1, 3, embedded.image_size, embedded.image_size), 0.5)
+    x = torch.cat([flat, _images(2, embedded.image_size)])
+    split = RouteSpec(
+        name="s",
+        merge="tome",
+        merge_keep=0.8,
+        merge_floor=8,
+        late_keep=0.65,
+        late_after=3,
+        late_similarity=0.95,
+    )
+    tokens = vit.exit_tokens(x, split, [6, 12])
+    for j, depth in enumerate([6, 12]):
+        assert torch.allclose(tokens[:, j], vit.pooled_tokens(x, split, depth)[0], atol=1e-6)
+
+
 def test_routed_encoder_matches_one_route_at_a_time(embedded):
     visual = embedded.model.visual
     heads = ExitHeads(visual, [6])

@@ -37,6 +37,9 @@ def test_names_are_derived_from_the_spec():
     assert route(energy_tau=0.995, prune_after=2).name == "energy99.5"
     assert route(energy_tau=0.99, prune_after=1).name == "energy99-after1"
     assert route(keep_tokens=16, prune_after=2).name == "tokens16"
+    late = {"merge": "tome", "merge_keep": 0.8, "merge_floor": 8, "late_keep": 0.65, "late_after": 3}
+    assert route(**late).name == "tome-keep80-floor8-then65-after3"
+    assert route(**late, late_similarity=0.9).name == "tome-keep80-floor8-then65-after3-alike90"
     assert route_name(RouteSpec(name="anything", exit_depth=10, merge="tome", merge_r=6)) == "exit10-tome6"
 
 
@@ -51,13 +54,13 @@ def test_the_key_is_the_spec_without_its_name_or_defaults():
 
 def test_selections_are_one_catalogue_with_unique_names_and_keys():
     calibration = calibration_routes(EXITS)
-    assert len(calibration) == 5 * 20
+    assert len(calibration) == 5 * 30
     for selection in (calibration, frontier_routes(EXITS), bench_routes([6, 8])):
         assert len(set(keys(selection))) == len(selection) == len({r.name for r in selection})
     assert set(keys(bench_routes([6, 8]))) <= set(keys(frontier_routes(EXITS))) <= set(keys(calibration))
     frontier = frontier_routes([6])
     assert [r.name for r in frontier[:2]] == ["full", "exit6"]
-    assert all(r.exit_depth is None for r in frontier[2:]) and len(frontier) == 2 + 19
+    assert all(r.exit_depth is None for r in frontier[2:]) and len(frontier) == 2 + 29
     assert all(a.name != b.name for a, b in itertools.combinations(calibration, 2))
 
 

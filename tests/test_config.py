@@ -66,6 +66,29 @@ def test_merge_schedules_count_tokens_per_block():
     assert RouteSpec(name="n", merge_keep=0.7).merge_count(65) == 0  # merge: none ignores the schedule
 
 
+@pytest.mark.parametrize(
+    "route",
+    [
+        "{name: a, merge: tome, merge_keep: 0.8, late_keep: 0.7}",  # late_after missing
+        "{name: a, merge: tome, merge_r: 4, late_keep: 0.7, late_after: 2}",  # no keep schedule
+        "{name: a, merge: tome, merge_keep: 0.8, late_after: 2}",  # late_after without late_keep
+        "{name: a, merge: tome, merge_keep: 0.8, late_similarity: 0.9}",
+        "{name: a, merge: tome, merge_keep: 0.8, late_keep: 0.7, late_after: 2, keep_tokens: 16}",
+    ],
+)
+def test_a_late_schedule_needs_a_keep_schedule_and_a_block_to_start(route):
+    with pytest.raises(ConfigError, match="late_"):
+        load_config(None, [f"router.routes=[{route}]"])
+
+
+def test_late_schedule_takes_over_only_for_late_blocks():
+    two = RouteSpec(name="t", merge="tome", merge_keep=0.8, merge_floor=8, late_keep=0.65, late_after=3)
+    assert two.merge_count(65) == two.merge_count(65, late=False) == 13  # 65 - ceil(0.8 * 65)
+    assert two.merge_count(34, late=True) == 11  # 34 - ceil(0.65 * 34)
+    assert not two.splits
+    assert RouteSpec(**{**two.model_dump(), "late_similarity": 0.9}).splits
+
+
 def test_thresholds_must_ascend():
     routes = "[{name: a}, {name: b}, {name: c}]"
     with pytest.raises(ConfigError, match="strictly ascending"):

@@ -76,8 +76,12 @@ def _schema_errors(doc: dict) -> list[str]:
 
 
 def _kuberay_docs() -> list[tuple[str, dict]]:
-    return [(path.name, doc) for path in sorted(INFRA.glob("*.yaml")) for doc in _docs(path.name)
-            if doc.get("apiVersion", "").startswith("ray.io/")]
+    return [
+        (path.name, doc)
+        for path in sorted(INFRA.glob("*.yaml"))
+        for doc in _docs(path.name)
+        if doc.get("apiVersion", "").startswith("ray.io/")
+    ]
 
 
 def _nightly_rayjob(script: str) -> dict:
@@ -151,8 +155,10 @@ def test_the_rayjob_the_nightly_cronjob_creates_is_valid_for_the_pinned_crd():
 
 def _worker_limits(cluster: dict) -> list[dict]:
     """The resource limits of each worker group's Ray container."""
-    return [group["template"]["spec"]["containers"][0]["resources"]["limits"]
-            for group in cluster["workerGroupSpecs"]]
+    return [
+        group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        for group in cluster["workerGroupSpecs"]
+    ]
 
 
 def test_the_raycronjob_runs_the_reindex_once_bounded_on_cpu_and_gpu_workers():

@@ -84,9 +84,7 @@ def test_routed_job_gives_each_row_its_route_and_that_routes_embedding(indexed, 
     rows = {r["id"]: r for r in lance_table(routed_cfg.output.uri, "images").to_pylist()}
     for r in rows.values():
         cheap = r["complexity"] < threshold
-        assert (r["route"], r["exit_depth"], r["tokens"]) == (
-            ("cheap", 6, 16) if cheap else ("full", 12, 65)
-        )
+        assert (r["route"], r["exit_depth"], r["tokens"]) == (("cheap", 6, 16) if cheap else ("full", 12, 65))
     shard = pq.read_table(scene_shards / "00002.parquet", columns=["key", "jpg"])
     ids = [f"00002.parquet/{k}" for k in shard.column("key").to_pylist()]
     encoder = RoutedEncoder.from_config(routed_cfg.model, routed_cfg.router.routes)
@@ -108,9 +106,7 @@ def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
 
 def test_text_query_finds_the_scene_it_describes(indexed, scene_shards):
     cfg, _ = indexed
-    rows = pq.read_table(
-        scene_shards / "00002.parquet", columns=["key", "caption", "scene_key"]
-    ).to_pylist()
+    rows = pq.read_table(scene_shards / "00002.parquet", columns=["key", "caption", "scene_key"]).to_pylist()
     searcher = Searcher.open(cfg)
     searcher.check_model()
     hits = 0

@@ -11,6 +11,7 @@ from pipeline.encode.tokens import (
     bipartite_soft_matching,
     complete_graph_soft_matching,
     energy_token_budget,
+    match_similarity,
     proportional_attention_bias,
     prune_and_fuse,
 )
@@ -117,6 +118,16 @@ def test_merge_is_size_weighted_average_and_reusable_on_other_tensors():
     m2, ones2 = plan.merge(torch.arange(10.0).view(1, 5, 2), torch.ones(1, 5, 1))
     assert m2.tolist() == [[[0.0, 1.0], [2.0, 3.0], [5.0, 6.0], [8.0, 9.0]]]
     assert ones2.flatten().tolist() == [1.0, 1.0, 2.0, 1.0]
+
+
+def test_match_similarity_is_the_rth_best_pair_and_ignores_cls():
+    metric = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(0))
+    metric[0, 2] = metric[0, 1] * 3  # A token 2 duplicates B token 1: cosine 1
+    metric[1, 0] = metric[1, 1]  # CLS duplicates a patch: must not count
+    best = match_similarity(metric, 1)
+    assert best[0] == pytest.approx(1.0, abs=1e-5) and best[1] < 0.999
+    assert (match_similarity(metric, 3) <= best).all()
+    assert torch.equal(match_similarity(metric, 99), match_similarity(metric, 4))  # 4 A patches
 
 
 def test_complete_graph_merges_identical_tokens_without_chaining():

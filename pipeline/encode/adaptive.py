@@ -6,7 +6,9 @@ module of the live model is replaced):
 - attention runs through `scaled_dot_product_attention` on the block's own in/out projections (fused),
   with ToMe's proportional-attention bias once tokens stand for more than one patch;
 - patch tokens may be merged between each block's attention and MLP (ToMe / CrossGET), r tokens per block
-  or a kept fraction down to a floor (`RouteSpec.merge_count`);
+  or a kept fraction down to a floor (`RouteSpec.merge_count`), gently in early blocks and harder from
+  `late_after` on; with `late_similarity` each image decides at `late_after` whether its tokens are alike
+  enough for the harder schedule, and the batch runs on as two dense groups;
 - after `prune_after` blocks, tokens may be pruned to a per-image energy budget (or a fixed count), the
   dropped ones fused into one token; the batch is then split into groups of equal budget so every forward
   stays one dense tensor and saved FLOPs become saved seconds;
@@ -184,7 +186,10 @@ class AdaptiveViT(nn.Module):
             cls_attention = logits.softmax(dim=-1).mean(dim=1)
         return block.ls_1(out), k.mean(dim=1), cls_attention
 
-    def _run_blocks(self, state: _State, start: int, stop: int, route: RouteSpec, want_cls: bool) -> _State:
+    def _run_blocks(
+        self, state: _State, start: int, stop: int, route: RouteSpec, want_cls: bool, late: bool = True
+    ) -> _State:
+        """Blocks [start, stop); `late`: these images take the route's late schedule from `late_after`."""
         x, size, gflops = state.x, state.size, state.gflops
         weighted = route.merge != "none" or route.prunes
         cls_attention = None
@@ -194,7 +199,7 @@ class AdaptiveViT(nn.Module):
             bias = tok.proportional_attention_bias(size, x.dtype) if weighted else None
             attn_out, keys, cls_attention = self._attention(block, x, bias, want_cls and i == stop - 1)
             x = x + attn_out
-            r = route.merge_count(n_attn)
+            r = route.merge_count(n_attn, late and i >= route.late_after)
             if r > 0:
                 match = (
                     tok.bipartite_soft_matching if route.merge == "tome" else tok.complete_graph_soft_matching
@@ -271,10 +276,10 @@ class AdaptiveViT(nn.Module):
     def exit_tokens(self, images: torch.Tensor, route: RouteSpec, depths: list[int]) -> torch.Tensor:
         """[B, len(depths), C]: the token each exit in `depths` (ascending) reads under `route`.
 
-        One pass through the deepest exit when the route does not prune (pruning groups images by budget
-        after `prune_after`, so pruned routes run once per depth). Used to train heads on their own tokens.
+        One pass through the deepest exit when the route neither prunes nor splits (both group images after
+        a block, so those routes run once per depth). Used to train heads on their own tokens.
         """
-        if route.prunes:
+        if route.prunes or route.splits:
             return torch.stack([self.pooled_tokens(images, route, d)[0] for d in depths], dim=1)
         state, done, pooled = self._embed(images), 0, []
         for depth in depths:
@@ -283,29 +288,56 @@ class AdaptiveViT(nn.Module):
             done = depth
         return torch.stack(pooled, dim=1)
 
+    def _prune_groups(self, early: _State, route: RouteSpec):
+        """Per token budget: (rows, their pruned tokens, late flag) after `prune_after`."""
+        budgets = self.token_budgets(early, route)
+        n, c = early.x.shape[1], early.x.shape[2]
+        svd = 4.0 * n * c * min(n, c) / 1e9 if route.energy_tau is not None else 0.0
+        for keep in budgets.unique().tolist():
+            rows = (budgets == keep).nonzero().squeeze(1)
+            xg, sg = tok.prune_and_fuse(early.x[rows], early.size[rows], int(keep), early.cls_attention[rows])
+            yield rows, _State(xg, sg, early.gflops + svd), True
+
+    def _split_groups(self, early: _State, route: RouteSpec):
+        """(rows, tokens, late flag) for the images that switch to the late schedule and those that don't.
+
+        An image switches when the late schedule's merges in block `late_after` would pair tokens at least
+        `late_similarity` alike, judged on that block's own keys (head-averaged, as ToMe matches them).
+        """
+        block = self.blocks[route.late_after]
+        b, n, c = early.x.shape
+        w, bias = block.attn.in_proj_weight[c : 2 * c], block.attn.in_proj_bias[c : 2 * c]
+        keys = F.linear(block.ln_1(early.x), w, bias).view(b, n, self.num_heads, -1).mean(dim=2)
+        alike = tok.match_similarity(keys, route.merge_count(n, late=True))
+        gflops = early.gflops + (2.0 * n * c * c + 0.5 * n * n * keys.shape[-1]) / 1e9
+        switch = alike >= route.late_similarity
+        for late in (True, False):
+            rows = (switch == late).nonzero().squeeze(1)
+            if len(rows):
+                yield rows, _State(early.x[rows], early.size[rows], gflops), late
+
     def pooled_tokens(self, images: torch.Tensor, route: RouteSpec, depth: int):
         """Run `depth` blocks on the route's token path -> (pooled token [B, C], tokens [B], GFLOPs [B]).
 
         Separate from the head so exit heads can be trained on exactly the tokens they will read.
+        A route that prunes or splits runs its first blocks on the whole batch, then one dense forward
+        per group of images sharing a token count.
         """
         start = self._embed(images)
         x = start.x
         b = x.shape[0]
-        if not (route.prunes and route.prune_after < depth):
+        branch_at = route.prune_after if route.prunes else route.late_after if route.splits else depth
+        if branch_at >= depth:
             end = self._run_blocks(start, 0, depth, route, want_cls=False)
             tokens = torch.full((b,), end.x.shape[1], dtype=torch.int32)
             return self._pool(end, depth), tokens, torch.full((b,), end.gflops, dtype=torch.float32)
-        early = self._run_blocks(start, 0, route.prune_after, route, want_cls=True)
-        budgets = self.token_budgets(early, route)
-        n, c = early.x.shape[1], early.x.shape[2]
-        svd = 4.0 * n * c * min(n, c) / 1e9 if route.energy_tau is not None else 0.0
-        pooled = torch.empty(b, c, dtype=x.dtype, device=x.device)
+        early = self._run_blocks(start, 0, branch_at, route, want_cls=route.prunes)
+        groups = self._prune_groups(early, route) if route.prunes else self._split_groups(early, route)
+        pooled = torch.empty(b, x.shape[2], dtype=x.dtype, device=x.device)
         tokens = torch.empty(b, dtype=torch.int32)
         gflops = torch.empty(b, dtype=torch.float32)
-        for keep in budgets.unique().tolist():
-            rows = (budgets == keep).nonzero().squeeze(1)
-            xg, sg = tok.prune_and_fuse(early.x[rows], early.size[rows], int(keep), early.cls_attention[rows])
-            end = self._run_blocks(_State(xg, sg, early.gflops + svd), route.prune_after, depth, route, False)
+        for rows, state, late in groups:
+            end = self._run_blocks(state, branch_at, depth, route, want_cls=False, late=late)
             pooled[rows] = self._pool(end, depth)
             tokens[rows.cpu()] = end.x.shape[1]
             gflops[rows.cpu()] = end.gflops

@@ -25,6 +25,7 @@ __all__ = [
     "bipartite_soft_matching",
     "complete_graph_soft_matching",
     "energy_token_budget",
+    "match_similarity",
     "prune_and_fuse",
     "proportional_attention_bias",
 ]
@@ -111,6 +112,19 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> MergePlan:
     src = 2 * edge_idx
     dst = 2 * node_idx.gather(1, edge_idx) + 1
     return MergePlan.from_pairs(src, dst, n)
+
+
+def match_similarity(metric: Tensor, r: int) -> Tensor:
+    """Per image, the cosine of the `r`-th best ToMe bipartite match `[B]`: how alike the least alike pair
+    would be if `r` tokens merged now. High means those merges lose little, so the image can take them.
+
+    Same split and CLS rule as `bipartite_soft_matching`; `r` is clipped to the mergeable A tokens.
+    """
+    n = metric.shape[1]
+    r = max(1, min(r, (n - 1) // 2))
+    scores = _cosine_similarity(metric[:, ::2], metric[:, 1::2])
+    scores[:, 0, :] = -torch.inf  # CLS never merges
+    return scores.max(dim=-1).values.topk(r, dim=-1).values[:, -1]
 
 
 def complete_graph_soft_matching(metric: Tensor, r: int) -> MergePlan:

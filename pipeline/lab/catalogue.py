@@ -26,6 +26,27 @@ FAMILIES: dict[str, tuple[dict[str, Any], ...]] = {
         for keep in (0.65, 0.7, 0.75, 0.8)
         for floor in (8, 16)
     ),
+    # two-phase: keep 80% per block while tokens are raw patches, then a harder fraction once attention
+    # has mixed context into them (on calib: fewer GFLOPs than any one-phase schedule at equal cosine)
+    "late": tuple(
+        {"merge": "tome", "merge_keep": 0.8, "merge_floor": 8, "late_keep": keep, "late_after": after}
+        for after in (2, 3)
+        for keep in (0.65, 0.7, 0.75)
+    ),
+    # per image, decided inside the ViT: only images whose tokens are alike at block `late_after` (the
+    # late merges' worst pair has key cosine >= late_similarity) take the harder late schedule
+    "split": tuple(
+        {
+            "merge": "tome",
+            "merge_keep": 0.8,
+            "merge_floor": 8,
+            "late_keep": 0.65,
+            "late_after": after,
+            "late_similarity": similarity,
+        }
+        for after in (2, 3)
+        for similarity in (0.8, 0.9)
+    ),
     # spectral-energy budget per image (block-2 token features are low-rank: tau 0.9 keeps ~6 of 64)
     "energy": tuple({"energy_tau": tau, "prune_after": PRUNE_AFTER} for tau in (0.98, 0.99, 0.995, 0.999)),
     # a fixed token budget: the same number of patch tokens kept for every image after block 2
@@ -35,12 +56,17 @@ TOKEN_PATHS: tuple[dict[str, Any], ...] = tuple(path for paths in FAMILIES.value
 
 
 def route_name(spec: RouteSpec) -> str:
-    """`full`, `exit6`, `tome4`, `tome-keep70-floor16`, `exit8-energy99`, …: every field that differs from
-    the defaults, in a fixed order (prune_after only when it differs from the family's convention)."""
+    """`full`, `exit6`, `tome4`, `tome-keep70-floor16`, `tome-keep80-floor8-then65-after3-alike90`,
+    `exit8-energy99`, …: every field that differs from the defaults, in a fixed order (prune_after only
+    when it differs from the family's convention)."""
     parts = [f"exit{spec.exit_depth}"] if spec.exit_depth is not None else []
     if spec.merge != "none":
         amount = f"{spec.merge_r}" if spec.merge_keep is None else f"-keep{spec.merge_keep * 100:g}"
         parts.append(spec.merge + amount + (f"-floor{spec.merge_floor}" if spec.merge_floor else ""))
+    if spec.late_keep is not None:
+        parts.append(f"then{spec.late_keep * 100:g}-after{spec.late_after}")
+    if spec.late_similarity is not None:
+        parts.append(f"alike{spec.late_similarity * 100:g}")
     if spec.energy_tau is not None:
         parts.append(f"energy{spec.energy_tau * 100:g}")
     if spec.keep_tokens is not None:
@@ -89,6 +115,7 @@ def bench_routes(exits: list[int]) -> list[RouteSpec]:
         *(route(d) for d in exits),
         route(merge="tome", merge_r=4),
         route(merge="tome", merge_keep=0.75, merge_floor=16),
+        route(merge="tome", merge_keep=0.8, merge_floor=8, late_keep=0.7, late_after=3),
         route(energy_tau=0.99, prune_after=PRUNE_AFTER),
     ]
 
