@@ -51,6 +51,22 @@ def test_headroom_is_the_oracle_against_the_best_static_route():
     assert found.oracle is not None and found.oracle.assign.tolist() == hard.astype(int).tolist()
     assert found.oracle.quality.recall_ratio == 1.0
     assert found.gain == pytest.approx(0.004 / (0.5 * 0.001 + 0.5 * 0.004))
+    assert found.split is None and found.split_gain is None  # no route here decides per image
+
+
+def test_an_in_vit_split_is_judged_apart_from_the_static_routes():
+    """A route that decides per image inside the ViT is not a static route: it is the realisable plan
+    between the best static route and the oracle."""
+    hard = np.arange(N) % 2 == 1
+    routes, full = _routes(hard)
+    split = RouteSpec(
+        name="split", merge="tome", merge_keep=0.8, late_keep=0.65, late_after=2, late_similarity=0.9
+    )
+    routes.append(RouteMeasurement(split, full, 0.5 * np.ones(N, np.float32), 0.003))
+    ev = PlanEvaluator(routes, full, full, [f"scene{i}" for i in range(N)])
+    found = find_headroom(ev, routes, QualityFloor(0.95, 0.99))
+    assert found.static.name == "full" and found.split.name == "split"
+    assert found.split_gain == pytest.approx(0.004 / 0.003)
 
 
 def test_a_plan_that_only_just_meets_the_floor_is_refused_at_a_confidence_level():
@@ -74,6 +90,18 @@ def test_ratio_lower_bound_is_paired_and_below_the_point_estimate():
     lower = ratio_lower_bound(hits, full_hits, 0.95)
     assert float(hits.float().mean()) == pytest.approx(0.95) and 0.9 < lower < 0.95
     assert ratio_lower_bound(hits, full_hits, 0.95, seed=1) == pytest.approx(lower, abs=0.01)
+
+
+def test_queries_sharing_a_caption_resample_together():
+    """20 captions asked 10 times each, two of them missed: 20 queries lost, but only 2 draws' worth of
+    evidence. Treating the queries as independent would claim a bound the data cannot support."""
+    full_hits = torch.ones(200, dtype=torch.bool)
+    captions = torch.arange(200) // 10
+    hits = captions >= 2  # every ask of captions 0 and 1 misses
+    independent = ratio_lower_bound(hits, full_hits, 0.95)
+    clustered = ratio_lower_bound(hits, full_hits, 0.95, clusters=captions)
+    assert clustered < independent - 0.05 and 0.8 < independent < 0.9
+    assert ratio_lower_bound(hits, full_hits, 0.95, clusters=torch.arange(200)) == independent
 
 
 def test_patch_redundancy_counts_alike_flat_patches():
@@ -107,7 +135,8 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     finally:
         torch.set_num_threads(threads)
     assert report["split"] == TEST and report["images"] == 24 and len(report["routes"]) == 3
-    assert set(report["plans"]) == {"best static route", "oracle", "router"}
+    assert set(report["plans"]) == {"best static route", "best in-ViT split", "oracle", "router"}
+    assert report["plans"]["best in-ViT split"] is None  # no splitting route was measured
     router = report["plans"]["router"]
     alone = next(
         r for r in report["routes"] if r["route"] == cfg.router.routes[0].model_dump(exclude_defaults=True)

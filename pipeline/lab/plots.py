@@ -59,14 +59,15 @@ def training_curves(log_path: Path, png_path: Path) -> None:
 
 def headroom(report: dict[str, Any], path: Path, title: str) -> None:
     """Every measured route (speedup vs encode_image, R@10 ratio to full depth) with the best static
-    route, the oracle and the router marked, and the quality floor drawn."""
+    route, the best in-ViT split, the oracle and the router marked, and the quality floor drawn."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     routes = report["routes"]
     ax.scatter(
         [r["speedup_vs_encode_image"] for r in routes], [r["recall_ratio"] for r in routes], s=14, c="grey"
     )
-    for name, marker in (("best static route", "s"), ("oracle", "*"), ("router", "D")):
+    plans = (("best static route", "s"), ("best in-ViT split", "^"), ("oracle", "*"), ("router", "D"))
+    for name, marker in plans:
         plan = report["plans"].get(name)
         if plan:
             ax.scatter(

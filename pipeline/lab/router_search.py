@@ -91,14 +91,27 @@ class RouterPlan:
         }
 
 
-def ratio_lower_bound(hits: torch.Tensor, full_hits: torch.Tensor, confidence: float, seed: int = 0) -> float:
+def ratio_lower_bound(
+    hits: torch.Tensor,
+    full_hits: torch.Tensor,
+    confidence: float,
+    clusters: torch.Tensor | None = None,
+    seed: int = 0,
+) -> float:
     """One-sided lower confidence bound of mean(hits) / mean(full_hits), paired bootstrap over queries.
 
     Paired: each resample takes the same queries for both, so the bound reflects how much the plan's
-    misses (not the queries' difficulty) could move on a new sample of the same size."""
+    misses (not the queries' difficulty) could move on a new sample of the same size. `clusters` ([Q]
+    ids, e.g. scene keys) resamples whole groups instead: queries sharing a caption hit or miss together,
+    so counting them as independent draws would make the bound too tight where captions repeat."""
+    if clusters is None:
+        clusters = torch.arange(len(hits))
+    ids, groups = torch.unique(clusters, return_inverse=True)
+    per_group = torch.zeros(len(ids), 2).index_add_(0, groups, torch.stack([hits, full_hits], 1).float())
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(hits), (BOOTSTRAP_RESAMPLES, len(hits)), generator=gen)
-    ratios = hits.float()[idx].mean(1) / full_hits.float()[idx].mean(1).clamp_min(1e-9)
+    idx = torch.randint(len(ids), (BOOTSTRAP_RESAMPLES, len(ids)), generator=gen)
+    drawn = per_group[idx].sum(dim=1)  # [resamples, 2]
+    ratios = drawn[:, 0] / drawn[:, 1].clamp_min(1e-9)
     return float(torch.quantile(ratios, 1 - confidence))
 
 
@@ -120,6 +133,7 @@ class PlanEvaluator:
         self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
         _, inverse = np.unique(np.asarray(keys), return_inverse=True)
         key_ids = torch.from_numpy(inverse)
+        self.key_ids = key_ids  # queries sharing a key (one caption) resample together in the bound
         self.hit = key_ids[None, :] == key_ids[:, None]  # [Q, N]
         self.seconds = np.array([m.seconds_per_image for m in measurements])
         self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
@@ -143,7 +157,7 @@ class PlanEvaluator:
         cosine = float(self.cos[torch.from_numpy(assign), torch.arange(len(assign))].mean())
         seconds, gflops = self.cost(assign, routes_in_plan)
         wanted = bound and self.confidence
-        lower = ratio_lower_bound(hits, self.full_hits, self.confidence) if wanted else None
+        lower = ratio_lower_bound(hits, self.full_hits, self.confidence, self.key_ids) if wanted else None
         return PlanQuality(cosine, float(hits.float().mean()), self.full_recall, seconds, gflops, lower)
 
 
