@@ -34,6 +34,7 @@ the tower is in training mode (the kept tokens would be random).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,9 @@ class _State:
     size: torch.Tensor  # [B, N, 1] patches each token stands for
     gflops: float
     cls_attention: torch.Tensor | None = None  # [B, N] from the last block, for pruning
+
+
+_Group = tuple[torch.Tensor, _State, bool]  # rows of the batch, their tokens, whether they take late_keep
 
 
 def _unsupported(model_name: str, feature: str) -> NotImplementedError:
@@ -288,7 +292,7 @@ class AdaptiveViT(nn.Module):
             done = depth
         return torch.stack(pooled, dim=1)
 
-    def _prune_groups(self, early: _State, route: RouteSpec):
+    def _prune_groups(self, early: _State, route: RouteSpec) -> Iterator[_Group]:
         """Per token budget: (rows, their pruned tokens, late flag) after `prune_after`."""
         budgets = self.token_budgets(early, route)
         n, c = early.x.shape[1], early.x.shape[2]
@@ -298,7 +302,7 @@ class AdaptiveViT(nn.Module):
             xg, sg = tok.prune_and_fuse(early.x[rows], early.size[rows], int(keep), early.cls_attention[rows])
             yield rows, _State(xg, sg, early.gflops + svd), True
 
-    def _split_groups(self, early: _State, route: RouteSpec):
+    def _split_groups(self, early: _State, route: RouteSpec) -> Iterator[_Group]:
         """(rows, tokens, late flag) for the images that switch to the late schedule and those that don't.
 
         An image switches when the late schedule's merges in block `late_after` would pair tokens at least
