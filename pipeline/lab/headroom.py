@@ -218,7 +218,8 @@ def headroom_markdown(report: dict[str, Any]) -> str:
             f"{p['t2i_R@10']:.4f} ({p['full_R@10']:.4f}) | {p['recall_ratio']:.4f} ({lower}) | "
             f"{p['mean_cosine']:.4f} | {share} |"
         )
-    for key, label in (("split_gain_over_static", "Best in-ViT split"), ("oracle_gain_over_static", "Oracle")):
+    gains = (("split_gain_over_static", "Best in-ViT split"), ("oracle_gain_over_static", "Oracle"))
+    for key, label in gains:
         gain = report.get(key)
         lines += ["", f"{label} over best static route: " + (f"{gain:.3f}x" if gain else "n/a")]
     lines.append("")
