@@ -7,8 +7,8 @@ Measures every catalogue route (each token path at each exit the heads serve, an
 split's scenes, timed against open_clip `encode_image` in alternating rounds; then, at the quality floor:
 the fastest single route treating every image alike, the fastest route whose images pick their own merge
 schedule inside the ViT (an in-ViT split), the per-image oracle (each image on the cheapest route keeping
-its cosine to full depth >= tau), and the router of --config (default: the embedded model's shipped one), each with its
-quality per complexity level. Writes <out>/headroom-<split>.json, .md and .png.
+its cosine to full depth >= tau), and the router of --config (default: the embedded model's shipped one),
+each with its quality per complexity level. Writes <out>/headroom-<split>.json, .md and .png.
 
 Report on `test`; choose on `calib` (pipeline/lab/scenes/splits.py).
 """
