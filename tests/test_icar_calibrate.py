@@ -113,7 +113,7 @@ def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
     assert cfg.model.name == "icar-tiny-vit" and cfg.model.pretrained is None and cfg.model.heads is None
     catalogue = {spec_key(r) for r in calibration_routes([8])}
     assert {spec_key(r) for r in cfg.router.routes} <= catalogue
-    assert len(report["routes"]) == len(catalogue) == 40
+    assert len(report["routes"]) == len(catalogue) == 2 * 30  # 30 token paths at exit 8 and full depth
     assert report["outputs"]["routes"] == str(out)
     assert report["sample"] == {
         "images": 24,
