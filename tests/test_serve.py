@@ -259,7 +259,9 @@ def test_search_page_in_headless_chromium(served, scene_shards, tmp_path):
         card = page.locator(f'.card[data-id="{wanted}"]')
         expect(card).to_be_visible()
         expect(page.locator(".card")).to_have_count(12)
-        assert card.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")  # thumbnail
+        thumbnail = card.locator("img")  # lazy: it loads once scrolled into view, and may take a moment
+        thumbnail.scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle())
         page.screenshot(path=str(shots / "search-page.png"))
 
         card.get_by_role("button", name="More like this").click()
