@@ -110,8 +110,8 @@ class RouteSpec(_Section):
 
         A front-loaded schedule (`merge_keep` with a floor) merges most where tokens are many and
         redundant and stops before the few last tokens collapse; on the embedded model it beats a constant
-        r by a wide margin at equal FLOPs. A late schedule merges gently while tokens are still raw
-        patches and harder once attention has mixed context into them (results/frontier.md).
+        r by a wide margin at equal FLOPs. A late schedule merges gently in the first blocks and harder
+        after them, which on the embedded model beats one fraction at equal GFLOPs (results/frontier.md).
         """
         if self.merge == "none":
             return 0
