@@ -93,6 +93,14 @@ def _cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
     return a @ b.transpose(-1, -2)
 
 
+def _best_bipartite_partners(metric: Tensor) -> tuple[Tensor, Tensor]:
+    """Each A (even-index) token's best B (odd-index) partner: `(cosine [B, Na], index into B [B, Na])`.
+    CLS (A token 0) scores -inf, so it is never chosen to merge."""
+    scores = _cosine_similarity(metric[:, ::2], metric[:, 1::2])  # [B, Na, Nb]
+    scores[:, 0, :] = -torch.inf  # protect CLS
+    return scores.max(dim=-1)
+
+
 def bipartite_soft_matching(metric: Tensor, r: int) -> MergePlan:
     """ToMe bipartite soft matching: merge the `r` even-index tokens most similar to an odd-index token.
 
@@ -105,9 +113,7 @@ def bipartite_soft_matching(metric: Tensor, r: int) -> MergePlan:
     r = min(r, (n - 1) // 2)
     if r <= 0:
         return MergePlan.identity(batch, n, metric.device)
-    scores = _cosine_similarity(metric[:, ::2], metric[:, 1::2])  # [B, Na, Nb]
-    scores[:, 0, :] = -torch.inf  # protect CLS
-    node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
+    node_max, node_idx = _best_bipartite_partners(metric)
     edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # top-r A tokens
     src = 2 * edge_idx
     dst = 2 * node_idx.gather(1, edge_idx) + 1
@@ -120,11 +126,8 @@ def match_similarity(metric: Tensor, r: int) -> Tensor:
 
     Same split and CLS rule as `bipartite_soft_matching`; `r` is clipped to the mergeable A tokens.
     """
-    n = metric.shape[1]
-    r = max(1, min(r, (n - 1) // 2))
-    scores = _cosine_similarity(metric[:, ::2], metric[:, 1::2])
-    scores[:, 0, :] = -torch.inf  # CLS never merges
-    return scores.max(dim=-1).values.topk(r, dim=-1).values[:, -1]
+    r = max(1, min(r, (metric.shape[1] - 1) // 2))
+    return _best_bipartite_partners(metric).values.topk(r, dim=-1).values[:, -1]
 
 
 def complete_graph_soft_matching(metric: Tensor, r: int) -> MergePlan:
