@@ -13,7 +13,13 @@ from pipeline.encode.routed import RoutedEncoder
 from pipeline.lab.catalogue import route, unique
 from pipeline.lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
 from pipeline.lab.heldout import load_heldout
-from pipeline.lab.router_search import PlanEvaluator, RouteMeasurement, ratio_lower_bound, search_router
+from pipeline.lab.router_search import (
+    NEW_SAMPLE_WIDTH,
+    PlanEvaluator,
+    RouteMeasurement,
+    ratio_lower_bound,
+    search_router,
+)
 from pipeline.lab.scenes.splits import TEST
 from pipeline.lab.targets import QualityFloor
 from pipeline.score import patch_redundancy
@@ -90,6 +96,28 @@ def test_ratio_lower_bound_is_paired_and_below_the_point_estimate():
     lower = ratio_lower_bound(hits, full_hits, 0.95)
     assert float(hits.float().mean()) == pytest.approx(0.95) and 0.9 < lower < 0.95
     assert ratio_lower_bound(hits, full_hits, 0.95, seed=1) == pytest.approx(lower, abs=0.01)
+
+
+def test_the_bound_holds_for_a_new_sample_of_the_same_size():
+    """A plan that loses 6% of full depth's hits and gains 30% of its misses, drawn twice: the bound on
+    the first sample must sit below the second sample's ratio about 95% of the time. A bound on this
+    sample's ratio alone (the spread unwidened) does not: the new sample's own noise comes on top."""
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        full = torch.rand(n, generator=gen) < 0.9
+        flip = torch.rand(n, generator=gen)
+        return torch.where(full, flip >= 0.06, flip < 0.3), full
+
+    held, unwidened, trials = 0, 0, 150
+    for seed in range(trials):
+        (hits, full), (new_hits, new_full) = draw(), draw()
+        point = float(hits.float().mean() / full.float().mean())
+        lower = ratio_lower_bound(hits, full, 0.95, seed=seed)
+        new_ratio = float(new_hits.float().mean() / new_full.float().mean())
+        held += new_ratio >= lower
+        unwidened += new_ratio >= point - (point - lower) / NEW_SAMPLE_WIDTH
+    assert held / trials >= 0.92 and unwidened / trials < 0.92
 
 
 def test_queries_sharing_a_caption_resample_together():

@@ -24,8 +24,9 @@ measures every catalogue route (each token path at each exit the heads serve, an
 writes a config with `model:` and `router:` sections; `icar index --config routes.yaml --input <shards>`
 indexes with it. Quality is text->image R@10 and mean cosine to full depth: images with identical
 captions count as the same target (a `scene_key` column, when every row has one, is used instead).
-The R@10 floor is judged by its bootstrap lower bound (--confidence), so the router keeps its quality on
-images it was not calibrated on. Scene shards of the reserved `test` split are refused.
+The R@10 floor is judged by a bootstrap lower bound on what a new sample of the same size would show
+(--confidence), so the router keeps its quality on images it was not calibrated on. Scene shards of the
+reserved `test` split are refused.
 """
 
 
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--confidence",
         type=float,
         default=QualityFloor.confidence,
-        help="judge the R@10 ratio by its bootstrap lower bound at this level (0: the point estimate)",
+        help="judge the R@10 ratio by its lower prediction bound at this level (0: the point estimate)",
     )
     p.add_argument(
         "--max-gflops", type=float, help="instead of a floor: the most faithful router within GFLOPs/image"

@@ -201,7 +201,7 @@ def headroom_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Split `{report['split']}`, {report['images']} scenes; target: mean cosine to full depth >= "
         f"{report['target']['min_cosine']}, t->i R@10 >= {report['target']['min_recall_ratio']} x full "
-        f"(R@10 ratio lower bound at {report['target']['confidence']:.0%} confidence shown beside it).",
+        f"(the R@10 ratio's lower prediction bound at {report['target']['confidence']:.0%} shown beside it).",
         "",
         "| plan | speedup vs encode_image | ms/img | t2i R@10 (full) | ratio (lower bound) | mean cos "
         "| share |",

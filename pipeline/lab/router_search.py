@@ -21,7 +21,8 @@ from pipeline.lab.targets import QualityFloor, Target
 from pipeline.route import assign_routes
 
 K = 10  # quality is text->image R@K
-BOOTSTRAP_RESAMPLES = 400  # resamples of the queries for the R@10 ratio's lower confidence bound
+BOOTSTRAP_RESAMPLES = 400  # resamples of the queries for the R@10 ratio's lower bound
+NEW_SAMPLE_WIDTH = 2**0.5  # a new sample's ratio differs from this one's by both samples' noise
 
 
 @dataclass
@@ -44,7 +45,9 @@ class PlanQuality:
     full_recall_at_10: float
     seconds_per_image: float  # the scorer's CPU time included for multi-route plans
     gflops_per_image: float
-    recall_ratio_lower: float | None = None  # bootstrap lower bound of recall_ratio (QualityFloor.confidence)
+    recall_ratio_lower: float | None = (
+        None  # lower prediction bound of recall_ratio (QualityFloor.confidence)
+    )
 
     @property
     def recall_ratio(self) -> float:
@@ -98,12 +101,17 @@ def ratio_lower_bound(
     clusters: torch.Tensor | None = None,
     seed: int = 0,
 ) -> float:
-    """One-sided lower confidence bound of mean(hits) / mean(full_hits), paired bootstrap over queries.
+    """One-sided lower prediction bound of mean(hits) / mean(full_hits): the ratio a new sample of the
+    same size would still show, at `confidence`.
 
-    Paired: each resample takes the same queries for both, so the bound reflects how much the plan's
-    misses (not the queries' difficulty) could move on a new sample of the same size. `clusters` ([Q]
-    ids, e.g. scene keys) resamples whole groups instead: queries sharing a caption hit or miss together,
-    so counting them as independent draws would make the bound too tight where captions repeat."""
+    Paired bootstrap over queries: each resample takes the same queries for both, so the spread reflects
+    how much the plan's misses (not the queries' difficulty) move between samples. That spread bounds this
+    sample's ratio; a new sample (the test split, a user's data) adds its own noise of the same size, so
+    the bound sits sqrt(2) times the spread below the point estimate. Split calib-bimodal in halves by
+    scene key (30 splits x 22 routes): the other half's ratio fell below the plain 95% confidence bound
+    in 12% of cases, below this bound in 6% (issue 10).
+    `clusters` ([Q] ids, e.g. scene keys) resamples whole groups: queries sharing a caption hit or miss
+    together, so counting them as independent draws would make the bound too tight where captions repeat."""
     if clusters is None:
         clusters = torch.arange(len(hits))
     ids, groups = torch.unique(clusters, return_inverse=True)
@@ -112,7 +120,9 @@ def ratio_lower_bound(
     idx = torch.randint(len(ids), (BOOTSTRAP_RESAMPLES, len(ids)), generator=gen)
     drawn = per_group[idx].sum(dim=1)  # [resamples, 2]
     ratios = drawn[:, 0] / drawn[:, 1].clamp_min(1e-9)
-    return float(torch.quantile(ratios, 1 - confidence))
+    total = per_group.sum(dim=0)
+    point = float(total[0] / total[1].clamp_min(1e-9))
+    return point - NEW_SAMPLE_WIDTH * (point - float(torch.quantile(ratios, 1 - confidence)))
 
 
 class PlanEvaluator:
