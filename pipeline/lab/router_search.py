@@ -45,9 +45,7 @@ class PlanQuality:
     full_recall_at_10: float
     seconds_per_image: float  # the scorer's CPU time included for multi-route plans
     gflops_per_image: float
-    recall_ratio_lower: float | None = (
-        None  # lower prediction bound of recall_ratio (QualityFloor.confidence)
-    )
+    recall_ratio_lower: float | None = None  # lower prediction bound (QualityFloor.confidence)
 
     @property
     def recall_ratio(self) -> float:
