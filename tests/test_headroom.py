@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.config import RouteSpec, load_config
 from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.bound_coverage import bound_coverage, halves_by_key
 from pipeline.lab.catalogue import route, unique
 from pipeline.lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
 from pipeline.lab.heldout import load_heldout
@@ -173,3 +174,23 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     for plan in report["plans"].values():
         assert plan is None or sum(level["images"] for level in plan["per_level"].values()) == 24
     assert "| router |" in headroom_markdown(report)
+
+
+def test_bound_coverage_halves_by_key_and_counts_every_split_and_route():
+    keys = [f"caption{i // 3}" for i in range(60)]  # 20 captions, 3 scenes each
+    first, second = halves_by_key(keys, seed=0)
+    assert sorted([*first, *second]) == list(range(60))
+    assert not {keys[i] for i in first} & {keys[i] for i in second} and len(first) == 30
+    gen = torch.Generator().manual_seed(0)
+    full = F.normalize(torch.randn(60, 16, generator=gen), dim=-1)
+    noisy = F.normalize(full + 0.8 * torch.randn(60, 16, generator=gen), dim=-1)
+    ones = np.ones(60, np.float32)
+    exact = RouteMeasurement(RouteSpec(name="exact", merge="tome", merge_r=1), full.clone(), ones, 0.0)
+    lossy = RouteMeasurement(RouteSpec(name="lossy", merge="tome", merge_r=2), noisy, ones, 0.0)
+    report = bound_coverage([exact, lossy], full, full, keys, splits=4)
+    assert report["pairs"] == 8 and [p["route"] for p in report["per_pair"][:2]] == ["exact", "lossy"]
+    exact_pairs = [p for p in report["per_pair"] if p["route"] == "exact"]
+    assert all(p["point"] == p["prediction"] == p["new"] == 1.0 for p in exact_pairs)
+    lossy_pairs = [p for p in report["per_pair"] if p["route"] == "lossy"]
+    assert all(p["prediction"] <= p["confidence"] <= p["point"] for p in lossy_pairs)
+    assert any(p["new"] < 1.0 for p in lossy_pairs)

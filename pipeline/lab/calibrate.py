@@ -48,6 +48,19 @@ class CalibrationSettings:
     test_fraction: float = 0.5
 
 
+def embed_routes(
+    encoder: RoutedEncoder, images: np.ndarray, batch_size: int = 64
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Every image on every route of `encoder`: per route, the embeddings [N, D] and GFLOPs [N]."""
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    embedded = []
+    for i in range(len(encoder.routes)):
+        out = [encoder.encode(b, np.full(len(b), i, np.int32)) for b in batches]
+        vectors = torch.from_numpy(np.concatenate([o.vectors for o in out]))
+        embedded.append((vectors, np.concatenate([o.gflops for o in out])))
+    return embedded
+
+
 def measure_routes(
     encoder: RoutedEncoder,
     model_name: str,
@@ -61,12 +74,7 @@ def measure_routes(
     keys = [spec_key(r) for r in encoder.routes]
     if FULL_KEY not in keys:
         raise ValueError("calibration needs the plain full-depth route among the candidates (the reference)")
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    embedded = []
-    for i in range(len(encoder.routes)):
-        out = [encoder.encode(b, np.full(len(b), i, np.int32)) for b in batches]
-        vectors = torch.from_numpy(np.concatenate([o.vectors for o in out]))
-        embedded.append((vectors, np.concatenate([o.gflops for o in out])))
+    embedded = embed_routes(encoder, images, batch_size)
     timed = images[: max(1, min(timing_images, len(images)))]
     case = EncoderCase(
         model_name=model_name,
