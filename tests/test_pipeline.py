@@ -15,6 +15,7 @@ import torch
 from conftest import index_config, input_ids, lance_table
 
 from pipeline.decode import decode_image
+from pipeline.encode.actor import route_batches
 from pipeline.encode.model import load_model, normalize_uint8
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.job import run_index
@@ -94,6 +95,14 @@ def test_routed_job_gives_each_row_its_route_and_that_routes_embedding(indexed, 
     expected = encoder.encode(pixels, route_ids).vectors
     written = np.stack([np.asarray(rows[i]["vector"], np.float32) for i in ids])
     np.testing.assert_allclose(written, expected, atol=1e-5)
+
+
+def test_encoder_batches_hold_one_route_each_and_split_evenly():
+    routes = np.array([0] * 70 + [1] * 30 + [2] * 128 + [0] * 3)
+    batches = [(s.start, s.stop) for s in route_batches(routes, 64)]
+    assert batches == [(0, 35), (35, 70), (70, 100), (100, 164), (164, 228), (228, 231)]
+    assert all(len(set(routes[a:b])) == 1 for a, b in batches)
+    assert list(route_batches(np.array([], np.int32), 64)) == []
 
 
 def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
