@@ -6,7 +6,8 @@
 Embeds the split's scenes on every catalogue route at full depth (or at --exits) with the embedded
 model, then halves the set by scene key --splits times (pipeline/lab/bound_coverage.py). Prints the
 share of (split, route) pairs whose other-half ratio stays at or above the bound, for the prediction
-bound calibration uses and for the plain confidence bound, and writes <out>/bound-coverage-<split>.json.
+bound calibration uses and for the plain confidence bound, and each route's ratio and bound on the whole
+sample (what calibration would judge it by), and writes <out>/bound-coverage-<split>.json.
 Quality only: nothing is timed.
 """
 
@@ -62,6 +63,9 @@ def main() -> None:
     report |= {"split": args.split, "images": len(heldout), "args": vars(args)}
     out = output_path(Path(args.out) / f"bound-coverage-{args.split}.json")
     out.write_text(json.dumps(report, indent=2))
+    for route in report["whole_sample"]:
+        ratio, bound = route["ratio"], route["prediction"]
+        print(f"  {route['route']:42s} R@10 ratio {ratio:.4f}, prediction bound {bound:.4f}")
     print(
         f"{args.split}, {len(heldout)} scenes, {report['pairs']} (split, route) pairs: the other half's "
         f"R@10 ratio >= the {report['confidence']:.0%} prediction bound in "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from pipeline.lab.targets import QualityFloor, Target
 from pipeline.route import assign_routes
 
 K = 10  # quality is text->image R@K
-BOOTSTRAP_RESAMPLES = 400  # resamples of the queries for the R@10 ratio's lower bound
+HALVINGS = 200  # random halvings of the sample for the R@10 ratio's lower bound
+ABOVE = 48  # distractors tracked above a query's best hit (in a half, one with more never reaches the top K)
 NEW_SAMPLE_WIDTH = 2**0.5  # a new sample's ratio differs from this one's by both samples' noise
 
 
@@ -92,36 +94,71 @@ class RouterPlan:
         }
 
 
-def ratio_lower_bound(
-    hits: torch.Tensor,
-    full_hits: torch.Tensor,
-    confidence: float,
-    clusters: torch.Tensor | None = None,
-    seed: int = 0,
-) -> float:
-    """One-sided lower prediction bound of mean(hits) / mean(full_hits): the ratio a new sample of the
-    same size would still show, at `confidence`.
+@dataclass(frozen=True)
+class Ranking:
+    """Each text query's rank evidence: the gallery clusters of the distractors ranked above its best
+    hit. Enough to recount R@K within any part of the gallery, since a query's hits all lie in its own
+    cluster and so come and go with the query itself."""
 
-    Paired bootstrap over queries: each resample takes the same queries for both, so the spread reflects
-    how much the plan's misses (not the queries' difficulty) move between samples. That spread bounds this
-    sample's ratio; a new sample (the test split, a user's data) adds its own noise of the same size, so
-    the bound sits sqrt(2) times the spread below the point estimate. Checked out of sample by
-    jobs/bound_coverage.py (calib-bimodal halved by scene key 30 times, 29 routes): the other half's
-    ratio stayed at or above this 95% bound in 90% of cases, above the unwidened bound in 82%. Still
-    short of 95%: the bootstrap keeps the gallery fixed, and a new gallery brings distractors of its own.
-    `clusters` ([Q] ids, e.g. scene keys) resamples whole groups: queries sharing a caption hit or miss
-    together, so counting them as independent draws would make the bound too tight where captions repeat."""
-    if clusters is None:
-        clusters = torch.arange(len(hits))
-    ids, groups = torch.unique(clusters, return_inverse=True)
-    per_group = torch.zeros(len(ids), 2).index_add_(0, groups, torch.stack([hits, full_hits], 1).float())
+    above: torch.Tensor  # [Q, ABOVE] cluster of each distractor above the best hit, -1 past them
+    lost: torch.Tensor  # [Q] bool: no hit among the ABOVE best-ranked images (a miss in any half too)
+
+    @classmethod
+    def of(cls, sims: torch.Tensor, hit: torch.Tensor, gallery_clusters: torch.Tensor) -> Ranking:
+        """From [Q, N] similarities and the [Q, N] hit mask."""
+        order = sims.topk(min(ABOVE, sims.shape[1]), dim=1).indices
+        is_hit = hit.gather(1, order)
+        first = torch.where(is_hit.any(1), is_hit.int().argmax(1), order.shape[1])
+        before = torch.arange(order.shape[1])[None, :] < first[:, None]
+        above = torch.where(before, gallery_clusters[order], -1)
+        return cls(above, ~is_hit.any(1))
+
+    @property
+    def hits(self) -> torch.Tensor:
+        """[Q] bool: a hit in the top K (fewer than K distractors above the best hit)."""
+        return ~self.lost & ((self.above >= 0).sum(1) < K)
+
+    def hits_within(self, galleries: torch.Tensor) -> torch.Tensor:
+        """[G, Q] bool: the same when the gallery holds only the clusters c with galleries[g, c] = 1 (a
+        last column of zeros stands for the padding)."""
+        present = galleries[:, self.above.reshape(-1)].reshape(len(galleries), *self.above.shape)
+        return ~self.lost & (present.sum(-1) < K)
+
+
+def cluster_halvings(clusters: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[2 * HALVINGS, C + 1] 0/1: rows 2h and 2h + 1 are the two halves of the h-th random halving of the
+    C clusters; the last column (always 0) is where a Ranking's padding points."""
+    n = int(clusters.max()) + 1
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(ids), (BOOTSTRAP_RESAMPLES, len(ids)), generator=gen)
-    drawn = per_group[idx].sum(dim=1)  # [resamples, 2]
-    ratios = drawn[:, 0] / drawn[:, 1].clamp_min(1e-9)
-    total = per_group.sum(dim=0)
-    point = float(total[0] / total[1].clamp_min(1e-9))
-    return point - NEW_SAMPLE_WIDTH * (point - float(torch.quantile(ratios, 1 - confidence)))
+    first = torch.rand(HALVINGS, n, generator=gen).argsort(1) < n // 2  # a random n // 2 of them
+    halves = torch.stack([first, ~first], 1).reshape(2 * HALVINGS, n).float()
+    return torch.cat([halves, torch.zeros(2 * HALVINGS, 1)], 1)
+
+
+def hits_per_half(ranking: Ranking, clusters: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+    """[2 * HALVINGS] hits counted within each half: its own queries against its own gallery."""
+    return torch.cat([(chunk[:, clusters] * ranking.hits_within(chunk)).sum(1) for chunk in halves.split(50)])
+
+
+def ratio_lower_bound(
+    routed: Ranking, full: Ranking, routed_halves: torch.Tensor, full_halves: torch.Tensor, confidence: float
+) -> float:
+    """One-sided lower prediction bound of the routed R@K / full-depth R@K: the ratio a new sample of
+    the same size would still show, at `confidence`.
+
+    Half-sampling: the sample's caption clusters are halved at random HALVINGS times, and each half is
+    scored on its own, its queries against its own gallery (`*_halves`: `hits_per_half` of each
+    ranking). The difference between two halves' ratios is what two independent samples of half the
+    size show, queries and distractors both new; its spread, scaled to the whole sample's size (variance
+    inversely proportional to size), gives the bound on this sample's ratio, and a new sample's own noise
+    (NEW_SAMPLE_WIDTH) widens it. Queries sharing a caption stay together, since they hit or miss
+    together. A bootstrap that resamples only the queries missed a new gallery's distractors (its 95%
+    bound held in 90% of out-of-sample checks); one that also resamples the gallery overstated the spread
+    of good routes about twofold. Checked out of sample by jobs/bound_coverage.py."""
+    ratios = (routed_halves / full_halves.clamp_min(1e-9)).reshape(-1, 2)
+    spread = float((ratios[:, 0] - ratios[:, 1]).std()) / 2  # sd of the whole sample's ratio
+    point = float(routed.hits.float().sum() / full.hits.float().sum().clamp_min(1e-9))
+    return point - NEW_SAMPLE_WIDTH * NormalDist().inv_cdf(confidence) * spread
 
 
 class PlanEvaluator:
@@ -142,18 +179,25 @@ class PlanEvaluator:
         self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
         _, inverse = np.unique(np.asarray(keys), return_inverse=True)
         key_ids = torch.from_numpy(inverse)
-        self.key_ids = key_ids  # queries sharing a key (one caption) resample together in the bound
+        self.key_ids = key_ids  # one cluster per key (caption): the bound resamples them whole
         self.hit = key_ids[None, :] == key_ids[:, None]  # [Q, N]
         self.seconds = np.array([m.seconds_per_image for m in measurements])
         self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
-        self.full_hits = self.hit.gather(1, (text @ full.T).topk(K, dim=1).indices).any(dim=1)  # [Q]
+        self.full_ranking = Ranking.of(text @ full.T, self.hit, key_ids)
+        self.full_hits = self.full_ranking.hits  # [Q]
         self.full_recall = float(self.full_hits.float().mean())
+        self.halves = cluster_halvings(key_ids) if confidence else None  # the same for every plan
+        self.full_halves = hits_per_half(self.full_ranking, key_ids, self.halves) if confidence else None
+
+    def ranking(self, assign: np.ndarray) -> Ranking:
+        """Every text query's ranking when image j is embedded by route assign[j]."""
+        idx = torch.from_numpy(assign)
+        sims = self.sims[idx, :, torch.arange(len(assign))].T  # [Q, N]: column j from image j's route
+        return Ranking.of(sims, self.hit, self.key_ids)
 
     def hits(self, assign: np.ndarray) -> torch.Tensor:
         """[Q] bool: text query q finds a same-key image in its top K when image j is on route assign[j]."""
-        idx = torch.from_numpy(assign)
-        sims = self.sims[idx, :, torch.arange(len(assign))].T  # [Q, N]: column j from image j's route
-        return self.hit.gather(1, sims.topk(K, dim=1).indices).any(dim=1)
+        return self.ranking(assign).hits
 
     def cost(self, assign: np.ndarray, routes_in_plan: int) -> tuple[float, float]:
         seconds = float(self.seconds[assign].mean()) + (self.router_seconds if routes_in_plan > 1 else 0.0)
@@ -162,11 +206,14 @@ class PlanEvaluator:
 
     def measure(self, assign: np.ndarray, routes_in_plan: int, bound: bool = True) -> PlanQuality:
         """Quality and cost; with `bound` (and a confidence level) also the R@10 ratio's lower bound."""
-        hits = self.hits(assign)
+        ranking = self.ranking(assign)
+        hits = ranking.hits
         cosine = float(self.cos[torch.from_numpy(assign), torch.arange(len(assign))].mean())
         seconds, gflops = self.cost(assign, routes_in_plan)
-        wanted = bound and self.confidence
-        lower = ratio_lower_bound(hits, self.full_hits, self.confidence, self.key_ids) if wanted else None
+        lower = None
+        if bound and self.confidence:
+            halves = hits_per_half(ranking, self.key_ids, self.halves)
+            lower = ratio_lower_bound(ranking, self.full_ranking, halves, self.full_halves, self.confidence)
         return PlanQuality(cosine, float(hits.float().mean()), self.full_recall, seconds, gflops, lower)
 
 
