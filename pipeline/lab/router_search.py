@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from pipeline.lab.targets import QualityFloor, Target
 from pipeline.route import assign_routes
 
 K = 10  # quality is text->image R@K
-HALVINGS = 200  # random halvings of the sample for the R@10 ratio's lower bound
+BOOTSTRAP_RESAMPLES = 400  # resamples of the caption clusters for the R@10 ratio's lower bound
 ABOVE = 48  # distractors tracked above a query's best hit (in a half, one with more never reaches the top K)
 NEW_SAMPLE_WIDTH = 2**0.5  # a new sample's ratio differs from this one's by both samples' noise
 
@@ -125,40 +124,30 @@ class Ranking:
         return ~self.lost & (present.sum(-1) < K)
 
 
-def cluster_halvings(clusters: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """[2 * HALVINGS, C + 1] 0/1: rows 2h and 2h + 1 are the two halves of the h-th random halving of the
-    C clusters; the last column (always 0) is where a Ranking's padding points."""
+def cluster_resamples(clusters: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[BOOTSTRAP_RESAMPLES, C + 1] times each of the C clusters is drawn when C are drawn with
+    replacement; the last column (always 0) is where a Ranking's padding points."""
     n = int(clusters.max()) + 1
     gen = torch.Generator().manual_seed(seed)
-    first = torch.rand(HALVINGS, n, generator=gen).argsort(1) < n // 2  # a random n // 2 of them
-    halves = torch.stack([first, ~first], 1).reshape(2 * HALVINGS, n).float()
-    return torch.cat([halves, torch.zeros(2 * HALVINGS, 1)], 1)
+    idx = torch.randint(n, (BOOTSTRAP_RESAMPLES, n), generator=gen)
+    return torch.zeros(BOOTSTRAP_RESAMPLES, n + 1).scatter_add_(1, idx, torch.ones(idx.shape))
 
 
-def hits_per_half(ranking: Ranking, clusters: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
-    """[2 * HALVINGS] hits counted within each half: its own queries against its own gallery."""
-    return torch.cat([(chunk[:, clusters] * ranking.hits_within(chunk)).sum(1) for chunk in halves.split(50)])
+def hits_per_draw(ranking: Ranking, clusters: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """[BOOTSTRAP_RESAMPLES] hits per resample: each query and gallery image counted as often as its
+    cluster is drawn."""
+    return torch.cat([(chunk[:, clusters] * ranking.hits_within(chunk)).sum(1) for chunk in draws.split(50)])
 
 
 def ratio_lower_bound(
-    routed: Ranking, full: Ranking, routed_halves: torch.Tensor, full_halves: torch.Tensor, confidence: float
+    routed: Ranking, full: Ranking, routed_draws: torch.Tensor, full_draws: torch.Tensor, confidence: float
 ) -> float:
-    """One-sided lower prediction bound of the routed R@K / full-depth R@K: the ratio a new sample of
-    the same size would still show, at `confidence`.
-
-    Half-sampling: the sample's caption clusters are halved at random HALVINGS times, and each half is
-    scored on its own, its queries against its own gallery (`*_halves`: `hits_per_half` of each
-    ranking). The difference between two halves' ratios is what two independent samples of half the
-    size show, queries and distractors both new; its spread, scaled to the whole sample's size (variance
-    inversely proportional to size), gives the bound on this sample's ratio, and a new sample's own noise
-    (NEW_SAMPLE_WIDTH) widens it. Queries sharing a caption stay together, since they hit or miss
-    together. A bootstrap that resamples only the queries missed a new gallery's distractors (its 95%
-    bound held in 90% of out-of-sample checks); one that also resamples the gallery overstated the spread
-    of good routes about twofold. Checked out of sample by jobs/bound_coverage.py."""
-    ratios = (routed_halves / full_halves.clamp_min(1e-9)).reshape(-1, 2)
-    spread = float((ratios[:, 0] - ratios[:, 1]).std()) / 2  # sd of the whole sample's ratio
+    """One-sided lower prediction bound of the routed R@K / full-depth R@K at `confidence`: paired
+    bootstrap over caption clusters, queries and gallery images drawn together, the spread widened by
+    NEW_SAMPLE_WIDTH for a new sample's own noise."""
+    ratios = routed_draws / full_draws.clamp_min(1e-9)
     point = float(routed.hits.float().sum() / full.hits.float().sum().clamp_min(1e-9))
-    return point - NEW_SAMPLE_WIDTH * NormalDist().inv_cdf(confidence) * spread
+    return point - NEW_SAMPLE_WIDTH * (point - float(torch.quantile(ratios, 1 - confidence)))
 
 
 class PlanEvaluator:
@@ -186,8 +175,8 @@ class PlanEvaluator:
         self.full_ranking = Ranking.of(text @ full.T, self.hit, key_ids)
         self.full_hits = self.full_ranking.hits  # [Q]
         self.full_recall = float(self.full_hits.float().mean())
-        self.halves = cluster_halvings(key_ids) if confidence else None  # the same for every plan
-        self.full_halves = hits_per_half(self.full_ranking, key_ids, self.halves) if confidence else None
+        self.draws = cluster_resamples(key_ids) if confidence else None  # the same for every plan
+        self.full_draws = hits_per_draw(self.full_ranking, key_ids, self.draws) if confidence else None
 
     def ranking(self, assign: np.ndarray) -> Ranking:
         """Every text query's ranking when image j is embedded by route assign[j]."""
@@ -212,8 +201,8 @@ class PlanEvaluator:
         seconds, gflops = self.cost(assign, routes_in_plan)
         lower = None
         if bound and self.confidence:
-            halves = hits_per_half(ranking, self.key_ids, self.halves)
-            lower = ratio_lower_bound(ranking, self.full_ranking, halves, self.full_halves, self.confidence)
+            draws = hits_per_draw(ranking, self.key_ids, self.draws)
+            lower = ratio_lower_bound(ranking, self.full_ranking, draws, self.full_draws, self.confidence)
         return PlanQuality(cosine, float(hits.float().mean()), self.full_recall, seconds, gflops, lower)
 
 
