@@ -2,6 +2,7 @@
 
     python jobs/bound_coverage.py --split calib-bimodal --images 2000
     python jobs/bound_coverage.py --split calib --images 2000
+    python jobs/bound_coverage.py --split test-bimodal --images 2000     # and --split test
 
 Embeds the split's scenes on every catalogue route at full depth (or at --exits) with the embedded
 model, then halves the set by scene key --splits times (pipeline/lab/bound_coverage.py). Prints the
@@ -35,7 +36,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--split", default="calib-bimodal", help="scene stream (a calib one: this chooses)")
+    parser.add_argument(
+        "--split",
+        default="calib-bimodal",
+        help="scene stream; on a test stream it checks the bound where nothing was designed or chosen",
+    )
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--exits", type=int, nargs="*", default=[], help="exit depths (default: none)")
     parser.add_argument("--splits", type=int, default=30, help="random halvings by scene key")

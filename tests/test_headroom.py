@@ -15,14 +15,9 @@ from pipeline.lab.catalogue import route, unique
 from pipeline.lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
 from pipeline.lab.heldout import load_heldout
 from pipeline.lab.router_search import (
-    ABOVE,
     NEW_SAMPLE_WIDTH,
-    K,
     PlanEvaluator,
-    Ranking,
     RouteMeasurement,
-    cluster_halvings,
-    hits_per_half,
     ratio_lower_bound,
     search_router,
 )
@@ -94,54 +89,14 @@ def test_a_plan_that_only_just_meets_the_floor_is_refused_at_a_confidence_level(
     assert [r.name for r in robust.routes] == ["full"] and robust.quality.recall_ratio_lower == 1.0
 
 
-def _ranking(hits: torch.Tensor) -> Ranking:
-    """Rankings with nothing ranked above a hit and every miss out of reach: only which queries a half
-    holds matters, not its gallery."""
-    return Ranking(torch.full((len(hits), ABOVE), -1), ~hits)
-
-
-def _bound(hits: torch.Tensor, full: torch.Tensor, clusters: torch.Tensor, seed: int = 0) -> float:
-    """ratio_lower_bound at 95% of gallery-free rankings, halved as calibration halves them."""
-    halves = cluster_halvings(clusters, seed)
-    routed, reference = _ranking(hits), _ranking(full)
-    routed_halves, full_halves = (hits_per_half(r, clusters, halves) for r in (routed, reference))
-    return ratio_lower_bound(routed, reference, routed_halves, full_halves, 0.95)
-
-
-def test_ranking_counts_the_distractors_above_the_best_hit():
-    gen = torch.Generator().manual_seed(0)
-    sims = torch.randn(300, 400, generator=gen)
-    clusters = torch.arange(400) // 2  # two images per cluster
-    hit = (torch.arange(300) // 2)[:, None] == clusters[None, :]
-    ranking = Ranking.of(sims, hit, clusters)
-    assert torch.equal(ranking.hits, hit.gather(1, sims.topk(K, dim=1).indices).any(1))
-    assert 0 < ranking.hits.float().mean() < 1  # random sims: some hits, some misses
-    everything = torch.ones(1, 201)
-    everything[0, -1] = 0  # the padding column
-    assert torch.equal(ranking.hits_within(everything)[0], ranking.hits)
-
-
-def test_each_half_is_scored_against_its_own_gallery():
-    """A query missed only because ten images of one other cluster outrank its hit: a half without that
-    cluster finds it, a half with it does not; a query outside a half counts for nothing there."""
-    above = torch.full((3, ABOVE), -1)
-    above[0, :10] = 2  # query 0 (cluster 0) is outranked by ten images of cluster 2
-    ranking = Ranking(above, torch.zeros(3, dtype=torch.bool))
-    clusters = torch.arange(3)
-    halves = torch.tensor([[1.0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0]])  # last column: the padding
-    assert ranking.hits.tolist() == [False, True, True]
-    assert hits_per_half(ranking, clusters, halves).tolist() == [2.0, 1.0, 2.0]
-
-
 def test_ratio_lower_bound_is_paired_and_below_the_point_estimate():
     full_hits = torch.ones(200, dtype=torch.bool)
-    queries = torch.arange(200)
-    assert _bound(full_hits, full_hits, queries) == 1.0
+    assert ratio_lower_bound(full_hits, full_hits, 0.95) == 1.0
     hits = full_hits.clone()
     hits[:10] = False  # 5% of the queries lost
-    lower = _bound(hits, full_hits, queries)
+    lower = ratio_lower_bound(hits, full_hits, 0.95)
     assert float(hits.float().mean()) == pytest.approx(0.95) and 0.9 < lower < 0.95
-    assert _bound(hits, full_hits, queries, seed=1) == pytest.approx(lower, abs=0.01)
+    assert ratio_lower_bound(hits, full_hits, 0.95, seed=1) == pytest.approx(lower, abs=0.01)
 
 
 def test_the_bound_holds_for_a_new_sample_of_the_same_size():
@@ -159,20 +114,23 @@ def test_the_bound_holds_for_a_new_sample_of_the_same_size():
     for seed in range(trials):
         (hits, full), (new_hits, new_full) = draw(), draw()
         point = float(hits.float().mean() / full.float().mean())
-        lower = _bound(hits, full, torch.arange(1000), seed)
+        lower = ratio_lower_bound(hits, full, 0.95, seed=seed)
         new_ratio = float(new_hits.float().mean() / new_full.float().mean())
         held += new_ratio >= lower
         unwidened += new_ratio >= point - (point - lower) / NEW_SAMPLE_WIDTH
     assert held / trials >= 0.92 and unwidened / trials < 0.92
 
 
-def test_queries_sharing_a_caption_are_halved_together():
+def test_queries_sharing_a_caption_resample_together():
     """20 captions asked 10 times each, two of them missed: 20 queries lost, but only 2 draws' worth of
     evidence. Treating the queries as independent would claim a bound the data cannot support."""
-    full, hits = torch.ones(200, dtype=torch.bool), torch.arange(200) >= 20  # captions 0 and 1 miss
-    independent = _bound(hits, full, torch.arange(200))
-    clustered = _bound(hits, full, torch.arange(200) // 10)
+    full_hits = torch.ones(200, dtype=torch.bool)
+    captions = torch.arange(200) // 10
+    hits = captions >= 2  # every ask of captions 0 and 1 misses
+    independent = ratio_lower_bound(hits, full_hits, 0.95)
+    clustered = ratio_lower_bound(hits, full_hits, 0.95, clusters=captions)
     assert clustered < independent - 0.05 and 0.8 < independent < 0.9
+    assert ratio_lower_bound(hits, full_hits, 0.95, clusters=torch.arange(200)) == independent
 
 
 def test_patch_redundancy_counts_alike_flat_patches():
@@ -236,3 +194,6 @@ def test_bound_coverage_halves_by_key_and_counts_every_split_and_route():
     lossy_pairs = [p for p in report["per_pair"] if p["route"] == "lossy"]
     assert all(p["prediction"] <= p["confidence"] <= p["point"] for p in lossy_pairs)
     assert any(p["new"] < 1.0 for p in lossy_pairs)
+    whole = {w["route"]: w for w in report["whole_sample"]}
+    assert whole["exact"]["ratio"] == whole["exact"]["prediction"] == 1.0
+    assert whole["lossy"]["prediction"] < whole["lossy"]["ratio"] < 1.0

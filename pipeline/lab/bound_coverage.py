@@ -1,11 +1,10 @@
 """Does the quality floor's R@10 bound hold on scenes it was not computed on?
 
 Split a sample in two halves by scene key (queries sharing a caption stay on one side), compute each
-route's lower bound on one half exactly as calibration does (`ratio_lower_bound`, which halves that
-half again), and its R@10 ratio on the other half, a new sample of the same size. Over many splits, the
-share of (split, route) pairs whose other-half ratio stays at or above the bound is the bound's
-coverage; at 95% it should be about 0.95. The plain confidence bound (the spread not widened for the new
-sample's own noise) is reported beside it.
+route's lower bound on one half exactly as calibration does (`ratio_lower_bound`), and its R@10 ratio
+on the other half, a new sample of the same size. Over many splits, the share of (split, route) pairs
+whose other-half ratio stays at or above the bound is the bound's coverage; at 95% it should be about
+0.95. The plain confidence bound (the bootstrap spread not widened) is reported beside it.
 """
 
 from __future__ import annotations

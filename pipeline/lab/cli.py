@@ -24,9 +24,9 @@ measures every catalogue route (each token path at each exit the heads serve, an
 writes a config with `model:` and `router:` sections; `icar index --config routes.yaml --input <shards>`
 indexes with it. Quality is text->image R@10 and mean cosine to full depth: images with identical
 captions count as the same target (a `scene_key` column, when every row has one, is used instead).
-The R@10 floor is judged by a lower bound, from random halves of the sample, on what a new sample of
-the same size would show (--confidence), so the router keeps its quality on images it was not
-calibrated on. Scene shards of the reserved `test` split are refused.
+The R@10 floor is judged by a bootstrap lower bound on what a new sample of the same size would show
+(--confidence), so the router keeps its quality on images it was not calibrated on. Scene shards of the
+reserved `test` split are refused.
 """
 
 

@@ -14,11 +14,10 @@ class QualityFloor:
 
     min_cosine: float = 0.985  # mean cosine of routed embeddings to full-depth ones
     min_recall_ratio: float = 0.99  # routed text->image R@10 / full-depth R@10
-    # R@10 ratio judged by its one-sided lower prediction bound (the spread between random halves of the
-    # sample, each scored against its own gallery, scaled to the sample's size and widened for a new
-    # sample's own noise: router_search.ratio_lower_bound), so a plan that only just passes on the
-    # calibration sample is not chosen: on fresh scenes the point estimate of such a plan fell below the
-    # floor (issue 10). 0 = the point estimate.
+    # R@10 ratio judged by its one-sided lower prediction bound (paired bootstrap over the sample's
+    # captions, widened for a new sample's own noise: router_search.ratio_lower_bound), so a plan that only
+    # just passes on the calibration sample is not chosen: on fresh scenes the point estimate of such a
+    # plan fell below the floor (issue 10). 0 = the point estimate.
     confidence: float = 0.95
 
     def admits(self, cosine: float, recall_ratio: float, gflops: float) -> bool:
