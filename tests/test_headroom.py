@@ -133,6 +133,27 @@ def test_queries_sharing_a_caption_resample_together():
     assert ratio_lower_bound(hits, full_hits, 0.95, clusters=torch.arange(200)) == independent
 
 
+def test_repeated_captions_are_ranked_once_and_counted_for_every_copy():
+    """Each query's hit equals a brute-force top-10 over its own row, although only the distinct
+    (caption, key) queries are ranked; two different captions under one key stay apart."""
+    g = torch.Generator().manual_seed(1)
+    key_of = torch.randint(0, 12, (N,), generator=g)
+    captions = F.normalize(torch.randn(13, 32, generator=g), dim=-1)
+    caption_of = torch.where(torch.arange(N) == 0, 12, key_of)  # row 0: a second caption of its key
+    text = captions[caption_of]
+    routes, full = _routes(np.arange(N) % 3 == 0)
+    keys = [f"scene{int(k)}" for k in key_of]
+    ev = PlanEvaluator(routes, full, text, keys)
+    assert ev.sims.shape[1] == 13  # 12 keys, one with two captions
+    assign = (np.arange(N) % 2).astype(np.int64)
+    gallery = torch.where(torch.from_numpy(assign == 0)[:, None], routes[0].embeddings, full)
+    top = (text @ gallery.T).topk(10, dim=1).indices
+    expected = (key_of[top] == key_of[:, None]).any(dim=1)
+    assert torch.equal(ev.hits(assign), expected) and not bool(expected.all())
+    full_top = (text @ full.T).topk(10, dim=1).indices
+    assert torch.equal(ev.full_hits, (key_of[full_top] == key_of[:, None]).any(dim=1))
+
+
 def test_patch_redundancy_counts_alike_flat_patches():
     rng = np.random.default_rng(0)
     plain = np.full((1, 64, 64, 4), 120.0, np.float32)

@@ -126,7 +126,10 @@ def ratio_lower_bound(
 
 
 class PlanEvaluator:
-    """Scores an assignment (image -> route) using precomputed text-image similarities per route."""
+    """Scores an assignment (image -> route) using precomputed text-image similarities per route.
+
+    Queries that share a caption and a key (repeated captions: most of a sample of simple scenes) rank the
+    gallery identically, so each distinct one is ranked once and its hit counted for all of its copies."""
 
     def __init__(
         self,
@@ -139,22 +142,33 @@ class PlanEvaluator:
     ):
         self.router_seconds = router_seconds  # the scorer's CPU time, paid only by multi-route plans
         self.confidence = confidence  # > 0: also compute the R@10 ratio's lower bound at this level
-        self.sims = torch.stack([text @ m.embeddings.T for m in measurements])  # [R, Q, N]
-        self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
         _, inverse = np.unique(np.asarray(keys), return_inverse=True)
         key_ids = torch.from_numpy(inverse)
         self.key_ids = key_ids  # queries sharing a key (one caption) resample together in the bound
-        self.hit = key_ids[None, :] == key_ids[:, None]  # [Q, N]
+        _, text_ids = torch.unique(text, dim=0, return_inverse=True)
+        pairs = key_ids * len(text) + text_ids
+        _, self.copies = torch.unique(pairs, return_inverse=True)  # [Q]: query -> its distinct query
+        rows = torch.empty(int(self.copies.max()) + 1, dtype=torch.long).scatter_(
+            0, self.copies, torch.arange(len(text))
+        )  # one row per distinct query: its copies are equal, so any serves
+        distinct = text[rows]
+        self.sims = torch.stack([distinct @ m.embeddings.T for m in measurements])  # [R, U, N]
+        self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
+        self.hit = key_ids[rows][:, None] == key_ids[None, :]  # [U, N]
         self.seconds = np.array([m.seconds_per_image for m in measurements])
         self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
-        self.full_hits = self.hit.gather(1, (text @ full.T).topk(K, dim=1).indices).any(dim=1)  # [Q]
+        self.full_hits = self._ranked_hits(distinct @ full.T)[self.copies]  # [Q]
         self.full_recall = float(self.full_hits.float().mean())
+
+    def _ranked_hits(self, sims: torch.Tensor) -> torch.Tensor:
+        """[U] bool: each distinct query finds a same-key image in its top K of `sims` [U, N]."""
+        return self.hit.gather(1, sims.topk(K, dim=1).indices).any(dim=1)
 
     def hits(self, assign: np.ndarray) -> torch.Tensor:
         """[Q] bool: text query q finds a same-key image in its top K when image j is on route assign[j]."""
         idx = torch.from_numpy(assign)
-        sims = self.sims[idx, :, torch.arange(len(assign))].T  # [Q, N]: column j from image j's route
-        return self.hit.gather(1, sims.topk(K, dim=1).indices).any(dim=1)
+        sims = self.sims[idx, :, torch.arange(len(assign))].T  # [U, N]: column j from image j's route
+        return self._ranked_hits(sims)[self.copies]
 
     def cost(self, assign: np.ndarray, routes_in_plan: int) -> tuple[float, float]:
         seconds = float(self.seconds[assign].mean()) + (self.router_seconds if routes_in_plan > 1 else 0.0)
