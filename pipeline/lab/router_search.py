@@ -3,7 +3,8 @@ meeting a quality floor, or the most faithful within a GFLOPs budget.
 
 A router is a ladder of routes plus ascending score thresholds. For a given scorer we search ladders and
 threshold quantiles; every candidate assignment goes through the runtime's own `assign_routes` and only
-gathers precomputed similarities, so the search costs seconds and assigns exactly as the job will.
+gathers precomputed similarities, so the search encodes nothing and assigns exactly as the job will. It
+tries thousands of plans, so the cheapest that passes on a sample tends to be one the sample flatters.
 """
 
 from __future__ import annotations
