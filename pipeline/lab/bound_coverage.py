@@ -68,7 +68,7 @@ def bound_coverage(
         for i, m in enumerate(measurements):
             quality = on_bound.measure(np.full(len(bound_rows), i), 1)
             point, lower = quality.recall_ratio, quality.recall_ratio_lower
-            new = float(on_new.hits(np.full(len(new_rows), i)).float().mean()) / on_new.full_recall
+            new = on_new.measure(np.full(len(new_rows), i), 1, bound=False).recall_ratio
             pairs.append((m.route.name, point, lower, point - (point - lower) / NEW_SAMPLE_WIDTH, new))
     point, prediction, plain, new = (np.array([p[k] for p in pairs]) for k in (1, 2, 3, 4))
     whole = PlanEvaluator(measurements, full, text, keys, confidence=confidence)
