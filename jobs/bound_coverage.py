@@ -52,7 +52,7 @@ def main() -> None:
 
     model = load_config(None).model
     probe = RoutedEncoder.from_config(model, [])
-    encoder = RoutedEncoder(probe.loaded, calibration_routes(args.exits), probe.vit.heads)
+    encoder = RoutedEncoder(probe.loaded, calibration_routes(args.exits, probe.vit.heads), probe.vit.heads)
     heldout = load_heldout(args.split, args.images, probe.loaded.image_size, cache_dir=args.cache_dir)
     embedded = embed_routes(encoder, heldout.images)
     full = next(emb for r, (emb, _) in zip(encoder.routes, embedded, strict=True) if spec_key(r) == FULL_KEY)

@@ -55,7 +55,8 @@ def main() -> None:
     probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
     heads = probe.vit.heads
     exits = (heads.depths if heads is not None else []) if args.exits is None else args.exits
-    encoder = RoutedEncoder(probe.loaded, unique([*calibration_routes(exits), *cfg.router.routes]), heads)
+    routes = unique([*calibration_routes(exits, heads), *cfg.router.routes])
+    encoder = RoutedEncoder(probe.loaded, routes, heads)
     heldout = load_heldout(args.split, args.images, probe.loaded.image_size, cache_dir=args.cache_dir)
     report = measure_headroom(
         encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, args.timing_images, args.batch_size,

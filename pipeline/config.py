@@ -84,6 +84,11 @@ class RouteSpec(_Section):
         description="per image: only images whose late merges would pair tokens at least this alike "
         "(cosine of keys at block late_after) switch to late_keep; None = every image switches",
     )
+    tuned: bool = Field(
+        False,
+        description="run the last blocks with weights tuned for this token path (the heads file's tuned "
+        "tails: jobs/train_tails.py); full depth, merging only",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> RouteSpec:
@@ -102,6 +107,11 @@ class RouteSpec(_Section):
                 )
             if self.prunes:
                 raise ValueError(f"route {self.name!r}: late_keep and pruning cannot be combined")
+        if self.tuned and (self.exit_depth is not None or self.merge == "none" or self.prunes or self.splits):
+            raise ValueError(
+                f"route {self.name!r}: tuned tails serve full-depth routes that merge tokens, without "
+                "pruning or a per-image split"
+            )
         return self
 
     def merge_count(self, tokens: int, late: bool = False) -> int:

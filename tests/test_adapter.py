@@ -13,7 +13,7 @@ from open_clip.model import CLIP
 
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
-from pipeline.encode.heads import ExitHeads
+from pipeline.encode.heads import ExitHeads, HeadsMismatchError, token_path_key
 
 TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings (observed: ~2e-7)
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
@@ -114,7 +114,7 @@ def test_exit_tokens_through_project_equal_the_forward_on_a_merging_route(family
     for j, depth in enumerate([1, 2]):
         route = RouteSpec(name="t", merge="tome", merge_r=2, exit_depth=depth)
         with torch.no_grad():
-            via_tokens = F.normalize(vit.project(tokens[:, j], depth), dim=-1)
+            via_tokens = F.normalize(vit.project(tokens[:, j], depth, route), dim=-1)
         assert (via_tokens - vit(x, route).embeddings).abs().max() < TOLERANCE
 
 
@@ -141,3 +141,64 @@ def test_patch_dropout_in_training_mode_is_refused_at_forward():
     model.visual.train()
     with pytest.raises(NotImplementedError, match="'tiny-dropout' uses patch dropout in training mode"):
         vit(_images(model.visual), RouteSpec(name="full"))
+
+
+TUNED = RouteSpec(name="tuned", merge="tome", merge_keep=0.75, tuned=True)
+
+
+@pytest.mark.parametrize("family", ["vit-gelu", "clipa", "vit-avg-ln-then-pool"])
+def test_a_tuned_route_runs_its_tail_and_an_untouched_tail_changes_nothing(family):
+    """A fresh tail is a copy of the tower's end, so the tuned route equals the plain merging route;
+    once the tail's weights move, only the tuned route moves with them."""
+    model = _model(SUPPORTED[family][0])
+    heads = ExitHeads(model.visual, [])
+    tail = heads.add_tail(model.visual, token_path_key(TUNED), start=1)
+    vit = AdaptiveViT(model.visual, heads, model_name=family)
+    x = _images(model.visual)
+    untuned = TUNED.model_copy(update={"tuned": False})
+    before = vit(x, untuned).embeddings
+    assert (vit(x, TUNED).embeddings - before).abs().max() < TOLERANCE
+    with torch.no_grad():
+        tail.blocks[0].mlp.c_fc.weight.mul_(1.5)  # the tail's block runs
+        moved = vit(x, TUNED).embeddings
+        assert (moved - before).abs().max() > 0.01
+        tail.proj.mul_(-1)  # and the tail's projection
+        assert (vit(x, TUNED).embeddings + moved).abs().max() < TOLERANCE
+    assert torch.equal(vit(x, untuned).embeddings, before)
+    x_in, size = vit.tokens_entering(x, untuned, 1)
+    with torch.no_grad():
+        assert (vit.embed_from(x_in, size, TUNED, 1) - vit(x, TUNED).embeddings).abs().max() < TOLERANCE
+
+
+def test_tails_survive_a_save_and_load_at_half_precision_and_stay_bound_to_their_model(tmp_path):
+    model = _model({})
+    heads = ExitHeads(model.visual, [1])
+    tail = heads.add_tail(model.visual, token_path_key(TUNED), start=1)
+    with torch.no_grad():
+        tail.proj.add_(0.01)
+    path = tmp_path / "heads.safetensors"
+    heads.save(path, "m")
+    loaded = ExitHeads.load(path, model.visual)
+    assert loaded.tail_paths == heads.tail_paths and loaded.tail(TUNED).start == 1
+    assert loaded.tail(TUNED).proj.dtype == torch.float32
+    assert (loaded.tail(TUNED).proj - tail.proj).abs().max() < 1e-3  # float16 on disk
+    assert loaded.tail(TUNED.model_copy(update={"merge_keep": 0.8})) is None
+    other = _model({})
+    with torch.no_grad():
+        other.visual.conv1.weight.add_(1.0)
+    with pytest.raises(HeadsMismatchError):
+        ExitHeads.load(path, other.visual)
+
+
+def test_a_tuned_route_without_its_tail_is_refused_at_start_up():
+    model = _model({})
+    for heads in (None, ExitHeads(model.visual, [])):
+        with pytest.raises(ValueError, match="tuned, but the heads have no tail.*train_tails.py"):
+            AdaptiveViT(model.visual, heads).route_depth(TUNED)
+    for bad in (
+        {"exit_depth": 1},
+        {"merge": "none", "merge_keep": None},
+        {"late_keep": 0.6, "late_after": 1, "late_similarity": 0.5},
+    ):
+        with pytest.raises(ValueError, match="tuned tails serve full-depth routes"):
+            RouteSpec(**{**TUNED.model_dump(), **bad})

@@ -6,12 +6,16 @@ import json
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.config import ConfigError, ModelConfig, RouteSpec
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model
+from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.catalogue import route
+from pipeline.lab.heldout import load_heldout
 from pipeline.lab.outputs import PACKAGE_DIR
 from pipeline.lab.training.clip import TrainSettings, train
 from pipeline.lab.training.heads import HeadSettings, train_heads
@@ -79,3 +83,28 @@ def test_backbone_fine_tuning_writes_a_new_model_its_heads_are_bound_to(tmp_path
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["model_id"].endswith("tuned.heads.backbone.safetensors")
     assert summary["train_cosine_to_full"]["12"] > 0.95  # distillation keeps full depth where it was
+
+
+def test_tail_training_adds_tuned_tails_beside_the_exit_heads_and_the_encoder_serves_them(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "tails.safetensors"
+    paths = '[{"merge": "tome", "merge_keep": 0.7, "merge_floor": 8}]'
+    argv = ["train_tails", "--paths", paths, "--tail-blocks", "2", "--images", "64", "--epochs", "3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    job = Path(__file__).resolve().parent.parent / "jobs" / "train_tails.py"
+    runpy.run_path(str(job), run_name="__main__")
+    torch.set_num_threads(threads)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    (tail,) = summary["tails"]
+    assert tail["route"] == "tome-keep70-floor8-tuned" and tail["start"] == 10
+    assert tail["history"][-1]["loss"] < tail["history"][0]["loss"]
+    assert tail["train_cosine_to_full"] > 0.9
+    cfg = ModelConfig(heads=str(out))
+    tuned = route(tuned=True, merge="tome", merge_keep=0.7, merge_floor=8)
+    encoder = RoutedEncoder.from_config(cfg, [tuned, tuned.model_copy(update={"tuned": False})])
+    assert encoder.vit.heads.depths == [4, 6, 8, 10]  # the shipped exit heads came along
+    images = load_heldout("heads", 8, encoder.loaded.image_size).images
+    a, b = (encoder.encode(images, np.full(8, i)).vectors for i in (0, 1))
+    assert 0.9 < float((a * b).sum(-1).mean()) < 0.9999  # the tail is used, and it is close to the tower's

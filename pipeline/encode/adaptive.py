@@ -14,7 +14,9 @@ module of the live model is replaced):
   stays one dense tensor and saved FLOPs become saved seconds;
 - avg pooling is weighted by how many patches each token stands for. At full depth the final LayerNorm
   sits where the tower's own `_pool` puts it (before pooling, or after it with `final_ln_after_pool`);
-  an exit head always pools first and then applies its own LayerNorm.
+  an exit head always pools first and then applies its own LayerNorm;
+- a `tuned` route runs the last blocks, the final LayerNorm and the projection from its token path's tuned
+  tail (heads.py) instead of the tower's own.
 Full depth with no reduction reproduces `model.encode_image` for every supported tower
 (tests/test_adapter.py).
 
@@ -198,7 +200,7 @@ class AdaptiveViT(nn.Module):
         weighted = route.merge != "none" or route.prunes
         cls_attention = None
         for i in range(start, stop):
-            block = self.blocks[i]
+            block = self.block(i, route)
             n_attn = x.shape[1]
             bias = tok.proportional_attention_bias(size, x.dtype) if weighted else None
             attn_out, keys, cls_attention = self._attention(block, x, bias, want_cls and i == stop - 1)
@@ -222,29 +224,44 @@ class AdaptiveViT(nn.Module):
         stem = stem_gflops(self.width, self.patch_dim, self.num_patches)
         return _State(x, x.new_ones(x.shape[0], x.shape[1], 1), stem)
 
+    def _tail(self, route: RouteSpec) -> nn.Module:
+        """What ends `route` at full depth: its tuned tail, or the tower itself (both have ln_post, proj)."""
+        return self.heads.tail(route) if route.tuned else self.visual
+
+    def block(self, i: int, route: RouteSpec) -> nn.Module:
+        """Block `i` as `route` runs it: the tuned tail's copy from the tail's start on."""
+        if route.tuned:
+            tail = self.heads.tail(route)
+            if i >= tail.start:
+                return tail.blocks[i - tail.start]
+        return self.blocks[i]
+
     def _tower_head(self, depth: int) -> bool:
         """Whether `depth` is read through the tower's own ln_post + proj (else through its exit head)."""
         return depth == self.depth or self.heads is None
 
-    def _pool(self, state: _State, depth: int) -> torch.Tensor:
-        """The token `project(., depth)` reads: CLS, or the size-weighted mean of patches for avg towers.
+    def _pool(self, state: _State, depth: int, route: RouteSpec) -> torch.Tensor:
+        """The token `project(., depth, route)` reads: CLS, or the size-weighted mean of patches for avg
+        towers.
 
         Weighting by size makes the mean over merged tokens equal the mean over the patches they stand for.
         """
         x, size = state.x, state.size
         if self.norm_before_pool and self._tower_head(depth):
-            x = self.visual.ln_post(x)
+            x = self._tail(route).ln_post(x)
         if self.visual.pool_type == "avg":
             return (x[:, 1:] * size[:, 1:]).sum(dim=1) / size[:, 1:].sum(dim=1)
         return x[:, 0]
 
-    def project(self, pooled: torch.Tensor, depth: int) -> torch.Tensor:
-        """The tower's final LayerNorm (unless `_pool` applied it) + projection, or the exit head's own."""
+    def project(self, pooled: torch.Tensor, depth: int, route: RouteSpec) -> torch.Tensor:
+        """The final LayerNorm (unless `_pool` applied it) + projection of the tower or of `route`'s tuned
+        tail, or the exit head's own."""
         if not self._tower_head(depth):
             return self.heads.project(pooled, depth)
+        end = self._tail(route)
         if not self.norm_before_pool:
-            pooled = self.visual.ln_post(pooled)
-        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+            pooled = end.ln_post(pooled)
+        return pooled @ end.proj if end.proj is not None else pooled
 
     def route_depth(self, route: RouteSpec) -> int:
         depth = route.exit_depth or self.depth
@@ -255,6 +272,12 @@ class AdaptiveViT(nn.Module):
         if depth < self.depth and (self.heads is None or depth not in self.heads.depths):
             have = sorted(self.heads.depths) if self.heads else []
             raise ValueError(f"route {route.name!r}: no exit head at depth {depth} (heads at {have})")
+        if route.tuned and (self.heads is None or self.heads.tail(route) is None):
+            have = self.heads.tail_paths if self.heads else "none: no heads file"
+            raise ValueError(
+                f"route {route.name!r} is tuned, but the heads have no tail for its token path (tails "
+                f"for: {have}); train one with jobs/train_tails.py"
+            )
         return depth
 
     def token_budgets(self, state: _State, route: RouteSpec) -> torch.Tensor:
@@ -274,7 +297,7 @@ class AdaptiveViT(nn.Module):
         """images: normalised float [B, 3, H, W]. One route for the whole batch."""
         depth = self.route_depth(route)
         pooled, tokens, gflops = self.pooled_tokens(images, route, depth)
-        embeddings = F.normalize(self.project(pooled, depth), dim=-1)
+        embeddings = F.normalize(self.project(pooled, depth, route), dim=-1)
         return RouteOutput(embeddings, tokens, gflops + head_gflops(self.width, self.embed_dim), depth)
 
     def exit_tokens(self, images: torch.Tensor, route: RouteSpec, depths: list[int]) -> torch.Tensor:
@@ -288,9 +311,20 @@ class AdaptiveViT(nn.Module):
         state, done, pooled = self._embed(images), 0, []
         for depth in depths:
             state = self._run_blocks(state, done, depth, route, want_cls=False)
-            pooled.append(self._pool(state, depth))
+            pooled.append(self._pool(state, depth, route))
             done = depth
         return torch.stack(pooled, dim=1)
+
+    def tokens_entering(self, images: torch.Tensor, route: RouteSpec, block: int):
+        """Tokens [B, n, C] and patch counts [B, n, 1] entering `block` on a route that neither prunes nor
+        splits (so every image carries the same count). Tuned tails train on these."""
+        state = self._run_blocks(self._embed(images), 0, block, route, want_cls=False)
+        return state.x, state.size
+
+    def embed_from(self, x: torch.Tensor, size: torch.Tensor, route: RouteSpec, block: int) -> torch.Tensor:
+        """L2-normalised embeddings of `tokens_entering(., route, block)`: the rest of the forward."""
+        end = self._run_blocks(_State(x, size, 0.0), block, self.depth, route, want_cls=False)
+        return F.normalize(self.project(self._pool(end, self.depth, route), self.depth, route), dim=-1)
 
     def _prune_groups(self, early: _State, route: RouteSpec) -> Iterator[_Group]:
         """Per token budget: (rows, their pruned tokens, late flag) after `prune_after`."""
@@ -308,7 +342,7 @@ class AdaptiveViT(nn.Module):
         An image switches when the late schedule's merges in block `late_after` would pair tokens at least
         `late_similarity` alike, judged on that block's own keys (head-averaged, as ToMe matches them).
         """
-        block = self.blocks[route.late_after]
+        block = self.block(route.late_after, route)
         b, n, c = early.x.shape
         w, bias = block.attn.in_proj_weight[c : 2 * c], block.attn.in_proj_bias[c : 2 * c]
         keys = F.linear(block.ln_1(early.x), w, bias).view(b, n, self.num_heads, -1).mean(dim=2)
@@ -334,7 +368,7 @@ class AdaptiveViT(nn.Module):
         if branch_at >= depth:
             end = self._run_blocks(start, 0, depth, route, want_cls=False)
             tokens = torch.full((b,), end.x.shape[1], dtype=torch.int32)
-            return self._pool(end, depth), tokens, torch.full((b,), end.gflops, dtype=torch.float32)
+            return self._pool(end, depth, route), tokens, torch.full((b,), end.gflops, dtype=torch.float32)
         early = self._run_blocks(start, 0, branch_at, route, want_cls=route.prunes)
         groups = self._prune_groups(early, route) if route.prunes else self._split_groups(early, route)
         pooled = torch.empty(b, x.shape[2], dtype=x.dtype, device=x.device)
@@ -342,7 +376,7 @@ class AdaptiveViT(nn.Module):
         gflops = torch.empty(b, dtype=torch.float32)
         for rows, state, late in groups:
             end = self._run_blocks(state, branch_at, depth, route, want_cls=False, late=late)
-            pooled[rows] = self._pool(end, depth)
+            pooled[rows] = self._pool(end, depth, route)
             tokens[rows.cpu()] = end.x.shape[1]
             gflops[rows.cpu()] = end.gflops
         return pooled, tokens, gflops

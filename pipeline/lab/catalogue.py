@@ -9,9 +9,12 @@ catalogue's `tome-keep75-floor16`).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RouterConfig, RouteSpec
+
+if TYPE_CHECKING:
+    from pipeline.encode.heads import ExitHeads
 
 PRUNE_AFTER = 2  # energy pruning starts after block 2: earlier token features are too raw to rank
 
@@ -73,6 +76,8 @@ def route_name(spec: RouteSpec) -> str:
         parts.append(f"tokens{spec.keep_tokens}")
     if spec.prune_after != (PRUNE_AFTER if spec.prunes else 1):
         parts.append(f"after{spec.prune_after}")
+    if spec.tuned:
+        parts.append("tuned")
     return "-".join(parts) or "full"
 
 
@@ -98,14 +103,22 @@ FULL = route()
 FULL_KEY = spec_key(FULL)
 
 
-def calibration_routes(exits: list[int]) -> list[RouteSpec]:
-    """Every token path at every exit and at full depth: what calibration measures and searches."""
-    return [route(depth, **path) for depth in [*exits, None] for path in TOKEN_PATHS]
+def tuned_routes(heads: ExitHeads | None) -> list[RouteSpec]:
+    """A tuned route for each token path `heads` has a tuned tail for (heads.py)."""
+    return [route(tuned=True, **json.loads(path)) for path in heads.tail_paths] if heads else []
 
 
-def frontier_routes(exits: list[int]) -> list[RouteSpec]:
-    """Full depth, each plain exit, and every token path at full depth: the frontier's fixed points."""
-    return [FULL, *(route(d) for d in exits), *(route(None, **path) for path in TOKEN_PATHS[1:])]
+def calibration_routes(exits: list[int], heads: ExitHeads | None = None) -> list[RouteSpec]:
+    """Every token path at every exit and at full depth, and the tuned routes of `heads`: what
+    calibration measures and searches."""
+    return [route(depth, **path) for depth in [*exits, None] for path in TOKEN_PATHS] + tuned_routes(heads)
+
+
+def frontier_routes(exits: list[int], heads: ExitHeads | None = None) -> list[RouteSpec]:
+    """Full depth, each plain exit, every token path at full depth and the tuned routes of `heads`: the
+    frontier's fixed points."""
+    plain = [FULL, *(route(d) for d in exits), *(route(None, **path) for path in TOKEN_PATHS[1:])]
+    return plain + tuned_routes(heads)
 
 
 def bench_routes(exits: list[int]) -> list[RouteSpec]:

@@ -114,7 +114,7 @@ def _encoder(model: ModelConfig, exits: list[int] | None) -> RoutedEncoder:
     if set(exits) - set(depths):
         served = f"heads at {depths}" if depths else "no exit heads: pass --heads or --exits with no depths"
         raise ConfigError(f"--exits {exits}: {model.name} has {served}")
-    return RoutedEncoder(loaded, calibration_routes(exits), heads)
+    return RoutedEncoder(loaded, calibration_routes(exits, heads), heads)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def measure_frontier(
     depth reproduces it."""
     loaded, heads = probe.loaded, probe.vit.heads
     exits = (heads.depths if heads is not None else []) if exits is None else exits
-    routes = frontier_routes(exits)
+    routes = frontier_routes(exits, heads)
     n = len(heldout)
     timed = slice(0, min(timing_images, n))
     case = EncoderCase(

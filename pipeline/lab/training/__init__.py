@@ -1,1 +1,1 @@
-"""Training jobs' building blocks: the embedded CLIP model and the exit heads."""
+"""Training jobs' building blocks: the embedded CLIP model, the exit heads and the tuned tails."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +46,7 @@ class HeadSettings:
 
 
 @dataclass
-class _Targets:
+class Targets:
     """What every exit is pulled toward, computed once with the original (frozen) model."""
 
     images: np.ndarray  # uint8 [N, S, S, 3]
@@ -53,9 +54,14 @@ class _Targets:
     text: torch.Tensor  # [N, D] caption embeddings
     key_ids: torch.Tensor  # [N] scene id: captions of equal scenes are all positives
 
+    def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Every row index, in order, in batches of `batch`."""
+        return torch.arange(len(self.full)).split(batch)
 
-def _targets(loaded: LoadedModel, settings: HeadSettings, log) -> _Targets:
-    sample = load_heldout(settings.split, settings.images, loaded.image_size, settings.seed)
+
+def load_targets(loaded: LoadedModel, split: str, images: int, seed: int, log) -> Targets:
+    """The first `images` scenes of `split`, their full-depth and caption embeddings."""
+    sample = load_heldout(split, images, loaded.image_size, seed)
     model, full, text, started = loaded.model, [], [], time.time()
     with torch.inference_mode():
         for i in range(0, len(sample), 256):
@@ -64,28 +70,55 @@ def _targets(loaded: LoadedModel, settings: HeadSettings, log) -> _Targets:
             text.append(model.encode_text(loaded.tokenizer(sample.captions[i : i + 256]), normalize=True))
             log(f"targets {min(i + 256, len(sample))}/{len(sample)} images ({time.time() - started:.0f} s)")
     key_ids = torch.as_tensor(np.unique(np.asarray(sample.scene_keys), return_inverse=True)[1])
-    return _Targets(sample.images, torch.cat(full), torch.cat(text), key_ids)
+    return Targets(sample.images, torch.cat(full), torch.cat(text), key_ids)
 
 
 def _token_paths(settings: HeadSettings) -> list[RouteSpec]:
     return [RouteSpec(name="plain"), *settings.reduced_routes]
 
 
-def _dual_path_loss(emb: torch.Tensor, t: _Targets, rows: torch.Tensor, scale: torch.Tensor, weight: float):
+def dual_path_loss(emb: torch.Tensor, t: Targets, rows: torch.Tensor, scale: torch.Tensor, weight: float):
     """InfoNCE against the captions + distillation toward the original full-depth embedding."""
     contrastive = multi_positive_infonce(emb, t.text[rows], t.key_ids[rows], scale)
     return contrastive + weight * (1 - (emb * t.full[rows]).sum(-1)).mean()
 
 
-def _pixels(loaded: LoadedModel, t: _Targets, rows: torch.Tensor) -> torch.Tensor:
+def normalized_pixels(loaded: LoadedModel, t: Targets, rows: torch.Tensor) -> torch.Tensor:
     return normalize_uint8(torch.from_numpy(t.images[rows.numpy()]), loaded.mean, loaded.std)
+
+
+def fit(
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    log: Callable[[str], None],
+    label: str = "",
+) -> list[dict]:
+    """`epochs` passes over `n` rows in shuffled batches, one optimizer step per batch on `loss_of(rows)`,
+    the learning rate cosine-annealed to zero: the mean loss per epoch."""
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * math.ceil(n / batch_size))
+    history, started = [], time.time()
+    for epoch in range(epochs):
+        total = 0.0
+        for rows in torch.randperm(n).split(batch_size):
+            loss = loss_of(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(rows)
+        history.append({"epoch": epoch, "loss": total / n})
+        log(f"{label}epoch {epoch}: loss {total / n:.4f} ({time.time() - started:.0f} s)")
+    return history
 
 
 def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple[ExitHeads, dict]:
     """Train exit heads at `settings.depths`; with `finetune_backbone`, `loaded.model.visual` changes too
     (and the heads are stamped with the fine-tuned tower's fingerprint)."""
     torch.manual_seed(settings.seed)
-    t = _targets(loaded, settings, log)
+    t = load_targets(loaded, settings.split, settings.images, settings.seed, log)
     visual = loaded.model.visual
     heads = ExitHeads(visual, settings.depths)
     vit = AdaptiveViT(visual, heads)
@@ -99,51 +132,44 @@ def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple
         groups.append({"params": visual.parameters(), "lr": settings.backbone_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scale = loaded.model.logit_scale.exp().detach()
-    n = len(t.full)
-    steps = settings.epochs * math.ceil(n / settings.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     heads.train()
-    history = []
-    for epoch in range(settings.epochs):
-        order = torch.randperm(n)
-        total = 0.0
-        for i in range(0, n, settings.batch_size):
-            rows = order[i : i + settings.batch_size]
-            loss = torch.zeros(())
-            pixels = None if cached else _pixels(loaded, t, rows)
-            for p, route in enumerate(paths):
-                tokens = cached[p][rows] if cached else vit.exit_tokens(pixels, route, depths)
-                for j, depth in enumerate(depths):
-                    emb = F.normalize(vit.project(tokens[:, j], depth), dim=-1)
-                    loss = loss + _dual_path_loss(emb, t, rows, scale, settings.distill_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(rows)
-        history.append({"epoch": epoch, "loss": total / n})
-        log(f"epoch {epoch}: loss {total / n:.4f}")
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        loss = torch.zeros(())
+        pixels = None if cached else normalized_pixels(loaded, t, rows)
+        for p, route in enumerate(paths):
+            tokens = cached[p][rows] if cached else vit.exit_tokens(pixels, route, depths)
+            for j, depth in enumerate(depths):
+                emb = F.normalize(vit.project(tokens[:, j], depth, route), dim=-1)
+                loss = loss + dual_path_loss(emb, t, rows, scale, settings.distill_weight)
+        return loss
+
+    history = fit(loss_of, len(t.full), settings.epochs, settings.batch_size, optimizer, log)
     heads.eval()
     if settings.finetune_backbone:
         visual.requires_grad_(False)
         heads.fingerprint = model_fingerprint(visual)  # the heads belong to the tower they were tuned with
-    plain = _cache_exit_tokens(loaded, vit, t, paths[:1], [*settings.depths, vit.depth])[0]
+    plain_path = paths[0]
+    plain = _cache_exit_tokens(loaded, vit, t, [plain_path], [*settings.depths, vit.depth])[0]
     with torch.no_grad():
-        agreement = {
-            depth: float((F.normalize(vit.project(plain[:, j], depth), dim=-1) * t.full).sum(-1).mean())
+        embedded = [
+            F.normalize(vit.project(plain[:, j], depth, plain_path), dim=-1)
             for j, depth in enumerate([*settings.depths, vit.depth])
-        }
+        ]
+    agreement = {
+        depth: float((emb * t.full).sum(-1).mean())
+        for depth, emb in zip([*settings.depths, vit.depth], embedded, strict=True)
+    }
     log(f"train-set mean cosine to the original full depth, per exit: {agreement}")
     return heads, {"history": history, "train_cosine_to_full": agreement}
 
 
 @torch.inference_mode()
 def _cache_exit_tokens(
-    loaded: LoadedModel, vit: AdaptiveViT, t: _Targets, paths: list[RouteSpec], depths: list[int]
+    loaded: LoadedModel, vit: AdaptiveViT, t: Targets, paths: list[RouteSpec], depths: list[int]
 ) -> list[torch.Tensor]:
     """Per token path, [N, len(depths), width]: the token each exit reads."""
-    rows = torch.arange(len(t.full))
     return [
-        torch.cat([vit.exit_tokens(_pixels(loaded, t, r), route, depths) for r in rows.split(256)])
+        torch.cat([vit.exit_tokens(normalized_pixels(loaded, t, r), route, depths) for r in t.rows(256)])
         for route in paths
     ]
