@@ -160,7 +160,8 @@ def test_a_toy_frontier_is_keyed_by_spec_and_feeds_the_bench(tmp_path):
     finally:
         torch.set_num_threads(threads)
     points = {p["name"]: p for p in result["points"]}
-    routes = frontier_routes([6])
+    routes = frontier_routes([6], probe.vit.heads)  # the shipped heads' tuned routes included
+    assert any(r.tuned for r in routes)
     assert [p["key"] for p in result["points"]] == [None, *map(spec_key, routes), router_key(cfg.router)]
     assert set(points) == {BASELINE, ROUTED, *(r.name for r in routes)}
     assert points["full"]["mean_cosine_to_full"] == pytest.approx(1.0, abs=1e-5)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from pipeline.config import MODELS_DIR, RouterConfig, RouteSpec, load_config
+from pipeline.config import MODELS_DIR, ModelConfig, RouterConfig, RouteSpec, load_config
 from pipeline.lab.catalogue import (
     FULL,
     FULL_KEY,
@@ -62,6 +62,18 @@ def test_selections_are_one_catalogue_with_unique_names_and_keys():
     assert [r.name for r in frontier[:2]] == ["full", "exit6"]
     assert all(r.exit_depth is None for r in frontier[2:]) and len(frontier) == 2 + 29
     assert all(a.name != b.name for a, b in itertools.combinations(calibration, 2))
+
+
+def test_the_shipped_heads_add_one_tuned_route_per_tail_to_calibration_and_frontier():
+    from pipeline.encode.routed import RoutedEncoder
+
+    heads = RoutedEncoder.from_config(ModelConfig(), []).vit.heads
+    tuned = [r for r in calibration_routes(EXITS, heads) if r.tuned]
+    assert [r.name for r in tuned] == [f"tome-keep{k}-floor8-tuned" for k in (60, 65, 70)]
+    assert keys(tuned) == [k for k in keys(frontier_routes(EXITS, heads)) if '"tuned": true' in k]
+    assert all(heads.tail(r) is not None and heads.tail(r).start == 6 for r in tuned)
+    untuned = [r.model_copy(update={"tuned": False}) for r in tuned]
+    assert set(keys(untuned[1:])) <= set(keys(calibration_routes(EXITS)))  # keep 60% is a tail's own path
 
 
 def test_the_shipped_router_routes_come_from_the_catalogue():

@@ -99,6 +99,7 @@ def embedded_case(sizes: Sizes, router_cfg: RouterConfig | None, extra: list[Rou
             router_cfg = None
     heldout = load_heldout(TEST, sizes.embedded_images, loaded.image_size)  # the frontier's first scenes
     routes = unique([*bench_routes(SPEED_EXITS), *extra])
+    served = [r for r in routes if r.exit_depth in (None, *heads.depths)]
     return EncoderCase(
         model_name=cfg.name,
         loaded=loaded,
@@ -107,7 +108,7 @@ def embedded_case(sizes: Sizes, router_cfg: RouterConfig | None, extra: list[Rou
         images=heldout.images,
         bytes_per_pixel=heldout.bytes_per_pixel,
         batch_size=sizes.embedded_batch,
-        routes=[r for r in routes if r.exit_depth in (None, *heads.depths)],
+        routes=[r for r in served if not r.tuned or heads.tail(r) is not None],
         router=router_cfg,
     )
 
@@ -126,7 +127,8 @@ def random_case(name: str, images: int, batch: int, extra: list[RouteSpec]) -> E
         images=heldout.images,
         bytes_per_pixel=heldout.bytes_per_pixel,
         batch_size=batch,
-        routes=unique([*bench_routes(SPEED_EXITS), *(r for r in extra if r.exit_depth is None)]),
+        # a tuned route needs a trained tail; its untuned twin has the same FLOPs
+        routes=unique([*bench_routes(SPEED_EXITS), *(r for r in extra if not (r.exit_depth or r.tuned))]),
         weights="random (open_clip.create_model, no pretrained tag)",
     )
 
