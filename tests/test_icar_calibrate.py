@@ -111,9 +111,11 @@ def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
     assert code == 0 and names == sorted(["elsewhere", "routes.yaml", *scorer])
     cfg = load_config(out, ["input.paths=['shards/']"])
     assert cfg.model.name == "icar-tiny-vit" and cfg.model.pretrained is None and cfg.model.heads is None
-    catalogue = {spec_key(r) for r in calibration_routes([8])}
+    heads = RoutedEncoder.from_config(cfg.model, []).vit.heads  # the shipped heads, with their tuned tails
+    catalogue = {spec_key(r) for r in calibration_routes([8], heads)}
     assert {spec_key(r) for r in cfg.router.routes} <= catalogue
-    assert len(report["routes"]) == len(catalogue) == 2 * 30  # 30 token paths at exit 8 and full depth
+    # 30 token paths at exit 8 and full depth, and the 3 tuned ones
+    assert len(report["routes"]) == len(catalogue) == 2 * 30 + 3
     assert report["outputs"]["routes"] == str(out)
     assert report["sample"] == {
         "images": 24,
