@@ -199,8 +199,9 @@ class AdaptiveViT(nn.Module):
         x, size, gflops = state.x, state.size, state.gflops
         weighted = route.merge != "none" or route.prunes
         cls_attention = None
+        blocks = self._blocks(route)
         for i in range(start, stop):
-            block = self.block(i, route)
+            block = blocks[i]
             n_attn = x.shape[1]
             bias = tok.proportional_attention_bias(size, x.dtype) if weighted else None
             attn_out, keys, cls_attention = self._attention(block, x, bias, want_cls and i == stop - 1)
@@ -228,13 +229,13 @@ class AdaptiveViT(nn.Module):
         """What ends `route` at full depth: its tuned tail, or the tower itself (both have ln_post, proj)."""
         return self.heads.tail(route) if route.tuned else self.visual
 
-    def block(self, i: int, route: RouteSpec) -> nn.Module:
-        """Block `i` as `route` runs it: the tuned tail's copy from the tail's start on."""
-        if route.tuned:
-            tail = self.heads.tail(route)
-            if i >= tail.start:
-                return tail.blocks[i - tail.start]
-        return self.blocks[i]
+    def _blocks(self, route: RouteSpec) -> list[nn.Module]:
+        """The blocks `route` runs: the tower's, with the tuned tail's copies from the tail's start on
+        (looked up once per call of `_run_blocks`, not per block)."""
+        if not route.tuned:
+            return self.blocks
+        tail = self.heads.tail(route)
+        return self.blocks[: tail.start] + list(tail.blocks)
 
     def _tower_head(self, depth: int) -> bool:
         """Whether `depth` is read through the tower's own ln_post + proj (else through its exit head)."""
@@ -342,7 +343,7 @@ class AdaptiveViT(nn.Module):
         An image switches when the late schedule's merges in block `late_after` would pair tokens at least
         `late_similarity` alike, judged on that block's own keys (head-averaged, as ToMe matches them).
         """
-        block = self.block(route.late_after, route)
+        block = self.blocks[route.late_after]  # a tuned route never splits (RouteSpec refuses it)
         b, n, c = early.x.shape
         w, bias = block.attn.in_proj_weight[c : 2 * c], block.attn.in_proj_bias[c : 2 * c]
         keys = F.linear(block.ln_1(early.x), w, bias).view(b, n, self.num_heads, -1).mean(dim=2)
