@@ -69,7 +69,7 @@ def test_the_shipped_heads_add_one_tuned_route_per_tail_to_calibration_and_front
 
     heads = RoutedEncoder.from_config(ModelConfig(), []).vit.heads
     tuned = [r for r in calibration_routes(EXITS, heads) if r.tuned]
-    assert [r.name for r in tuned] == [f"tome-keep{k}-floor8-tuned" for k in (60, 65, 70)]
+    assert [r.name for r in tuned] == [f"tome-keep{k}-floor8-tuned" for k in (60, 65, 70, 75)]
     assert keys(tuned) == [k for k in keys(frontier_routes(EXITS, heads)) if '"tuned": true' in k]
     assert all(heads.tail(r) is not None and heads.tail(r).start == 6 for r in tuned)
     untuned = [r.model_copy(update={"tuned": False}) for r in tuned]

@@ -114,8 +114,8 @@ def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
     heads = RoutedEncoder.from_config(cfg.model, []).vit.heads  # the shipped heads, with their tuned tails
     catalogue = {spec_key(r) for r in calibration_routes([8], heads)}
     assert {spec_key(r) for r in cfg.router.routes} <= catalogue
-    # 30 token paths at exit 8 and full depth, and the 3 tuned ones
-    assert len(report["routes"]) == len(catalogue) == 2 * 30 + 3
+    # 30 token paths at exit 8 and full depth, and the 4 tuned ones
+    assert len(report["routes"]) == len(catalogue) == 2 * 30 + 4
     assert report["outputs"]["routes"] == str(out)
     assert report["sample"] == {
         "images": 24,
