@@ -36,6 +36,12 @@ def main() -> None:
     parser.add_argument("--tail-blocks", type=int, default=TailSettings.tail_blocks)
     parser.add_argument("--images", type=int, default=TailSettings.images)
     parser.add_argument("--epochs", type=int, default=TailSettings.epochs)
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=TailSettings.distill_weight,
+        help="weight of the distillation to full depth against the caption InfoNCE",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
@@ -53,7 +59,11 @@ def main() -> None:
     visual = loaded.model.visual
     heads = ExitHeads.load(heads_path, visual) if heads_path else ExitHeads(visual, [])
     settings = TailSettings(
-        tail_blocks=args.tail_blocks, images=args.images, epochs=args.epochs, seed=args.seed
+        tail_blocks=args.tail_blocks,
+        images=args.images,
+        epochs=args.epochs,
+        seed=args.seed,
+        distill_weight=args.distill_weight,
     )
     summaries = train_tails(loaded, heads, routes, settings)
     model_id = ModelConfig(name=args.model, pretrained=args.pretrained).model_id

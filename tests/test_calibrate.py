@@ -80,6 +80,32 @@ def test_search_returns_none_when_no_route_meets_the_floor():
     assert search_router(scores, routes[:2], full, full, keys, QualityFloor(0.99, 0.99)) is None
 
 
+def test_a_route_below_the_cosine_front_is_still_a_candidate_on_its_own():
+    """`churn` is cheaper and closer to full depth on average than `steady`, but swaps 6% of the images
+    for noise, so queries flip and its R@10 fails; `steady` is a little off everywhere and flips none.
+    The cosine front drops `steady` from the ladders; alone it must still be found, not a dearer plan."""
+    n = 200
+    g = torch.Generator().manual_seed(1)
+    full = F.normalize(torch.randn(n, 64, generator=g), dim=-1)
+    noise = F.normalize(torch.randn(n, 64, generator=g), dim=-1)
+    swapped = torch.arange(n) % 16 == 0
+    churn = torch.where(swapped[:, None], noise, full)
+    steady = F.normalize(full + 0.45 * noise, dim=-1)
+    ones = np.ones(n, np.float32)
+    routes = [
+        RouteMeasurement(RouteSpec(name="churn", exit_depth=2), churn, 0.2 * ones, 0.001),
+        RouteMeasurement(RouteSpec(name="steady", exit_depth=6), steady, 0.5 * ones, 0.002),
+        RouteMeasurement(RouteSpec(name="full"), full, ones, 0.004),
+    ]
+    cosines = [float((m.embeddings * full).sum(-1).mean()) for m in routes]
+    assert cosines[0] > cosines[1] > 0.9  # steady is dearer and worse on the mean: off the front
+    keys = [f"scene{i}" for i in range(n)]
+    scores = np.random.default_rng(0).random(n)  # a scorer that cannot find the swapped images
+    plan = search_router(scores, routes, full, full, keys, QualityFloor(0.9, 0.99))
+    assert [r.name for r in plan.routes] == ["steady"]
+    assert plan.quality.recall_ratio == 1.0 and plan.quality.seconds_per_image == pytest.approx(0.002)
+
+
 def test_compute_budget_buys_the_most_faithful_plan_it_can_afford():
     routes, full, scores = _measurements()
     keys = [f"scene{i}" for i in range(N)]

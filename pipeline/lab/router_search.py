@@ -217,33 +217,44 @@ def search_router(
 ) -> RouterPlan | None:
     """The best (ladder, thresholds) on this sample for `target`, or None if no plan is admissible.
 
-    A ladder of two or more routes pays `router_seconds` per image (the scorer's own CPU time), so
-    routing is chosen only where it saves more than it costs; a single route needs no scorer."""
-    kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
-    ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target))
+    Every route alone is a candidate. Ladders of two or more routes are built from the cost/cosine front
+    only (`pareto_routes`: the combinations of all routes are too many); a ladder pays `router_seconds`
+    per image (the scorer's own CPU time), so routing is chosen only where it saves more than it costs.
+    The front must not decide single routes: a route dearer and lower in mean cosine than another can
+    still be the one whose R@10 bound holds (fewer queries flip), and dropping it would let a dearer
+    ladder win."""
     grid = np.unique(np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1]))
     best: RouterPlan | None = None
     best_cost = float("inf")
-    for size in range(1, max_routes + 1):
-        for ladder in itertools.combinations(range(len(kept)), size):
-            routes = [kept[i].route for i in ladder]
-            for cut in itertools.combinations(grid.tolist(), size - 1):
-                bucket = assign_routes(scores, RouterConfig(thresholds=list(cut), routes=routes))
-                assign = np.asarray(ladder)[bucket]
-                seconds, _ = ev.cost(assign, size)
-                if isinstance(target, QualityFloor) and seconds >= best_cost:
-                    continue  # cannot win: skip the (dearer) quality evaluation
-                quality = ev.measure(assign, size, bound=False)  # the point estimate first: cheaper
-                cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
-                if cost >= best_cost or not quality.meets(target):
+
+    def consider(ev: PlanEvaluator, ladder: tuple[int, ...], routes: list[RouteSpec]) -> None:
+        nonlocal best, best_cost
+        size = len(ladder)
+        for cut in itertools.combinations(grid.tolist(), size - 1):
+            bucket = assign_routes(scores, RouterConfig(thresholds=list(cut), routes=routes))
+            assign = np.asarray(ladder)[bucket]
+            seconds, _ = ev.cost(assign, size)
+            if isinstance(target, QualityFloor) and seconds >= best_cost:
+                continue  # cannot win: skip the (dearer) quality evaluation
+            quality = ev.measure(assign, size, bound=False)  # the point estimate first: cheaper
+            cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
+            if cost >= best_cost or not quality.meets(target):
+                continue
+            if ev.confidence:  # the bound sits below the point estimate: only now worth computing
+                quality = ev.measure(assign, size)
+                if not quality.meets(target):
                     continue
-                if ev.confidence:  # the bound sits below the point estimate: only now worth computing
-                    quality = ev.measure(assign, size)
-                    if not quality.meets(target):
-                        continue
-                best_cost = cost
-                share = [float((bucket == j).mean()) for j in range(size)]
-                best = RouterPlan(routes, [float(c) for c in cut], quality, share)
+            best_cost = cost
+            share = [float((bucket == j).mean()) for j in range(size)]
+            best = RouterPlan(routes, [float(c) for c in cut], quality, share)
+
+    for m in measurements:
+        consider(PlanEvaluator([m], full, text, keys, router_seconds, confidence(target)), (0,), [m.route])
+    kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
+    ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target))
+    for size in range(2, max_routes + 1):
+        for ladder in itertools.combinations(range(len(kept)), size):
+            consider(ev, ladder, [kept[i].route for i in ladder])
     return best
 
 
