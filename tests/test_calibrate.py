@@ -17,10 +17,18 @@ from pipeline.lab.calibrate import (
     ScorerTrial,
     cheapest_route_labels,
     choose_winner,
+    final_plan,
     fit_test_split,
     verdict,
 )
-from pipeline.lab.router_search import PlanQuality, RouteMeasurement, apply_plan, search_router
+from pipeline.lab.router_search import (
+    PlanQuality,
+    RouteMeasurement,
+    RouterPlan,
+    apply_plan,
+    best_single_route,
+    search_router,
+)
 from pipeline.lab.routes_file import write_calibration
 from pipeline.lab.targets import ComputeBudget, QualityFloor
 from pipeline.route import assign_routes
@@ -157,6 +165,33 @@ def test_winner_without_an_admissible_plan_is_the_best_recall_ratio_and_ties_kee
     assert verdict(high.test, floor) == (1, pytest.approx(-0.875)) and verdict(None, floor) == (2, 0.0)
     twin = _trial("learned", _quality(0.99, 0.6, seconds=0.001))
     assert choose_winner([low, twin], floor).name == "handcrafted"
+
+
+def test_a_routing_plan_ships_only_when_the_held_back_rows_vouch_for_it_and_it_beats_the_best_route():
+    floor = QualityFloor(0.98, 0.99)
+    routes, full, scores = _measurements()
+    keys = [f"scene{i}" for i in range(N)]
+    single = best_single_route(routes, full, full, keys, floor)
+    assert [r.name for r in single.routes] == ["full"] and single.quality.seconds_per_image == 0.004
+    fitted = search_router(scores, routes, full, full, keys, floor)  # cheap + full, 0.0025 s/image
+    assert [r.name for r in fitted.routes] == ["cheap", "full"]
+
+    def trial(held_out: PlanQuality) -> ScorerTrial:
+        return ScorerTrial("learned", 0.0, 1e-4, fitted, held_out)
+
+    vouched = _quality(0.99, 0.8, seconds=0.003)
+    plan = final_plan(single, trial(vouched), floor)
+    assert (
+        plan.routes == fitted.routes and plan.thresholds == fitted.thresholds and plan.share == fitted.share
+    )
+    assert plan.quality == vouched  # reported as judged on rows it never saw, not as fitted
+    # fails on the held-back rows (ratio 0.95): however good it looked where it was fitted, it does not ship
+    assert final_plan(single, trial(_quality(0.99, 0.76, seconds=0.002)), floor) is single
+    assert final_plan(single, trial(_quality(0.99, 0.8, seconds=0.004)), floor) is single  # no cheaper
+    assert final_plan(None, trial(vouched), floor).quality == vouched
+    assert final_plan(None, trial(_quality(0.9, 0.8, seconds=0.001)), floor) is None
+    one_route = RouterPlan(single.routes, [], single.quality, [1.0])
+    assert final_plan(single, ScorerTrial("handcrafted", 0.0, 0.0, one_route, vouched), floor) is single
 
 
 def test_fit_test_split_is_a_seeded_random_partition():

@@ -25,8 +25,10 @@ writes a config with `model:` and `router:` sections; `icar index --config route
 indexes with it. Quality is text->image R@10 and mean cosine to full depth: images with identical
 captions count as the same target (a `scene_key` column, when every row has one, is used instead).
 The R@10 floor is judged by a bootstrap lower bound on what a new sample of the same size would show
-(--confidence), so the router keeps its quality on images it was not calibrated on. Scene shards of the
-reserved `test` split are refused.
+(--confidence), so the router keeps its quality on images it was not calibrated on. A router that routes
+(a ladder of routes and score thresholds) is searched on a random half of the sample and ships only if the
+other half, which it never saw, confirms it and it beats the best single route on the whole sample.
+Scene shards of the reserved `test` split are refused.
 """
 
 
@@ -163,9 +165,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k != "func"}
     written = write_calibration(result, model, args.out, args.report, options)
     plan, q = result.plan, result.plan.quality
+    if len(plan.routes) > 1:
+        chosen = (
+            f"{result.winner} scorer; routes {[r.name for r in plan.routes]} at thresholds {plan.thresholds}"
+        )
+        judged = "the held-back half"
+    else:
+        chosen, judged = f"one route, {plan.routes[0].name}", "the whole sample"
+    bound = f" (lower bound {q.recall_ratio_lower:.3f})" if q.recall_ratio_lower is not None else ""
     print(
-        f"{result.winner} scorer; routes {[r.name for r in plan.routes]} at thresholds {plan.thresholds}: "
-        f"mean cosine {q.mean_cosine:.4f}, R@10 ratio {q.recall_ratio:.3f}, "
+        f"{chosen}; on {judged}: mean cosine {q.mean_cosine:.4f}, R@10 ratio {q.recall_ratio:.3f}{bound}, "
         f"{q.gflops_per_image:.3f} GFLOPs/image, {1e3 * q.seconds_per_image:.2f} ms/image"
     )
     print("\n".join(f"wrote {kind}: {path}" for kind, path in written.items()))

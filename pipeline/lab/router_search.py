@@ -205,6 +205,48 @@ def pareto_routes(measurements: list[RouteMeasurement], full: torch.Tensor, targ
     return kept
 
 
+def _admissible(
+    ev: PlanEvaluator, assign: np.ndarray, routes_in_plan: int, target: Target, best_cost: float
+) -> PlanQuality | None:
+    """The quality of `assign` if it meets `target` and costs less than `best_cost`, else None. The point
+    estimate is checked first: the bound sits below it and costs a bootstrap."""
+    seconds, _ = ev.cost(assign, routes_in_plan)
+    if isinstance(target, QualityFloor) and seconds >= best_cost:
+        return None  # cannot win: skip the (dearer) quality evaluation
+    quality = ev.measure(assign, routes_in_plan, bound=False)
+    if target.cost(quality.mean_cosine, quality.seconds_per_image) >= best_cost or not quality.meets(target):
+        return None
+    if ev.confidence:
+        quality = ev.measure(assign, routes_in_plan)
+        if not quality.meets(target):
+            return None
+    return quality
+
+
+def best_single_route(
+    measurements: list[RouteMeasurement],
+    full: torch.Tensor,
+    text: torch.Tensor,
+    keys: list[str],
+    target: Target,
+) -> RouterPlan | None:
+    """The best route for `target` on its own (no scorer, no thresholds), or None if none is admissible.
+
+    One evaluator per route, so the search never holds every route's [queries x images] similarities."""
+    best: RouterPlan | None = None
+    best_cost = float("inf")
+    assign = np.zeros(len(full), dtype=np.int64)
+    for m in measurements:
+        ev = PlanEvaluator([m], full, text, keys, 0.0, confidence(target))
+        quality = _admissible(ev, assign, 1, target, best_cost)
+        if quality is not None:
+            best, best_cost = (
+                RouterPlan([m.route], [], quality, [1.0]),
+                target.cost(quality.mean_cosine, quality.seconds_per_image),
+            )
+    return best
+
+
 def search_router(
     scores: np.ndarray,
     measurements: list[RouteMeasurement],
@@ -218,44 +260,30 @@ def search_router(
 ) -> RouterPlan | None:
     """The best (ladder, thresholds) on this sample for `target`, or None if no plan is admissible.
 
-    Every route alone is a candidate. Ladders of two or more routes are built from the cost/cosine front
-    only (`pareto_routes`: the combinations of all routes are too many); a ladder pays `router_seconds`
-    per image (the scorer's own CPU time), so routing is chosen only where it saves more than it costs.
-    The front must not decide single routes: a route dearer and lower in mean cosine than another can
-    still be the one whose R@10 bound holds (fewer queries flip), and dropping it would let a dearer
-    ladder win."""
+    Every route alone is a candidate (`best_single_route`). Ladders of two or more routes are built from
+    the cost/cosine front only (`pareto_routes`: the combinations of all routes are too many); a ladder
+    pays `router_seconds` per image (the scorer's own CPU time), so routing is chosen only where it saves
+    more than it costs. The front must not decide single routes: a route dearer and lower in mean cosine
+    than another can still be the one whose R@10 bound holds (fewer queries flip), and dropping it would
+    let a dearer ladder win."""
+    best = best_single_route(measurements, full, text, keys, target)
+    best_cost = (
+        target.cost(best.quality.mean_cosine, best.quality.seconds_per_image) if best else float("inf")
+    )
     grid = np.unique(np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1]))
-    best: RouterPlan | None = None
-    best_cost = float("inf")
-
-    def consider(ev: PlanEvaluator, ladder: tuple[int, ...], routes: list[RouteSpec]) -> None:
-        nonlocal best, best_cost
-        size = len(ladder)
-        for cut in itertools.combinations(grid.tolist(), size - 1):
-            bucket = assign_routes(scores, RouterConfig(thresholds=list(cut), routes=routes))
-            assign = np.asarray(ladder)[bucket]
-            seconds, _ = ev.cost(assign, size)
-            if isinstance(target, QualityFloor) and seconds >= best_cost:
-                continue  # cannot win: skip the (dearer) quality evaluation
-            quality = ev.measure(assign, size, bound=False)  # the point estimate first: cheaper
-            cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
-            if cost >= best_cost or not quality.meets(target):
-                continue
-            if ev.confidence:  # the bound sits below the point estimate: only now worth computing
-                quality = ev.measure(assign, size)
-                if not quality.meets(target):
-                    continue
-            best_cost = cost
-            share = [float((bucket == j).mean()) for j in range(size)]
-            best = RouterPlan(routes, [float(c) for c in cut], quality, share)
-
-    for m in measurements:
-        consider(PlanEvaluator([m], full, text, keys, router_seconds, confidence(target)), (0,), [m.route])
     kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
     ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target))
     for size in range(2, max_routes + 1):
         for ladder in itertools.combinations(range(len(kept)), size):
-            consider(ev, ladder, [kept[i].route for i in ladder])
+            routes = [kept[i].route for i in ladder]
+            for cut in itertools.combinations(grid.tolist(), size - 1):
+                bucket = assign_routes(scores, RouterConfig(thresholds=list(cut), routes=routes))
+                quality = _admissible(ev, np.asarray(ladder)[bucket], size, target, best_cost)
+                if quality is None:
+                    continue
+                share = [float((bucket == j).mean()) for j in range(size)]
+                best = RouterPlan(routes, [float(c) for c in cut], quality, share)
+                best_cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
     return best
 
 
