@@ -155,7 +155,7 @@ def verdict(test: PlanQuality | None, target: Target) -> tuple[int, float]:
     if test is None:
         return (2, 0.0)
     if test.meets(target):
-        return (0, target.cost(test.mean_cosine, test.seconds_per_image))
+        return (0, test.cost(target))
     return (1, -test.recall_ratio)
 
 
@@ -181,10 +181,7 @@ def final_plan(single: RouterPlan | None, winner: ScorerTrial, target: Target) -
     plan = RouterPlan(fitted.routes, fitted.thresholds, held_out, fitted.share)
     if single is None:
         return plan
-    cost = target.cost(held_out.mean_cosine, held_out.seconds_per_image)
-    return (
-        plan if cost < target.cost(single.quality.mean_cosine, single.quality.seconds_per_image) else single
-    )
+    return plan if held_out.cost(target) < single.quality.cost(target) else single
 
 
 @dataclass

@@ -55,6 +55,11 @@ class PlanQuality:
             return 1.0 if self.recall_at_10 == 0 else float("inf")
         return self.recall_at_10 / self.full_recall_at_10
 
+    def cost(self, target: Target) -> float:
+        """What `target` minimises: seconds per image for a quality floor, distance from full depth for a
+        compute budget."""
+        return target.cost(self.mean_cosine, self.seconds_per_image)
+
     def meets(self, target: Target) -> bool:
         """The target holds; a quality floor with a confidence level judges R@10 by its lower bound."""
         ratio = self.recall_ratio
@@ -214,7 +219,7 @@ def _admissible(
     if isinstance(target, QualityFloor) and seconds >= best_cost:
         return None  # cannot win: skip the (dearer) quality evaluation
     quality = ev.measure(assign, routes_in_plan, bound=False)
-    if target.cost(quality.mean_cosine, quality.seconds_per_image) >= best_cost or not quality.meets(target):
+    if quality.cost(target) >= best_cost or not quality.meets(target):
         return None
     if ev.confidence:
         quality = ev.measure(assign, routes_in_plan)
@@ -240,10 +245,7 @@ def best_single_route(
         ev = PlanEvaluator([m], full, text, keys, 0.0, confidence(target))
         quality = _admissible(ev, assign, 1, target, best_cost)
         if quality is not None:
-            best, best_cost = (
-                RouterPlan([m.route], [], quality, [1.0]),
-                target.cost(quality.mean_cosine, quality.seconds_per_image),
-            )
+            best, best_cost = RouterPlan([m.route], [], quality, [1.0]), quality.cost(target)
     return best
 
 
@@ -267,9 +269,7 @@ def search_router(
     than another can still be the one whose R@10 bound holds (fewer queries flip), and dropping it would
     let a dearer ladder win."""
     best = best_single_route(measurements, full, text, keys, target)
-    best_cost = (
-        target.cost(best.quality.mean_cosine, best.quality.seconds_per_image) if best else float("inf")
-    )
+    best_cost = best.quality.cost(target) if best else float("inf")
     grid = np.unique(np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1]))
     kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
     ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target))
@@ -283,7 +283,7 @@ def search_router(
                     continue
                 share = [float((bucket == j).mean()) for j in range(size)]
                 best = RouterPlan(routes, [float(c) for c in cut], quality, share)
-                best_cost = target.cost(quality.mean_cosine, quality.seconds_per_image)
+                best_cost = quality.cost(target)
     return best
 
 
