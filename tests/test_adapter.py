@@ -14,6 +14,7 @@ from open_clip.model import CLIP
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError, token_path_key
+from pipeline.encode.model import normalize_uint8
 
 TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings (observed: ~2e-7)
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
@@ -88,6 +89,24 @@ def test_full_route_reproduces_encode_image(family):
     assert (out.embeddings - reference).abs().max() < TOLERANCE
     grid = model.visual.grid_size
     assert out.tokens.tolist() == [grid[0] * grid[1] + 1] * len(x)
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED))
+def test_uint8_pixels_through_the_folded_stem_reproduce_encode_image_of_the_normalised_batch(family):
+    vision, kwargs = SUPPORTED[family]
+    model = _model(vision, **kwargs)
+    height, width = model.visual.image_size
+    pixels = torch.randint(
+        0, 256, (3, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    mean, std = (0.2, 0.5, 0.7), (0.3, 0.1, 0.25)  # far from the defaults: a dropped or swapped one shows
+    with torch.no_grad():
+        pooled = model.visual(normalize_uint8(pixels, mean, std))
+        reference = F.normalize(pooled[0] if model.visual.output_tokens else pooled, dim=-1)
+    vit = AdaptiveViT(model.visual, model_name=family, mean=mean, std=std)
+    assert (vit(pixels, RouteSpec(name="full")).embeddings - reference).abs().max() < TOLERANCE
+    with pytest.raises(ValueError, match="normalisation"):
+        AdaptiveViT(model.visual, model_name=family)(pixels, RouteSpec(name="full"))
 
 
 def test_pooling_order_matters_so_the_equivalence_test_can_fail():

@@ -27,6 +27,7 @@ from pipeline.lab.router_search import (
     RouterPlan,
     apply_plan,
     best_single_route,
+    route_qualities,
     search_router,
 )
 from pipeline.lab.routes_file import write_calibration
@@ -210,9 +211,11 @@ def test_fit_test_split_is_a_seeded_random_partition():
 def test_a_learned_scorer_that_routes_ships_beside_the_yaml_by_absolute_path(tmp_path, monkeypatch):
     routes, full, scores = _measurements()
     keys = [f"scene{i}" for i in range(N)]
-    plan = search_router(scores, routes, full, full, keys, QualityFloor(0.95, 0.99))
+    floor = QualityFloor(0.95, 0.99)
+    plan = search_router(scores, routes, full, full, keys, floor)
     learned = LearnedScorer(np.zeros(22), np.ones(22), np.zeros(22), 0.25)
-    calibration = Calibration(QualityFloor(0.95, 0.99), routes, [], "learned", plan, learned, {"images": N})
+    qualities = route_qualities(routes, full, full, keys, floor)
+    calibration = Calibration(floor, routes, qualities, [], "learned", plan, learned, {"images": N})
     monkeypatch.chdir(tmp_path)
     written = write_calibration(calibration, ModelConfig(), "out/routes.yaml", options={"images": N})
     assert written == {
@@ -228,7 +231,12 @@ def test_a_learned_scorer_that_routes_ships_beside_the_yaml_by_absolute_path(tmp
     report = json.loads(Path(written["report"]).read_text())
     assert report["winner"] == "learned" and report["final_plan"]["meets_target"] is True
     assert [r["name"] for r in report["routes"]] == ["cheap", "mid", "full"]
-    assert report["routes"][2]["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    cheap, _, full_row = report["routes"]  # each route alone on every row, with its bound and verdict
+    assert full_row["mean_cosine"] == pytest.approx(1.0, abs=1e-5) and full_row["recall_ratio"] == 1.0
+    assert full_row["recall_ratio_lower"] == pytest.approx(1.0) and full_row["meets_target"] is True
+    assert cheap["mean_cosine"] == pytest.approx(qualities[0].mean_cosine) and cheap["mean_cosine"] < 0.95
+    assert cheap["recall_ratio_lower"] <= cheap["recall_ratio"] and cheap["meets_target"] is False
+    assert cheap["seconds_per_image"] == 0.001 and cheap["gflops_per_image"] == pytest.approx(0.2)
 
 
 def test_learned_scorer_fits_a_linear_target_and_round_trips_through_its_file(tmp_path):

@@ -2,6 +2,7 @@
 
 Modifications against open_clip's `VisionTransformer.forward` (the weights are read, never copied, and no
 module of the live model is replaced):
+- uint8 pixels go through the stem with the eval normalisation folded into the patch projection (stem.py);
 - the block loop is ours, so it can stop after `exit_depth` blocks and pool through that depth's exit head;
 - attention runs through `scaled_dot_product_attention` on the block's own in/out projections (fused),
   with ToMe's proportional-attention bias once tokens stand for more than one patch;
@@ -57,6 +58,7 @@ from pipeline.config import RouteSpec
 from pipeline.encode import tokens as tok
 from pipeline.encode.flops import block_gflops, head_gflops, stem_gflops
 from pipeline.encode.heads import ExitHeads
+from pipeline.encode.stem import patch_embeddings
 
 BUDGET_QUANTUM = 8  # pruning budgets round up to a multiple: few groups, dense batches
 
@@ -151,11 +153,21 @@ class AdaptiveViT(nn.Module):
     """Routed forward over `visual` (an open_clip VisionTransformer) with optional exit heads.
 
     `model_name` only labels the refusal when `visual` is a tower the adaptive forward does not reproduce.
+    `mean` and `std` (the model's eval normalisation) let the forward take uint8 pixels (stem.py).
     """
 
-    def __init__(self, visual: nn.Module, heads: ExitHeads | None = None, *, model_name: str | None = None):
+    def __init__(
+        self,
+        visual: nn.Module,
+        heads: ExitHeads | None = None,
+        *,
+        model_name: str | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ):
         super().__init__()
         self.model_name = model_name or type(visual).__name__
+        self.pixel_stats = (mean, std) if mean is not None and std is not None else None
         feature = _unsupported_tower_feature(visual)
         if feature is not None:
             raise _unsupported(self.model_name, feature)
@@ -176,7 +188,11 @@ class AdaptiveViT(nn.Module):
         self.norm_before_pool = visual.pool_type == "avg" and not visual.final_ln_after_pool
 
     # -- one block, split so merging can sit between attention and MLP -----------------------------
-    def _attention(self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_cls: bool):
+    def _attention(
+        self, block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_keys: bool, want_cls: bool
+    ):
+        """(attention output, head-averaged keys if `want_keys` (what merging matches on), CLS attention if
+        `want_cls`)."""
         attn: nn.MultiheadAttention = block.attn
         b, n, d = x.shape
         head_dim = d // self.num_heads
@@ -190,23 +206,24 @@ class AdaptiveViT(nn.Module):
             if bias is not None:
                 logits = logits + bias[:, :, 0]
             cls_attention = logits.softmax(dim=-1).mean(dim=1)
-        return block.ls_1(out), k.mean(dim=1), cls_attention
+        return block.ls_1(out), k.mean(dim=1) if want_keys else None, cls_attention
 
     def _run_blocks(
         self, state: _State, start: int, stop: int, route: RouteSpec, want_cls: bool, late: bool = True
     ) -> _State:
         """Blocks [start, stop); `late`: these images take the route's late schedule from `late_after`."""
         x, size, gflops = state.x, state.size, state.gflops
-        weighted = route.merge != "none" or route.prunes
         cls_attention = None
         blocks = self._blocks(route)
         for i in range(start, stop):
             block = blocks[i]
             n_attn = x.shape[1]
-            bias = tok.proportional_attention_bias(size, x.dtype) if weighted else None
-            attn_out, keys, cls_attention = self._attention(block, x, bias, want_cls and i == stop - 1)
-            x = x + attn_out
             r = route.merge_count(n_attn, late and i >= route.late_after)
+            # until a merge or prune, every token is one patch and the bias (log 1) is zero: skip it
+            merged = n_attn <= self.num_patches
+            bias = tok.proportional_attention_bias(size, x.dtype) if merged else None
+            attn_out, keys, cls_attention = self._attention(block, x, bias, r > 0, want_cls and i == stop - 1)
+            x = x + attn_out
             if r > 0:
                 match = (
                     tok.bipartite_soft_matching if route.merge == "tome" else tok.complete_graph_soft_matching
@@ -218,10 +235,21 @@ class AdaptiveViT(nn.Module):
         return _State(x, size, gflops, cls_attention)
 
     def _embed(self, images: torch.Tensor) -> _State:
-        """open_clip's own stem (patches, CLS, positions, patch dropout, ln_pre); every token is one patch."""
-        if self.visual.training and isinstance(self.visual.patch_dropout, PatchDropout):
+        """open_clip's own stem (patches, CLS, positions, patch dropout, ln_pre); every token is one patch.
+        uint8 pixels [B, H, W, 3] take the folded patch projection (stem.py), then the same steps."""
+        visual = self.visual
+        if visual.training and isinstance(visual.patch_dropout, PatchDropout):
             raise _unsupported(self.model_name, "patch dropout in training mode (call .eval() on the tower)")
-        x = self.visual._embeds(images)
+        if images.dtype != torch.uint8:
+            x = visual._embeds(images)
+        elif self.pixel_stats is None:
+            raise ValueError("uint8 pixels need the model's normalisation: AdaptiveViT(..., mean=, std=)")
+        else:
+            x = patch_embeddings(visual.conv1, images, *self.pixel_stats)
+            cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = visual.ln_pre(
+                visual.patch_dropout(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
+            )
         stem = stem_gflops(self.width, self.patch_dim, self.num_patches)
         return _State(x, x.new_ones(x.shape[0], x.shape[1], 1), stem)
 
@@ -295,7 +323,8 @@ class AdaptiveViT(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, route: RouteSpec) -> RouteOutput:
-        """images: normalised float [B, 3, H, W]. One route for the whole batch."""
+        """images: normalised float [B, 3, H, W], or uint8 pixels [B, H, W, 3] (with `mean` and `std` set).
+        One route for the whole batch."""
         depth = self.route_depth(route)
         pooled, tokens, gflops = self.pooled_tokens(images, route, depth)
         embeddings = F.normalize(self.project(pooled, depth, route), dim=-1)

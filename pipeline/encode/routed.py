@@ -10,7 +10,7 @@ import torch
 from pipeline.config import ModelConfig, RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads
-from pipeline.encode.model import LoadedModel, load_model, normalize_uint8, resolve_heads
+from pipeline.encode.model import LoadedModel, load_model, resolve_heads
 
 
 @dataclass
@@ -37,7 +37,9 @@ class RoutedEncoder:
         loaded.model.to(self.device)
         if heads is not None:
             heads.to(self.device)
-        self.vit = AdaptiveViT(loaded.model.visual, heads, model_name=loaded.model_id)
+        self.vit = AdaptiveViT(
+            loaded.model.visual, heads, model_name=loaded.model_id, mean=loaded.mean, std=loaded.std
+        )
         for route in routes:
             self.vit.route_depth(route)  # fail at start-up, not mid-job, on a route the heads cannot serve
 
@@ -65,10 +67,9 @@ class RoutedEncoder:
         pixels = torch.from_numpy(np.ascontiguousarray(images))
         for route_id in np.unique(route_ids):
             rows = np.flatnonzero(route_ids == route_id)
-            batch = pixels[torch.from_numpy(rows)].to(self.device, non_blocking=True)
-            result = self.vit(
-                normalize_uint8(batch, self.loaded.mean, self.loaded.std), self.routes[int(route_id)]
-            )
+            batch = pixels if len(rows) == n else pixels[torch.from_numpy(rows)]
+            batch = batch.to(self.device, non_blocking=True)
+            result = self.vit(batch, self.routes[int(route_id)])  # uint8: normalised inside the stem
             out.vectors[rows] = result.embeddings.float().cpu().numpy()
             out.exit_depth[rows] = result.exit_depth
             out.tokens[rows] = result.tokens.numpy()

@@ -25,7 +25,8 @@ from pipeline.lab.router_search import (
     RouteMeasurement,
     RouterPlan,
     apply_plan,
-    best_single_route,
+    cheapest_admissible,
+    route_qualities,
     search_router,
     subset,
 )
@@ -190,6 +191,7 @@ class Calibration:
 
     target: Target
     measurements: list[RouteMeasurement]
+    qualities: list[PlanQuality]  # each route alone on every row of the sample
     trials: list[ScorerTrial]
     winner: str
     plan: RouterPlan  # what ships (final_plan), with the quality it was judged by
@@ -197,17 +199,17 @@ class Calibration:
     sample: dict[str, Any]
 
     def route_table(self) -> list[dict[str, Any]]:
-        full = next(m for m in self.measurements if spec_key(m.route) == FULL_KEY).embeddings
+        """Per route, on every row: cost, speed, mean cosine, R@10, its ratio to full depth and the ratio's
+        lower bound (so a report says which routes a floor rejected, and by how much)."""
         return [
             {
                 "name": m.route.name,
                 "route": m.route.model_dump(exclude_defaults=True),
-                "seconds_per_image": m.seconds_per_image,
                 "speedup_vs_encode_image": m.speedup,
-                "gflops_per_image": float(m.gflops.mean()),
-                "mean_cosine": float((m.embeddings * full).sum(-1).mean()),
+                **q.to_dict(),
+                "meets_target": q.meets(self.target),
             }
-            for m in self.measurements
+            for m, q in zip(self.measurements, self.qualities, strict=True)
         ]
 
     def report(self) -> dict[str, Any]:
@@ -271,8 +273,8 @@ def calibrate(
         ladder = plan and [r.name for r in plan.routes]
         log(f"{name}: fit plan {ladder}; held out: {held_out and held_out.to_dict()}")
     winner = choose_winner(trials, target)
-    single = best_single_route(measurements, full, text, sample.keys, target)
-    plan = final_plan(single, winner, target)
+    qualities = route_qualities(measurements, full, text, sample.keys, target)
+    plan = final_plan(cheapest_admissible(measurements, qualities, target), winner, target)
     if plan is None:
         raise CalibrationError(f"no router meets {target} on the {len(sample)} calibration images")
     scorer = scorers[winner.name]
@@ -285,4 +287,4 @@ def calibrate(
         "fit_rows": len(fit),
         "test_rows": len(test),
     }
-    return Calibration(target, measurements, trials, winner.name, plan, learned, info)
+    return Calibration(target, measurements, qualities, trials, winner.name, plan, learned, info)

@@ -228,6 +228,34 @@ def _admissible(
     return quality
 
 
+def route_qualities(
+    measurements: list[RouteMeasurement],
+    full: torch.Tensor,
+    text: torch.Tensor,
+    keys: list[str],
+    target: Target,
+) -> list[PlanQuality]:
+    """Each route alone on every image: its quality, cost and (at `target`'s confidence) the R@10 ratio's
+    lower bound. One evaluator per route, so this never holds every route's [queries x images]
+    similarities."""
+    assign = np.zeros(len(full), dtype=np.int64)
+    return [
+        PlanEvaluator([m], full, text, keys, 0.0, confidence(target)).measure(assign, 1) for m in measurements
+    ]
+
+
+def cheapest_admissible(
+    measurements: list[RouteMeasurement], qualities: list[PlanQuality], target: Target
+) -> RouterPlan | None:
+    """The route (of `route_qualities`) that meets `target` at the lowest cost, the earliest on a tie; None
+    if no route meets it."""
+    admissible = [(q.cost(target), i) for i, q in enumerate(qualities) if q.meets(target)]
+    if not admissible:
+        return None
+    i = min(admissible)[1]
+    return RouterPlan([measurements[i].route], [], qualities[i], [1.0])
+
+
 def best_single_route(
     measurements: list[RouteMeasurement],
     full: torch.Tensor,
@@ -235,18 +263,8 @@ def best_single_route(
     keys: list[str],
     target: Target,
 ) -> RouterPlan | None:
-    """The best route for `target` on its own (no scorer, no thresholds), or None if none is admissible.
-
-    One evaluator per route, so the search never holds every route's [queries x images] similarities."""
-    best: RouterPlan | None = None
-    best_cost = float("inf")
-    assign = np.zeros(len(full), dtype=np.int64)
-    for m in measurements:
-        ev = PlanEvaluator([m], full, text, keys, 0.0, confidence(target))
-        quality = _admissible(ev, assign, 1, target, best_cost)
-        if quality is not None:
-            best, best_cost = RouterPlan([m.route], [], quality, [1.0]), quality.cost(target)
-    return best
+    """The best route for `target` on its own (no scorer, no thresholds), or None if none is admissible."""
+    return cheapest_admissible(measurements, route_qualities(measurements, full, text, keys, target), target)
 
 
 def search_router(
