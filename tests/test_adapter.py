@@ -107,6 +107,8 @@ def test_uint8_pixels_through_the_folded_stem_reproduce_encode_image_of_the_norm
     assert (vit(pixels, RouteSpec(name="full")).embeddings - reference).abs().max() < TOLERANCE
     with pytest.raises(ValueError, match="normalisation"):
         AdaptiveViT(model.visual, model_name=family)(pixels, RouteSpec(name="full"))
+    with pytest.raises(ValueError, match=f"pixels {height + 4}x{width} are not whole 8x8 patches"):
+        vit(torch.zeros(1, height + 4, width, 3, dtype=torch.uint8), RouteSpec(name="full"))
 
 
 def test_pooling_order_matters_so_the_equivalence_test_can_fail():

@@ -23,7 +23,9 @@ def patch_embeddings(
     over the patch grid (the order open_clip flattens `conv1`'s output in)."""
     b, h, w, c = pixels.shape
     width, _, ph, pw = conv.weight.shape
-    if h % ph or w % pw or conv.stride != (ph, pw) or conv.padding != (0, 0):
+    if conv.stride != (ph, pw) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+        raise ValueError("this tower's stem is not one projection of non-overlapping patches")
+    if h % ph or w % pw:
         raise ValueError(f"pixels {h}x{w} are not whole {ph}x{pw} patches of this tower's stem")
     weight = conv.weight
     m = torch.tensor(mean, dtype=weight.dtype, device=weight.device).view(1, c, 1, 1)
