@@ -213,6 +213,8 @@ def test_routed_encoder_matches_one_route_at_a_time(embedded):
         np.testing.assert_allclose(mixed.vectors[rows], alone.vectors, atol=1e-5)
     assert mixed.exit_depth.tolist() == [(6, 12, 12)[r] for r in route_ids]
     assert mixed.tokens.tolist() == [(65, 65, 65 - 12 * 2)[r] for r in route_ids]
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        encoder.encode(images.astype(np.float32), route_ids)
 
 
 def test_route_needing_a_missing_exit_head_is_refused_at_start(embedded):

@@ -57,6 +57,9 @@ class RoutedEncoder:
         return self.vit.embed_dim
 
     def encode(self, images: np.ndarray, route_ids: np.ndarray) -> EncodedBatch:
+        """images: uint8 [N, H, W, 3] at the model's resolution, as decode.py makes them."""
+        if images.dtype != np.uint8:
+            raise TypeError(f"the encoder takes uint8 pixels [N, H, W, 3], got {images.dtype}")
         n = len(images)
         out = EncodedBatch(
             vectors=np.zeros((n, self.embed_dim), np.float32),
