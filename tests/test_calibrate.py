@@ -29,6 +29,7 @@ from pipeline.lab.router_search import (
     best_single_route,
     route_qualities,
     search_router,
+    split_galleries,
 )
 from pipeline.lab.routes_file import write_calibration
 from pipeline.lab.targets import ComputeBudget, QualityFloor
@@ -206,6 +207,21 @@ def test_fit_test_split_is_a_seeded_random_partition():
     assert not np.array_equal(other[1], test)
     fit, test = fit_test_split(40, seed=3, test_fraction=0.25)
     assert (len(fit), len(test)) == (30, 10)
+
+
+def test_galleries_are_random_near_equal_and_each_is_split_in_proportion():
+    galleries = split_galleries(6001, 2000, seed=0)
+    assert np.bincount(galleries).tolist() == [2001, 2000, 2000]
+    assert not np.array_equal(galleries[:2000], np.zeros(2000))  # drawn at random, not in row order
+    assert split_galleries(6001, None) is None and split_galleries(2000, 2000) is None
+    fit, test = fit_test_split(6001, seed=0, galleries=galleries)
+    np.testing.assert_array_equal(np.sort(np.concatenate([fit, test])), np.arange(6001))
+    assert np.bincount(galleries[test]).tolist() == [1000, 1000, 1000]  # round(2001 / 2) == 1000
+    assert np.bincount(galleries[fit]).tolist() == [1001, 1000, 1000]
+    one = fit_test_split(101, seed=0, galleries=np.zeros(101, np.int64))
+    np.testing.assert_array_equal(one[1], fit_test_split(101, seed=0)[1])  # one gallery: as without
+    with pytest.raises(ValueError, match="at least 10 images"):
+        split_galleries(100, 5)
 
 
 def test_a_learned_scorer_that_routes_ships_beside_the_yaml_by_absolute_path(tmp_path, monkeypatch):

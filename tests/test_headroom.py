@@ -154,6 +154,58 @@ def test_repeated_captions_are_ranked_once_and_counted_for_every_copy():
     assert torch.equal(ev.full_hits, (key_of[full_top] == key_of[:, None]).any(dim=1))
 
 
+def test_galleries_rank_each_caption_against_its_own_gallery_only():
+    """Each query's hit equals a brute-force top-10 over the images of its own gallery; a same-key image
+    in another gallery is no hit, and repeated captions in different galleries are ranked apart."""
+    g = torch.Generator().manual_seed(2)
+    key_of = torch.randint(0, 12, (N,), generator=g)
+    text = F.normalize(torch.randn(12, 32, generator=g), dim=-1)[key_of]
+    routes, full = _routes(np.arange(N) % 3 == 0)
+    keys = [f"scene{int(k)}" for k in key_of]
+    galleries = np.arange(N) % 4  # four galleries of 25
+    ev = PlanEvaluator(routes, full, text, keys, galleries=galleries)
+    asked = {(gallery, int(k)) for gallery, k in zip(galleries.tolist(), key_of, strict=True)}
+    assert ev.sims.shape[1] == len(asked) > 12  # a caption is ranked once per gallery that asks it
+    assign = (np.arange(N) % 2).astype(np.int64)
+    images = torch.where(torch.from_numpy(assign == 0)[:, None], routes[0].embeddings, full)
+    expected = torch.zeros(N, dtype=torch.bool)
+    for gallery in range(4):
+        rows = torch.from_numpy(np.flatnonzero(galleries == gallery))
+        top = rows[(text[rows] @ images[rows].T).topk(10, dim=1).indices]
+        expected[rows] = (key_of[top] == key_of[rows, None]).any(dim=1)
+    assert torch.equal(ev.hits(assign), expected) and not bool(expected.all())
+    one_gallery = PlanEvaluator(routes, full, text, keys).hits(assign)
+    assert not torch.equal(one_gallery, expected)  # 100 images are a harder search than 25
+    with pytest.raises(ValueError, match="at least 10 per gallery"):
+        PlanEvaluator(routes, full, text, keys, galleries=np.arange(N) % 20)
+
+
+def test_three_galleries_of_new_scenes_narrow_the_bound_by_about_root_three():
+    """The same retrieval problem three times over (new keys, same embeddings) as three galleries: the
+    R@10 ratio is unchanged and the bound's margin shrinks by about sqrt(3), the point of judging a
+    larger sample at the reported gallery size."""
+    routes, full = _routes(np.arange(N) % 4 == 0)
+    keys = [f"scene{i}" for i in range(N)]
+    one = PlanEvaluator(routes, full, full, keys, confidence=0.95)
+    tiled = [
+        RouteMeasurement(m.route, m.embeddings.repeat(3, 1), np.tile(m.gflops, 3), 0.001) for m in routes
+    ]
+    three = PlanEvaluator(
+        tiled,
+        full.repeat(3, 1),
+        full.repeat(3, 1),
+        [f"{copy}/{key}" for copy in range(3) for key in keys],
+        confidence=0.95,
+        galleries=np.repeat(np.arange(3), N),
+    )
+    small, large = one.measure(np.zeros(N, np.int64), 1), three.measure(np.zeros(3 * N, np.int64), 1)
+    assert large.recall_ratio == pytest.approx(small.recall_ratio) and small.recall_ratio < 1
+    narrowing = (small.recall_ratio - small.recall_ratio_lower) / (
+        large.recall_ratio - large.recall_ratio_lower
+    )
+    assert 1.4 < narrowing < 2.1
+
+
 def test_patch_redundancy_counts_alike_flat_patches():
     rng = np.random.default_rng(0)
     plain = np.full((1, 64, 64, 4), 120.0, np.float32)

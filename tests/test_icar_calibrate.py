@@ -127,6 +127,8 @@ def test_scene_calibration_writes_a_config_the_index_job_loads(scenes):
         "skipped": {},
         "fit_rows": 12,
         "test_rows": 12,
+        "galleries": 1,
+        "gallery_size": None,
     }
     if cfg.router.scorer != "handcrafted":  # a learned scorer that routes ships beside the YAML
         assert Path(cfg.router.scorer).is_absolute() and cfg.router.scorer == report["outputs"]["scorer"]
@@ -179,6 +181,7 @@ def test_a_captioned_shard_of_drawings_with_another_checkpoint_path(drawings, tm
         (["--out", "{tmp}/r.yaml", "--model", "ViT-B-32"], "--pretrained is required"),
         (["--out", "{tmp}/r.yaml", "--exits", "5"], "heads at [4, 6, 8, 10]"),
         (["--out", "{tmp}/r.yaml", "--images", "12"], "calibration needs at least 20"),
+        (["--out", "{tmp}/r.yaml", "--gallery-size", "12"], "each gallery needs 20 images"),
     ],
 )
 def test_bad_requests_fail_fast_with_exit_2(argv, message, drawings, tmp_path, capsys):

@@ -70,19 +70,21 @@ class MergePlan:
         """Size-weighted average of each destination with its sources -> `(x [B,N-r,C], size [B,N-r,1])`.
 
         Weighting by size makes repeated merging equal to averaging the original patches, and keeps
-        `sum(x * size)` and `sum(size)` invariant.
+        `sum(x * size)` and `sum(size)` invariant. The survivors are gathered first and the sources added
+        into them in place, so no full-size copy of the tokens is made.
         """
-        c = x.shape[-1]
         if self.r == 0:
             return x, size
-        weighted = x * size  # promotes half x to float32 when size is float32: accumulate in higher precision
-        src_c = self.src_idx[..., None].expand(-1, -1, c)
-        dst_c = self.dst_idx[..., None].expand(-1, -1, c)
-        weighted = weighted.scatter_add(1, dst_c, weighted.gather(1, src_c))
-        new_size = size.scatter_add(1, self.dst_idx[..., None], size.gather(1, self.src_idx[..., None]))
-        keep = self.keep_idx[..., None]
-        weighted = weighted.gather(1, keep.expand(-1, -1, c))
-        new_size = new_size.gather(1, keep)
+        batch, n, c = x.shape
+        keep, src = self.keep_idx, self.src_idx[..., None]
+        slot = torch.empty(batch, n, dtype=torch.long, device=x.device)  # original index -> survivor index
+        slot.scatter_(1, keep, torch.arange(keep.shape[1], device=x.device).expand_as(keep))
+        dst = slot.gather(1, self.dst_idx)[..., None]
+        kept_size, src_size = size.gather(1, keep[..., None]), size.gather(1, src)
+        # x * size promotes half x to float32 when size is float32: accumulate in higher precision
+        weighted = x.gather(1, keep[..., None].expand(-1, -1, c)) * kept_size
+        weighted.scatter_add_(1, dst.expand(-1, -1, c), x.gather(1, src.expand(-1, -1, c)) * src_size)
+        new_size = kept_size.scatter_add(1, dst, src_size)
         return (weighted / new_size).to(x.dtype), new_size
 
 

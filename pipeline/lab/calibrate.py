@@ -4,6 +4,11 @@ held-back rows vouch for it and it beats the best single route on the whole samp
 router (plus the learned scorer, if it won and the router routes) that meets a quality floor at the lowest
 measured cost, or is the most faithful within a GFLOPs budget.
 
+R@10 depends on how many images a caption searches, so a claim is about a gallery size: with
+`gallery_size` the sample is cut into galleries of that many images and every caption searches its own.
+A sample three times the reported gallery size then gives three times the queries at the same R@10
+regime, and the R@10 ratio's lower bound narrows by sqrt(3).
+
 Route costs come from the shared harness (pipeline/lab/speed.py): each route's seconds per image is the
 full-depth route's, divided by the route's median same-round speedup over it.
 """
@@ -28,6 +33,7 @@ from pipeline.lab.router_search import (
     cheapest_admissible,
     route_qualities,
     search_router,
+    split_galleries,
     subset,
 )
 from pipeline.lab.sample import CaptionedSample
@@ -47,8 +53,9 @@ class CalibrationSettings:
     batch_size: int = 64
     timing_images: int = 512  # each route is timed on this many images of the sample
     rounds: int = 3  # alternating timing rounds (medians kept)
-    seed: int = 0  # the fit/test split
+    seed: int = 0  # the fit/test split and the galleries
     test_fraction: float = 0.5
+    gallery_size: int | None = None  # judge R@10 in galleries of this many images (None: the whole sample)
 
 
 def embed_routes(
@@ -121,12 +128,19 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def fit_test_split(n: int, seed: int = 0, test_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def fit_test_split(
+    n: int, seed: int = 0, test_fraction: float = 0.5, galleries: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint sorted row indices (fit, test) covering range(n), drawn at random: shards are often
-    ordered (by source, by time), so the first half and the second half need not look alike."""
+    ordered (by source, by time), so the first half and the second half need not look alike. With
+    `galleries`, each gallery is split on its own, so both parts hold every gallery in proportion."""
     order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
+    groups = np.zeros(n, np.int64) if galleries is None else np.asarray(galleries)
+    order = order[np.argsort(groups[order], kind="stable")]  # gallery by gallery, random within each
+    _, first, counts = np.unique(groups[order], return_index=True, return_counts=True)
+    position = np.arange(n) - np.repeat(first, counts)  # rank within its gallery
+    is_test = position < np.round(np.repeat(counts, counts) * test_fraction)
+    return np.sort(order[~is_test]), np.sort(order[is_test])
 
 
 @dataclass
@@ -254,7 +268,8 @@ def calibrate(
     features = complexity_features(sample.images, sample.bytes_per_pixel)
     label_cosine = target.min_cosine if isinstance(target, QualityFloor) else QualityFloor.min_cosine
     labels = cheapest_route_labels(measurements, full, label_cosine)
-    fit, test = fit_test_split(len(sample), s.seed, s.test_fraction)
+    galleries = split_galleries(len(sample), s.gallery_size, s.seed)
+    fit, test = fit_test_split(len(sample), s.seed, s.test_fraction, galleries)
     scorers: dict[str, Scorer] = {
         "handcrafted": HandcraftedScorer(),
         "learned": LearnedScorer.fit(features[fit], labels[fit]),
@@ -263,17 +278,24 @@ def calibrate(
     def on(rows: np.ndarray) -> tuple:
         return subset(measurements, rows), full[rows], text[rows], keys[rows].tolist()
 
+    def galleries_of(rows: np.ndarray) -> np.ndarray | None:
+        return None if galleries is None else galleries[rows]
+
     trials = []
     for name, scorer in scorers.items():
         scores = scorer(features)
         cpu = scorer_seconds(scorer, sample.images, sample.bytes_per_pixel)
-        plan = search_router(scores[fit], *on(fit), target, router_seconds=cpu)
-        held_out = apply_plan(plan, scores[test], *on(test), router_seconds=cpu) if plan else None
+        plan = search_router(scores[fit], *on(fit), target, router_seconds=cpu, galleries=galleries_of(fit))
+        held_out = (
+            apply_plan(plan, scores[test], *on(test), router_seconds=cpu, galleries=galleries_of(test))
+            if plan
+            else None
+        )
         trials.append(ScorerTrial(name, rank_correlation(scores[test], labels[test]), cpu, plan, held_out))
         ladder = plan and [r.name for r in plan.routes]
         log(f"{name}: fit plan {ladder}; held out: {held_out and held_out.to_dict()}")
     winner = choose_winner(trials, target)
-    qualities = route_qualities(measurements, full, text, sample.keys, target)
+    qualities = route_qualities(measurements, full, text, sample.keys, target, galleries)
     plan = final_plan(cheapest_admissible(measurements, qualities, target), winner, target)
     if plan is None:
         raise CalibrationError(f"no router meets {target} on the {len(sample)} calibration images")
@@ -286,5 +308,7 @@ def calibrate(
         "skipped": sample.skipped,
         "fit_rows": len(fit),
         "test_rows": len(test),
+        "galleries": 1 if galleries is None else int(galleries.max()) + 1,
+        "gallery_size": s.gallery_size,
     }
     return Calibration(target, measurements, qualities, trials, winner.name, plan, learned, info)

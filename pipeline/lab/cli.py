@@ -69,7 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-images", type=int, default=512, help="images each route is timed on")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (medians kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split")
+    p.add_argument(
+        "--gallery-size",
+        type=int,
+        help="judge R@10 with each caption searching a random gallery of this many sample images "
+        "(default: the whole sample); a sample several times this size narrows the R@10 bound",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/test split and the galleries")
     p.add_argument("--config", help="index config whose input column mapping and decode settings to use")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -130,6 +136,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pipeline.lab.targets import ComputeBudget
 
     cfg = config_from_args(args)
+    if args.gallery_size is not None and args.gallery_size < MIN_IMAGES:
+        raise ConfigError(f"--gallery-size {args.gallery_size}: each gallery needs {MIN_IMAGES} images")
     model = _model(args, cfg.model)
     for path in (args.out, args.report):  # refuse a path inside the package now, not after the work
         if path:
@@ -153,7 +161,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             )
         _log(f"{len(sample)} images, match key: {sample.key_source} ({len(set(sample.keys))} distinct)")
         settings = CalibrationSettings(
-            batch_size=args.batch_size, timing_images=args.timing_images, rounds=args.rounds, seed=args.seed
+            batch_size=args.batch_size,
+            timing_images=args.timing_images,
+            rounds=args.rounds,
+            seed=args.seed,
+            gallery_size=args.gallery_size,
         )
         try:
             result = calibrate(encoder, model.name, sample, target, settings, log=_log)

@@ -135,7 +135,12 @@ class PlanEvaluator:
     """Scores an assignment (image -> route) using precomputed text-image similarities per route.
 
     Queries that share a caption and a key (repeated captions: most of a sample of simple scenes) rank the
-    gallery identically, so each distinct one is ranked once and its hit counted for all of its copies."""
+    gallery identically, so each distinct one is ranked once and its hit counted for all of its copies.
+
+    `galleries` ([N] ids, default one gallery) splits the sample into separate retrieval problems: each
+    row's caption searches only the images of its own gallery. R@10 falls as a gallery grows (more
+    distractors), so a claim about galleries of 2,000 images is judged on galleries of 2,000; a larger
+    sample cut into such galleries brings more queries, and the bound narrows with their square root."""
 
     def __init__(
         self,
@@ -145,14 +150,16 @@ class PlanEvaluator:
         keys: list[str],
         router_seconds: float = 0.0,
         confidence: float = 0.0,
+        galleries: np.ndarray | None = None,
     ):
         self.router_seconds = router_seconds  # the scorer's CPU time, paid only by multi-route plans
         self.confidence = confidence  # > 0: also compute the R@10 ratio's lower bound at this level
         _, inverse = np.unique(np.asarray(keys), return_inverse=True)
         key_ids = torch.from_numpy(inverse)
         self.key_ids = key_ids  # queries sharing a key (one caption) resample together in the bound
+        gallery = _gallery_ids(galleries, len(text))
         _, text_ids = torch.unique(text, dim=0, return_inverse=True)
-        pairs = key_ids * len(text) + text_ids
+        pairs = (gallery * len(text) + key_ids) * len(text) + text_ids
         _, self.copies = torch.unique(pairs, return_inverse=True)  # [Q]: query -> its distinct query
         rows = torch.empty(int(self.copies.max()) + 1, dtype=torch.long).scatter_(
             0, self.copies, torch.arange(len(text))
@@ -160,14 +167,18 @@ class PlanEvaluator:
         distinct = text[rows]
         self.sims = torch.stack([distinct @ m.embeddings.T for m in measurements])  # [R, U, N]
         self.cos = torch.stack([(m.embeddings * full).sum(-1) for m in measurements])  # [R, N]
-        self.hit = key_ids[rows][:, None] == key_ids[None, :]  # [U, N]
+        same_gallery = gallery[rows][:, None] == gallery[None, :]  # [U, N]
+        self.outside = None if bool(same_gallery.all()) else ~same_gallery  # masked out of every ranking
+        self.hit = (key_ids[rows][:, None] == key_ids[None, :]) & same_gallery  # [U, N]
         self.seconds = np.array([m.seconds_per_image for m in measurements])
         self.gflops = np.stack([m.gflops for m in measurements])  # [R, N]
         self.full_hits = self._ranked_hits(distinct @ full.T)[self.copies]  # [Q]
         self.full_recall = float(self.full_hits.float().mean())
 
     def _ranked_hits(self, sims: torch.Tensor) -> torch.Tensor:
-        """[U] bool: each distinct query finds a same-key image in its top K of `sims` [U, N]."""
+        """[U] bool: each distinct query finds a same-key image of its gallery in its top K of `sims`."""
+        if self.outside is not None:
+            sims = sims.masked_fill(self.outside, -torch.inf)
         return self.hit.gather(1, sims.topk(K, dim=1).indices).any(dim=1)
 
     def hits(self, assign: np.ndarray) -> torch.Tensor:
@@ -189,6 +200,28 @@ class PlanEvaluator:
         wanted = bound and self.confidence
         lower = ratio_lower_bound(hits, self.full_hits, self.confidence, self.key_ids) if wanted else None
         return PlanQuality(cosine, float(hits.float().mean()), self.full_recall, seconds, gflops, lower)
+
+
+def _gallery_ids(galleries: np.ndarray | None, n: int) -> torch.Tensor:
+    """[N] long gallery index per row (all 0 without `galleries`); every gallery must hold K images."""
+    if galleries is None:
+        return torch.zeros(n, dtype=torch.long)
+    if len(galleries) != n:
+        raise ValueError(f"{len(galleries)} gallery ids for {n} rows")
+    _, inverse, counts = np.unique(np.asarray(galleries), return_inverse=True, return_counts=True)
+    if counts.min() < K:
+        raise ValueError(f"a gallery of {counts.min()} images: R@{K} needs at least {K} per gallery")
+    return torch.from_numpy(inverse.astype(np.int64))
+
+
+def split_galleries(n: int, size: int | None, seed: int = 0) -> np.ndarray | None:
+    """Gallery ids cutting `n` rows at random into n // size galleries of (nearly) `size` rows; None (one
+    gallery) when `size` is None or covers the sample."""
+    if size is None or size >= n:
+        return None
+    if size < K:
+        raise ValueError(f"gallery size {size}: R@{K} needs at least {K} images per gallery")
+    return np.random.default_rng(seed).permutation(n) % (n // size)
 
 
 def confidence(target: Target) -> float:
@@ -234,13 +267,15 @@ def route_qualities(
     text: torch.Tensor,
     keys: list[str],
     target: Target,
+    galleries: np.ndarray | None = None,
 ) -> list[PlanQuality]:
     """Each route alone on every image: its quality, cost and (at `target`'s confidence) the R@10 ratio's
     lower bound. One evaluator per route, so this never holds every route's [queries x images]
     similarities."""
     assign = np.zeros(len(full), dtype=np.int64)
+    level = confidence(target)
     return [
-        PlanEvaluator([m], full, text, keys, 0.0, confidence(target)).measure(assign, 1) for m in measurements
+        PlanEvaluator([m], full, text, keys, 0.0, level, galleries).measure(assign, 1) for m in measurements
     ]
 
 
@@ -262,9 +297,11 @@ def best_single_route(
     text: torch.Tensor,
     keys: list[str],
     target: Target,
+    galleries: np.ndarray | None = None,
 ) -> RouterPlan | None:
     """The best route for `target` on its own (no scorer, no thresholds), or None if none is admissible."""
-    return cheapest_admissible(measurements, route_qualities(measurements, full, text, keys, target), target)
+    qualities = route_qualities(measurements, full, text, keys, target, galleries)
+    return cheapest_admissible(measurements, qualities, target)
 
 
 def search_router(
@@ -277,6 +314,7 @@ def search_router(
     max_routes: int = 3,
     quantiles: int = 10,
     router_seconds: float = 0.0,
+    galleries: np.ndarray | None = None,
 ) -> RouterPlan | None:
     """The best (ladder, thresholds) on this sample for `target`, or None if no plan is admissible.
 
@@ -286,11 +324,11 @@ def search_router(
     more than it costs. The front must not decide single routes: a route dearer and lower in mean cosine
     than another can still be the one whose R@10 bound holds (fewer queries flip), and dropping it would
     let a dearer ladder win."""
-    best = best_single_route(measurements, full, text, keys, target)
+    best = best_single_route(measurements, full, text, keys, target, galleries)
     best_cost = best.quality.cost(target) if best else float("inf")
     grid = np.unique(np.quantile(scores, np.linspace(0, 1, quantiles + 1)[1:-1]))
     kept = [measurements[i] for i in pareto_routes(measurements, full, target)]
-    ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target))
+    ev = PlanEvaluator(kept, full, text, keys, router_seconds, confidence(target), galleries)
     for size in range(2, max_routes + 1):
         for ladder in itertools.combinations(range(len(kept)), size):
             routes = [kept[i].route for i in ladder]
@@ -314,12 +352,13 @@ def apply_plan(
     keys: list[str],
     router_seconds: float = 0.0,
     confidence_level: float = QualityFloor.confidence,
+    galleries: np.ndarray | None = None,
 ) -> PlanQuality:
     """Quality and cost (the scorer's CPU time included) of a router on a sample it was not fitted on
     (the honest estimate), with the R@10 ratio's lower bound at `confidence_level`."""
     by_key = {spec_key(m.route): m for m in measurements}
     routes = [by_key[spec_key(r)] for r in plan.routes]
-    ev = PlanEvaluator(routes, full, text, keys, router_seconds, confidence_level)
+    ev = PlanEvaluator(routes, full, text, keys, router_seconds, confidence_level, galleries)
     return ev.measure(assign_routes(scores, plan.router()), len(plan.routes))
 
 
