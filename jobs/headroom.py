@@ -2,13 +2,15 @@
 
     python jobs/headroom.py --split test --images 2000 --out results/headroom
     python jobs/headroom.py --split calib --config results/routes.yaml --out /tmp/headroom-calib
+    python jobs/headroom.py --split test --images 6000 --gallery-size 2000   # 3x the queries at R@10 of 2,000
 
 Measures every catalogue route (each token path at each exit the heads serve, and at full depth) on the
 split's scenes, timed against open_clip `encode_image` in alternating rounds; then, at the quality floor:
 the fastest single route treating every image alike, the fastest route whose images pick their own merge
 schedule inside the ViT (an in-ViT split), the per-image oracle (each image on the cheapest route keeping
 its cosine to full depth >= tau), and the router of --config (default: the embedded model's shipped one),
-each with its quality per complexity level. Writes <out>/headroom-<split>.json, .md and .png.
+each with its quality per complexity level. Writes <out>/headroom-<split>.json, .md and .png
+(headroom-<split>-<images>.* for another number of scenes than the default 2,000).
 
 Report on `test`; choose on `calib` (pipeline/lab/scenes/splits.py).
 """
@@ -46,6 +48,9 @@ def main() -> None:
         "--exits", type=int, nargs="*", help="exit depths (default: every depth of the heads)"
     )
     parser.add_argument("--config", help="config with the model and router (default: embedded, shipped)")
+    parser.add_argument(
+        "--gallery-size", type=int, help="each caption searches a random gallery of this many scenes"
+    )
     parser.add_argument("--cache-dir", help="where rendered scene sets are cached")
     parser.add_argument("--out", default="results/headroom")
     args = parser.parse_args()
@@ -60,10 +65,11 @@ def main() -> None:
     heldout = load_heldout(args.split, args.images, probe.loaded.image_size, cache_dir=args.cache_dir)
     report = measure_headroom(
         encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, args.timing_images, args.batch_size,
-        args.rounds,
+        args.rounds, args.gallery_size,
     )  # fmt: skip
     report["args"] = vars(args)
-    out = output_path(Path(args.out) / f"headroom-{args.split}.json")
+    sized = "" if args.images == parser.get_default("images") else f"-{args.images}"
+    out = output_path(Path(args.out) / f"headroom-{args.split}{sized}.json")
     out.write_text(json.dumps(report, indent=2, default=float))
     markdown = headroom_markdown(report)
     out.with_suffix(".md").write_text(markdown)

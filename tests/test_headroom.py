@@ -221,8 +221,9 @@ def test_patch_redundancy_counts_alike_flat_patches():
 
 
 def test_measure_headroom_reports_the_three_plans_on_a_split():
-    """The embedded model with its shipped router on a few test scenes: every plan carries its quality,
-    speed and per-level breakdown, and the one-route router equals that route measured alone."""
+    """The embedded model with its shipped router on a few test scenes, searched in two galleries of 12:
+    every plan carries its quality, speed and per-level breakdown, and the one-route router equals that
+    route measured alone."""
     cfg = load_config(None)
     probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
     routes = unique([route(), route(8), *cfg.router.routes])
@@ -232,7 +233,7 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     torch.set_num_threads(1)
     try:
         report = measure_headroom(
-            encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, 8, 24, rounds=1
+            encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, 8, 24, rounds=1, gallery_size=12
         )
     finally:
         torch.set_num_threads(threads)
@@ -246,7 +247,8 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     assert router["share"] == {cfg.router.routes[0].name: 1.0} and router["t2i_R@10"] == alone["t2i_R@10"]
     for plan in report["plans"].values():
         assert plan is None or sum(level["images"] for level in plan["per_level"].values()) == 24
-    assert "| router |" in headroom_markdown(report)
+    markdown = headroom_markdown(report)
+    assert "| router |" in markdown and "24 scenes in 2 galleries of 12;" in markdown
 
 
 def test_bound_coverage_halves_by_key_and_counts_every_split_and_route():

@@ -27,7 +27,7 @@ from pipeline.lab.calibrate import measure_routes, scorer_seconds
 from pipeline.lab.catalogue import FULL_KEY, spec_key
 from pipeline.lab.heldout import HeldoutSet
 from pipeline.lab.quality import embed_texts
-from pipeline.lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement
+from pipeline.lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement, split_galleries
 from pipeline.lab.speed import route_images
 from pipeline.lab.targets import QualityFloor
 from pipeline.score import load_scorer
@@ -135,9 +135,11 @@ def measure_headroom(
     timing_images: int = 512,
     batch_size: int = 64,
     rounds: int = 3,
+    gallery_size: int | None = None,
 ) -> dict[str, Any]:
     """Measure every route of `encoder` on `heldout`, then the best static route, the oracle and (if
-    given) a router -- each router route must be one of the encoder's -- side by side."""
+    given) a router -- each router route must be one of the encoder's -- side by side. With
+    `gallery_size`, each caption searches a random gallery of that many images (router_search.py)."""
     measurements = measure_routes(encoder, model_name, heldout.images, batch_size, timing_images, rounds)
     full_m = next(m for m in measurements if spec_key(m.route) == FULL_KEY)
     encode_image_seconds = full_m.seconds_per_image * full_m.speedup["median"]
@@ -154,7 +156,8 @@ def measure_headroom(
             scorer = load_scorer(router.scorer)
             router_seconds = scorer_seconds(scorer, heldout.images, heldout.bytes_per_pixel)
         assign = np.asarray([index[spec_key(r)] for r in router.routes])[ids]
-    ev = PlanEvaluator(measurements, full, text, keys, router_seconds, target.confidence)
+    galleries = split_galleries(len(heldout), gallery_size)
+    ev = PlanEvaluator(measurements, full, text, keys, router_seconds, target.confidence, galleries)
     found = find_headroom(ev, measurements, target)
     plans = {"best static route": found.static, "best in-ViT split": found.split, "oracle": found.oracle}
     if router is not None:
@@ -162,6 +165,7 @@ def measure_headroom(
     report: dict[str, Any] = {
         "split": heldout.split,
         "images": len(heldout),
+        "gallery_size": len(heldout) if galleries is None else int(np.bincount(galleries).min()),
         "target": vars(target),
         "encode_image_ms_per_image": 1e3 * encode_image_seconds,
         "routes": [
@@ -198,9 +202,11 @@ def measure_headroom(
 
 def headroom_markdown(report: dict[str, Any]) -> str:
     """The three plans side by side, then per complexity level."""
+    galleries = report["images"] // report["gallery_size"]
+    searched = f" in {galleries} galleries of {report['gallery_size']}" if galleries > 1 else ""
     lines = [
-        f"Split `{report['split']}`, {report['images']} scenes; target: mean cosine to full depth >= "
-        f"{report['target']['min_cosine']}, t->i R@10 >= {report['target']['min_recall_ratio']} x full "
+        f"Split `{report['split']}`, {report['images']} scenes{searched}; target: mean cosine to full depth "
+        f">= {report['target']['min_cosine']}, t->i R@10 >= {report['target']['min_recall_ratio']} x full "
         f"(the R@10 ratio's lower prediction bound at {report['target']['confidence']:.0%} shown beside it).",
         "",
         "| plan | speedup vs encode_image | ms/img | t2i R@10 (full) | ratio (lower bound) | mean cos "

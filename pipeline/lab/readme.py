@@ -54,6 +54,7 @@ def headroom_block(results: Path) -> str:
         command += f" --exits {' '.join(map(str, a['exits']))}" if a["exits"] is not None else ""
         command += f" --timing-images {a['timing_images']} --rounds {a['rounds']}"
         command += f" --config {a['config']}" if a["config"] else ""
+        command += f" --gallery-size {a['gallery_size']}" if a.get("gallery_size") else ""
         parts.append(f"`{command}` ([{path.stem}.md](results/headroom/{path.stem}.md)):\n\n")
         parts.append(path.with_suffix(".md").read_text() + "\n")
     return "".join(parts)
