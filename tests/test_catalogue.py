@@ -77,8 +77,12 @@ def test_the_shipped_heads_add_one_tuned_route_per_tail_to_calibration_and_front
 
 
 def test_the_shipped_router_routes_come_from_the_catalogue():
+    """Calibration's catalogue, the shipped heads' tuned routes included."""
+    from pipeline.encode.routed import RoutedEncoder
+
     cfg = load_config(MODELS_DIR / "icar-tiny-vit.routes.yaml")
-    assert set(keys(cfg.router.routes)) <= set(keys(calibration_routes(EXITS)))
+    heads = RoutedEncoder.from_config(cfg.model, []).vit.heads
+    assert set(keys(cfg.router.routes)) <= set(keys(calibration_routes(EXITS, heads)))
 
 
 def test_router_key_ignores_route_names_but_not_thresholds_or_scorer():
