@@ -7,7 +7,7 @@ measured cost, or is the most faithful within a GFLOPs budget.
 R@10 depends on how many images a caption searches, so a claim is about a gallery size: with
 `gallery_size` the sample is cut into galleries of that many images and every caption searches its own.
 A sample three times the reported gallery size then gives three times the queries at the same R@10
-regime, and the R@10 ratio's lower bound narrows by sqrt(3).
+regime, and the distance from the R@10 ratio to its lower bound shrinks by about sqrt(3).
 
 Route costs come from the shared harness (pipeline/lab/speed.py): each route's seconds per image is the
 full-depth route's, divided by the route's median same-round speedup over it.

@@ -140,7 +140,8 @@ class PlanEvaluator:
     `galleries` ([N] ids, default one gallery) splits the sample into separate retrieval problems: each
     row's caption searches only the images of its own gallery. R@10 falls as a gallery grows (more
     distractors), so a claim about galleries of 2,000 images is judged on galleries of 2,000; a larger
-    sample cut into such galleries brings more queries, and the bound narrows with their square root."""
+    sample cut into such galleries brings more queries, and the bound's margin shrinks with their square
+    root."""
 
     def __init__(
         self,
