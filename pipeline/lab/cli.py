@@ -17,7 +17,8 @@ CALIBRATE = """Calibrate a router for any open_clip ViT on any captioned sample.
 
     icar calibrate --input <captioned parquet shards> --out routes.yaml \\
         [--model ViT-B-32 --pretrained <open_clip tag or checkpoint> --heads <exit heads>] \\
-        [--images 2000] [--min-cosine 0.985 --min-recall-ratio 0.99 --confidence 0.95 | --max-gflops 0.3]
+        [--images 2000 [--gallery-size 500]] \
+        [--min-cosine 0.985 --min-recall-ratio 0.99 --confidence 0.95 | --max-gflops 0.3]
 
 Reads the first --images usable rows (img2dataset-style shards, decoded as `icar index` decodes them),
 measures every catalogue route (each token path at each exit the heads serve, and at full depth), and
@@ -25,9 +26,12 @@ writes a config with `model:` and `router:` sections; `icar index --config route
 indexes with it. Quality is text->image R@10 and mean cosine to full depth: images with identical
 captions count as the same target (a `scene_key` column, when every row has one, is used instead).
 The R@10 floor is judged by a bootstrap lower bound on what a new sample of the same size would show
-(--confidence), so the router keeps its quality on images it was not calibrated on. A router that routes
-(a ladder of routes and score thresholds) is searched on a random half of the sample and ships only if the
-other half, which it never saw, confirms it and it beats the best single route on the whole sample.
+(--confidence), so the router keeps its quality on images it was not calibrated on. R@10 depends on how
+many images a caption searches: --gallery-size judges it in random galleries of that size (the size your
+claim is about), so a sample several times larger brings more queries and a tighter bound.
+A router that routes (a ladder of routes and score thresholds) is searched on a random half of the
+sample and ships only if the other half, which it never saw, confirms it and it beats the best single
+route on the whole sample.
 Scene shards of the reserved `test` split are refused.
 """
 
