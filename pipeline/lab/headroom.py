@@ -165,7 +165,8 @@ def measure_headroom(
     report: dict[str, Any] = {
         "split": heldout.split,
         "images": len(heldout),
-        "gallery_size": len(heldout) if galleries is None else int(np.bincount(galleries).min()),
+        "galleries": 1 if galleries is None else int(galleries.max()) + 1,  # as calibration reports them
+        "gallery_size": gallery_size,
         "target": vars(target),
         "encode_image_ms_per_image": 1e3 * encode_image_seconds,
         "routes": [
@@ -202,7 +203,7 @@ def measure_headroom(
 
 def headroom_markdown(report: dict[str, Any]) -> str:
     """The three plans side by side, then per complexity level."""
-    galleries = report["images"] // report["gallery_size"]
+    galleries = report.get("galleries", 1)
     searched = f" in {galleries} galleries of {report['gallery_size']}" if galleries > 1 else ""
     lines = [
         f"Split `{report['split']}`, {report['images']} scenes{searched}; target: mean cosine to full depth "
