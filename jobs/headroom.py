@@ -9,8 +9,10 @@ split's scenes, timed against open_clip `encode_image` in alternating rounds; th
 the fastest single route treating every image alike, the fastest route whose images pick their own merge
 schedule inside the ViT (an in-ViT split), the per-image oracle (each image on the cheapest route keeping
 its cosine to full depth >= tau), and the router of --config (default: the embedded model's shipped one),
-each with its quality per complexity level. Writes <out>/headroom-<split>.json, .md and .png
-(headroom-<split>-<images>.* for another number of scenes than the default 2,000).
+each with its quality per complexity level; then times the routes those plans use again, in fresh rounds
+on other scenes, so that the gains reported are not the ones the selection's timing noise flattered.
+Writes <out>/headroom-<split>.json, .md and .png (headroom-<split>-<images>.* for another number of
+scenes than the default 2,000).
 
 Report on `test`; choose on `calib` (pipeline/lab/scenes/splits.py).
 """
@@ -43,6 +45,13 @@ def main() -> None:
     parser.add_argument("--timing-images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--retime-rounds",
+        type=int,
+        default=15,
+        help="time the plans' routes again in this many fresh rounds on the last --timing-images scenes "
+        "(0: skip): the gains the selection's own timing could not flatter",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--exits", type=int, nargs="*", help="exit depths (default: every depth of the heads)"
@@ -65,7 +74,7 @@ def main() -> None:
     heldout = load_heldout(args.split, args.images, probe.loaded.image_size, cache_dir=args.cache_dir)
     report = measure_headroom(
         encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, args.timing_images, args.batch_size,
-        args.rounds, args.gallery_size,
+        args.rounds, args.gallery_size, args.retime_rounds,
     )  # fmt: skip
     report["args"] = vars(args)
     sized = "" if args.images == parser.get_default("images") else f"-{args.images}"

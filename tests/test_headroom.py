@@ -222,8 +222,8 @@ def test_patch_redundancy_counts_alike_flat_patches():
 
 def test_measure_headroom_reports_the_three_plans_on_a_split():
     """The embedded model with its shipped router on a few test scenes, searched in two galleries of 12:
-    every plan carries its quality, speed and per-level breakdown, and the one-route router equals that
-    route measured alone."""
+    every plan carries its quality, speed and per-level breakdown, the one-route router equals that
+    route measured alone, and the re-timed gains are the ratios of the plans' re-timed costs."""
     cfg = load_config(None)
     probe = RoutedEncoder.from_config(cfg.model, cfg.router.routes)
     routes = unique([route(), route(8), *cfg.router.routes])
@@ -233,7 +233,7 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     torch.set_num_threads(1)
     try:
         report = measure_headroom(
-            encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, 8, 24, rounds=1, gallery_size=12
+            encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, 8, 24, 1, 12, retime_rounds=1
         )
     finally:
         torch.set_num_threads(threads)
@@ -247,8 +247,20 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     assert router["share"] == {cfg.router.routes[0].name: 1.0} and router["t2i_R@10"] == alone["t2i_R@10"]
     for plan in report["plans"].values():
         assert plan is None or sum(level["images"] for level in plan["per_level"].values()) == 24
+    retimed = report["retimed"]
+    assert retimed["rounds"] == 1 and retimed["images"] == 8
+    assert set(retimed["plans"]) == {name for name, plan in report["plans"].items() if plan is not None}
+    ms = {name: plan["ms_per_image"] for name, plan in retimed["plans"].items()}
+    gain = retimed["oracle_gain_over_static"]
+    assert (
+        gain["median"] == pytest.approx(ms["best static route"] / ms["oracle"]) == gain["min"] == gain["max"]
+    )
+    static, oracle = report["plans"]["best static route"], report["plans"]["oracle"]
+    flops = static["gflops_per_image"] / oracle["gflops_per_image"]
+    assert report["oracle_gflops_gain_over_static"] == pytest.approx(flops)
     markdown = headroom_markdown(report)
     assert "| router |" in markdown and "24 scenes in 2 galleries of 12;" in markdown
+    assert f"{gain['median']:.3f}x ({gain['min']:.3f}-{gain['max']:.3f}) in 1 fresh rounds" in markdown
 
 
 def test_bound_coverage_halves_by_key_and_counts_every_split_and_route():

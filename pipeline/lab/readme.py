@@ -55,6 +55,7 @@ def headroom_block(results: Path) -> str:
         command += f" --timing-images {a['timing_images']} --rounds {a['rounds']}"
         command += f" --config {a['config']}" if a["config"] else ""
         command += f" --gallery-size {a['gallery_size']}" if a.get("gallery_size") else ""
+        command += f" --retime-rounds {a['retime_rounds']}" if a.get("retime_rounds") else ""
         parts.append(f"`{command}` ([{path.stem}.md](results/headroom/{path.stem}.md)):\n\n")
         parts.append(path.with_suffix(".md").read_text() + "\n")
     return "".join(parts)

@@ -107,6 +107,7 @@ def measure_encoder(case: EncoderCase, rounds: int, warmup: int = 1) -> dict[str
                 "route": specs.get(name),
                 "images_per_second": speed,
                 "ms_per_image": 1e3 / speed["median"],
+                "seconds_per_round": times,  # all `n` images, one entry per alternating round
                 "speedup": paired_speedup(seconds[BASELINE], times),
                 "speedup_vs_full_route": paired_speedup(seconds[full], times) if full else None,
                 "gflops_per_image": gflops[name],
