@@ -63,24 +63,20 @@ class Headroom:
     @property
     def gain(self) -> float | None:
         """How many times faster the oracle is than the best static route (None if either is missing)."""
-        return _speedup(self.static, self.oracle)
+        return _gain(self.static, self.oracle)
 
     @property
     def split_gain(self) -> float | None:
         """How many times faster the best in-ViT split is than the best static route."""
-        return _speedup(self.static, self.split)
+        return _gain(self.static, self.split)
 
 
-def _speedup(base: Plan | None, plan: Plan | None) -> float | None:
+def _gain(base: Plan | None, plan: Plan | None, cost: str = "seconds_per_image") -> float | None:
+    """How many times less of `cost` (a PlanQuality field) `plan` spends than `base` (None if either is
+    missing)."""
     if base is None or plan is None:
         return None
-    return base.quality.seconds_per_image / plan.quality.seconds_per_image
-
-
-def _gflops_gain(base: Plan | None, plan: Plan | None) -> float | None:
-    if base is None or plan is None:
-        return None
-    return base.quality.gflops_per_image / plan.quality.gflops_per_image
+    return getattr(base.quality, cost) / getattr(plan.quality, cost)
 
 
 def _fastest(ev: PlanEvaluator, plans: list[tuple[str, np.ndarray]], target: QualityFloor) -> Plan | None:
@@ -253,8 +249,8 @@ def measure_headroom(
         "oracle_tau": found.oracle_tau,
         "oracle_gain_over_static": found.gain,
         "split_gain_over_static": found.split_gain,
-        "oracle_gflops_gain_over_static": _gflops_gain(found.static, found.oracle),
-        "split_gflops_gain_over_static": _gflops_gain(found.static, found.split),
+        "oracle_gflops_gain_over_static": _gain(found.static, found.oracle, "gflops_per_image"),
+        "split_gflops_gain_over_static": _gain(found.static, found.split, "gflops_per_image"),
     }
     if retime_rounds:
         others = heldout.images[-max(1, min(timing_images, len(heldout))) :]
@@ -316,9 +312,9 @@ def headroom_markdown(report: dict[str, Any]) -> str:
     if retimed:
         lines += ["", "| plan | re-timed speedup vs encode_image | ms/img |", "|---|---|---|"]
         for name, p in retimed["plans"].items():
-            s = p["speedup_vs_encode_image"]
+            x = p["speedup_vs_encode_image"]
             lines.append(
-                f"| {name} | {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) | {p['ms_per_image']:.3f} |"
+                f"| {name} | {x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f}) | {p['ms_per_image']:.3f} |"
             )
     lines.append("")
     lines += ["| plan | level | images | ms/img | mean cos | t2i R@10 (full) |", "|---|---|---|---|---|---|"]
