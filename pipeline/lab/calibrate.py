@@ -86,16 +86,7 @@ def measure_routes(
         raise ValueError("calibration needs the plain full-depth route among the candidates (the reference)")
     embedded = embed_routes(encoder, images, batch_size)
     timed = images[: max(1, min(timing_images, len(images)))]
-    case = EncoderCase(
-        model_name=model_name,
-        loaded=encoder.loaded,
-        heads=encoder.vit.heads,
-        heads_note="",
-        images=timed,
-        bytes_per_pixel=np.zeros(len(timed), np.float32),
-        batch_size=batch_size,
-        routes=encoder.routes,
-    )
+    case = EncoderCase.of_encoder(encoder, model_name, timed, batch_size)
     points = {p["key"]: p for p in measure_encoder(case, rounds)["points"] if p["key"] is not None}
     full_seconds = points[FULL_KEY]["ms_per_image"] / 1e3
     return [

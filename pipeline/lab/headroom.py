@@ -128,29 +128,18 @@ def retime_plans(
     plus what it paid beyond them there (a multi-route router's scorer). Gains over the best static route
     and speedups are same-round ratios: median, min and max."""
     used = sorted({int(i) for plan in plans.values() if plan is not None for i in np.unique(plan.assign)})
-    case = EncoderCase(
-        model_name=model_name,
-        loaded=encoder.loaded,
-        heads=encoder.vit.heads,
-        heads_note="",
-        images=images,
-        bytes_per_pixel=np.zeros(len(images), np.float32),
-        batch_size=batch_size,
-        routes=[encoder.routes[i] for i in used],
-    )
-    timed = {
-        p["name"]: np.asarray(p["seconds_per_round"]) / len(images)
-        for p in measure_encoder(case, rounds)["points"]
-    }
-    per_round: dict[str, np.ndarray] = {}
-    for name, plan in plans.items():
-        if plan is None:
-            continue
-        ids, counts = np.unique(plan.assign, return_counts=True)
-        routes = sum(
-            c / len(plan.assign) * timed[encoder.routes[i].name] for i, c in zip(ids, counts, strict=True)
-        )
-        per_round[name] = routes + plan.quality.seconds_per_image - float(ev.seconds[plan.assign].mean())
+    case = EncoderCase.of_encoder(encoder, model_name, images, batch_size, [encoder.routes[i] for i in used])
+    timed = {p["name"]: p["seconds_per_round"] for p in measure_encoder(case, rounds)["points"]}
+    route_rounds = np.zeros((len(encoder.routes), rounds))  # [R, rounds] seconds per image; unused rows 0
+    route_rounds[used] = [np.asarray(timed[encoder.routes[i].name]) / len(images) for i in used]
+    per_round = {
+        name: route_rounds[plan.assign].mean(axis=0)
+        + plan.quality.seconds_per_image
+        - ev.seconds[plan.assign].mean()
+        for name, plan in plans.items()
+        if plan is not None
+    }  # the plan's routes at this round's speeds, plus what it paid beyond them (a router's scorer)
+    baseline = np.asarray(timed[BASELINE]) / len(images)
     static = per_round.get("best static route")
     gains = {
         f"{key}_gain_over_static": paired_speedup(static.tolist(), per_round[name].tolist())
@@ -163,7 +152,7 @@ def retime_plans(
         "plans": {
             name: {
                 "ms_per_image": 1e3 * float(np.median(seconds)),
-                "speedup_vs_encode_image": paired_speedup(timed[BASELINE].tolist(), seconds.tolist()),
+                "speedup_vs_encode_image": paired_speedup(baseline.tolist(), seconds.tolist()),
             }
             for name, seconds in per_round.items()
         },

@@ -42,6 +42,28 @@ class EncoderCase:
     router: RouterConfig | None = None  # a calibrated router, timed as the "routed" point
     weights: str = "trained"
 
+    @classmethod
+    def of_encoder(
+        cls,
+        encoder: RoutedEncoder,
+        model_name: str,
+        images: np.ndarray,
+        batch_size: int,
+        routes: list[RouteSpec] | None = None,
+    ) -> EncoderCase:
+        """`routes` (default: all of `encoder`'s) with its weights and heads, timed on `images` without a
+        router (so no router features are needed)."""
+        return cls(
+            model_name=model_name,
+            loaded=encoder.loaded,
+            heads=encoder.vit.heads,
+            heads_note="",
+            images=images,
+            bytes_per_pixel=np.zeros(len(images), np.float32),
+            batch_size=batch_size,
+            routes=encoder.routes if routes is None else routes,
+        )
+
 
 def route_images(router: RouterConfig, images: np.ndarray, bytes_per_pixel: np.ndarray) -> np.ndarray:
     """Route id per image, as the job's prepare stage assigns it."""
