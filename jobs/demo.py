@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pipeline.alias import resolve
 from pipeline.config import ConfigError, IndexConfig, load_config
-from pipeline.job import RunSummary, run_index
+from pipeline.job import run_index
 from pipeline.lab.scenes.shards import write_corpus
 from pipeline.progress import Progress, StderrFilter
 from pipeline.query import Searcher
+from pipeline.summary import RunSummary
 
 QUERIES = [
     "a red circle on a plain background",

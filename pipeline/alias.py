@@ -9,10 +9,9 @@ and searches one Lance dataset version per query, so a query sees the old genera
 never a mix. The replaced generation stays readable until a reindex finds it older than
 `reindex.cleanup_older_than_days`, and then drops it.
 
-The first generation's tables keep the configured names (`images`, `rejected`, `manifest`), so a table
-made before aliases existed is that first generation: the first run that finds it without an alias row
-records it under that run's identity (its true heads and router cannot be known), unless it holds another
-model: then it is a live generation of unknown identity, which only a reindex replaces.
+Every alias owns its tables (`<table>`, `<table>_rejected`, `<table>_manifest`, each generation's with
+its suffix), so two aliases on one uri never share a manifest. The first generation's tables keep the
+alias's own name.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import ConfigError, IndexConfig, OutputConfig
-from pipeline.write import connect, sql_literal, table_model
+from pipeline.storage import connect, sql_literal
 
 ALIAS_TABLE = "icar_aliases"
 ALIAS_SCHEMA = pa.schema(
@@ -40,37 +39,56 @@ ALIAS_SCHEMA = pa.schema(
         ("replaced_identity", pa.string()),
     ]
 )
-TABLE_FIELDS = ("table", "rejected_table", "manifest_table")  # the OutputConfig names of one generation
-LEGACY_DIGEST = "unknown"  # a table from before aliases whose model differs from the config's
 
 
 @dataclass(frozen=True)
 class Identity:
-    """What the embeddings depend on: the model, its exit heads (file contents) and the router."""
+    """What the embeddings depend on: the model (name, tag, and a local checkpoint's contents), its exit
+    heads (file contents) and the router (its config, and a learned scorer's contents)."""
 
     model_id: str
     heads_sha: str | None
     router_sha: str
+    weights_sha: str | None = None  # a local checkpoint's contents; None for a pretrained tag
 
     @classmethod
     def of(cls, cfg: IndexConfig) -> Identity:
-        from pipeline.encode.model import resolve_heads  # torch: only for the jobs that embed
+        from pipeline.encode.model import resolve_heads, resolve_pretrained  # torch: only jobs that embed
+        from pipeline.score import scorer_path
 
         heads = resolve_heads(cfg.model)
         if heads is not None and not Path(heads).is_file():
             raise ConfigError(f"model.heads: no such file {heads!r}")
-        heads_sha = hashlib.sha256(Path(heads).read_bytes()).hexdigest() if heads else None
+        checkpoint = resolve_pretrained(cfg.model)  # a tag, or a local file (the embedded model's too)
+        weights = file_sha(Path(checkpoint)) if checkpoint and Path(checkpoint).is_file() else None
+        scorer = scorer_path(cfg.router.scorer)
         router = json.dumps(cfg.router.model_dump(mode="json"), sort_keys=True)
-        return cls(cfg.model.model_id, heads_sha, hashlib.sha256(router.encode()).hexdigest())
+        router += "\n" + (file_sha(scorer) if scorer else "")
+        return cls(
+            cfg.model.model_id,
+            file_sha(Path(heads)) if heads else None,
+            hashlib.sha256(router.encode()).hexdigest(),
+            weights,
+        )
 
     @property
     def digest(self) -> str:
-        text = f"{self.model_id}\n{self.heads_sha or ''}\n{self.router_sha}"
+        text = f"{self.model_id}\n{self.heads_sha or ''}\n{self.router_sha}\n{self.weights_sha or ''}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def describe(self) -> str:
         heads = self.heads_sha[:12] if self.heads_sha else "none"
-        return f"{self.model_id} (heads {heads}, router {self.router_sha[:12]})"
+        weights = f"weights {self.weights_sha[:12]}, " if self.weights_sha else ""
+        return f"{self.model_id} ({weights}heads {heads}, router {self.router_sha[:12]})"
+
+
+def file_sha(path: Path) -> str:
+    """sha256 of a file's contents, read in 8 MiB blocks (a ViT-L checkpoint is 1.7 GB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -90,8 +108,8 @@ class Generation:
         return cls(f"-{identity.digest}", identity.describe(), identity.digest)
 
     def output(self, cfg: OutputConfig) -> OutputConfig:
-        """`cfg` with this generation's physical table names."""
-        return cfg.model_copy(update={name: getattr(cfg, name) + self.suffix for name in TABLE_FIELDS})
+        """`cfg` naming this generation's physical tables."""
+        return cfg.model_copy(update={"table": cfg.table + self.suffix})
 
 
 class Aliases:
@@ -163,8 +181,9 @@ class Aliases:
         return row["replaced_identity"]
 
     def _drop(self, suffix: str) -> None:
-        for name in TABLE_FIELDS:
-            self.db.drop_table(getattr(self.cfg, name) + suffix, ignore_missing=True)
+        tables = Generation(suffix, "", "").output(self.cfg)
+        for name in (tables.table, tables.rejected_table, tables.manifest_table):
+            self.db.drop_table(name, ignore_missing=True)
 
 
 def _generation(row: dict | None) -> Generation | None:
@@ -184,9 +203,7 @@ def target_generation(cfg: IndexConfig, switch: bool) -> tuple[Generation, Gener
     identity = Identity.of(cfg)
     live = Aliases(cfg.output).live()
     if live is None:
-        live = _before_aliases(cfg, identity)
-        if live is None:
-            return Generation.first(identity.describe(), identity.digest), None
+        return Generation.first(identity.describe(), identity.digest), None
     if live.digest == identity.digest:
         return live, live
     if not switch:
@@ -197,15 +214,3 @@ def target_generation(cfg: IndexConfig, switch: bool) -> tuple[Generation, Gener
         )
     return Generation.of(identity), live
 
-
-def _before_aliases(cfg: IndexConfig, identity: Identity) -> Generation | None:
-    """A table made before aliases (or by a run that crashed before recording one): the live generation
-    if it holds another model, else None (it becomes the first generation under this identity)."""
-    db = connect(cfg.output)
-    try:
-        owner = table_model(db.open_table(cfg.output.table))
-    except ValueError:  # no such table
-        return None
-    if owner is None or owner == identity.model_id:
-        return None
-    return Generation.first(f"{owner} (heads and router unknown: indexed before aliases)", LEGACY_DIGEST)

@@ -199,13 +199,28 @@ class EncoderConfig(_Section):
 
 class OutputConfig(_Section):
     uri: str = Field(".demo/lancedb", description="LanceDB directory or s3:// URI")
-    table: str = "images"
-    rejected_table: str = "rejected"
-    manifest_table: str = "manifest"
+    table: str = Field(
+        "images",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="the alias queries use; its rows, rejected rows and manifest live in tables named "
+        "after it",
+    )
     vector_dtype: Literal["float16", "float32"] = "float32"
     storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB object-store options")
-    max_buffered_rows: int = Field(
-        100_000, gt=0, description="rows the driver holds at most; a larger shard is written in parts"
+    commit_shards: int = Field(
+        64, gt=0, description="written shards made visible per commit round (one Lance commit per table)"
+    )
+    commit_seconds: float = Field(
+        30.0, gt=0, description="a round commits sooner once its oldest written shard has waited this long"
+    )
+    rows_per_fragment: int = Field(
+        1 << 20, gt=0, description="most rows per Lance fragment file, as workers write and compaction merges"
+    )
+    compact_fragments: int = Field(
+        256,
+        gt=0,
+        description="fragments appended to a table between two compactions during a run (each commit "
+        "rewrites the list of every fragment: compaction keeps that list, and the commit's cost, flat)",
     )
     thumbnail_side: int = Field(
         128, ge=0, le=1024, description="longest side of the WebP thumbnail stored with each row; 0 = none"
@@ -227,6 +242,15 @@ class OutputConfig(_Section):
         description="wait before a commit's second try, doubled for each later one (5 tries: 1+2+4+8 s, "
         "with Lance's own request retries an outage of about 25 s)",
     )
+
+    @property
+    def rejected_table(self) -> str:
+        """The alias's rejected rows: every alias owns its three tables, none shares state with another."""
+        return f"{self.table}_rejected"
+
+    @property
+    def manifest_table(self) -> str:
+        return f"{self.table}_manifest"
 
 
 class RayConfig(_Section):

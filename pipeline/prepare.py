@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.config import IndexConfig
 from pipeline.decode import DecodeError, Preprocess, decode
-from pipeline.read import Shard, ShardPlan, read_chunks
+from pipeline.read import Shard, ShardChanged, ShardPlan, read_chunks, row_id
 from pipeline.route import assign_routes
 from pipeline.score import Scorer, complexity_features, load_scorer
 
@@ -54,18 +54,34 @@ def _plan_from_unit(unit: dict[str, Any]) -> ShardPlan:
 
 
 def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> Batch:
-    """Decode, score and route one chunk of rows; each row gets an outcome and, if not ok, a reason."""
+    """Decode, score and route one chunk of rows; each row gets an outcome and, if not ok, a reason.
+
+    A row whose id an earlier row of the shard holds (`repeat_of`, from `read_chunks`) is skipped before
+    any decode and takes its positional id, so that ids stay unique whichever worker writes the row."""
     n = table.num_rows
     started = time.perf_counter()
     images = np.zeros((n, *preprocess.size, 3), np.uint8)
     outcome = np.full(n, OK, dtype=object)
     reason = np.full(n, "", dtype=object)
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    rows = table.column("row").to_numpy()
+    repeat_of = table.column("repeat_of").to_numpy()
+    repeat = repeat_of >= 0
+    if repeat.any():
+        shard = table.column("shard")[0].as_py()
+        outcome[repeat] = SKIPPED
+        reason[repeat] = [
+            f"duplicate key: row {r} of the shard has it and was kept" for r in repeat_of[repeat]
+        ]
+        ids[repeat] = [row_id(shard, None, int(r)) for r in rows[repeat]]
     bytes_per_pixel = np.zeros(n, np.float32)
     thumbnails = np.full(n, None, dtype=object)
     statuses = table.column("status").to_pylist()
     errors = table.column("error_message").to_pylist()
     text_errors = table.column("text_error").to_pylist()
     for i, (status, data) in enumerate(zip(statuses, table.column("image").to_pylist(), strict=True)):
+        if repeat[i]:
+            continue
         if text_errors[i]:
             outcome[i], reason[i] = FAILED, text_errors[i]
             continue
@@ -93,10 +109,11 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
     scored = time.perf_counter()
     batch: Batch = {
         name: np.asarray(table.column(name).to_pylist(), dtype=object)
-        for name in ("id", "shard", "key", "url", "caption")
+        for name in ("shard", "key", "url", "caption")
     }
     batch.update(
-        row=table.column("row").to_numpy(),
+        id=ids,
+        row=rows,
         outcome=outcome,
         reason=reason,
         image=images,
@@ -132,7 +149,8 @@ def failed_unit(unit: dict[str, Any], reason: str, preprocess: Preprocess) -> Ba
 
 def _prepare_row_group(unit: dict[str, Any], config: IndexConfig, preprocess: Preprocess) -> Iterator[Batch]:
     """Prepared chunks of one row group. Transient I/O errors (a timeout, a dropped connection) are
-    retried with backoff, resuming after the chunks already yielded, so no row is sent twice."""
+    retried with backoff, resuming after the chunks already yielded, so no row is sent twice; a shard
+    that changed since it was listed (`ShardChanged`) is not transient and is not retried."""
     plan = _plan_from_unit(unit)
     sent = 0
     for attempt in range(READ_ATTEMPTS):
@@ -166,6 +184,8 @@ def prepare_unit(units: Batch, cfg: dict[str, Any], preprocess: Preprocess) -> I
         unit = {k: v[i] for k, v in units.items()}
         try:
             yield from _prepare_row_group(unit, config, preprocess)
+        except ShardChanged as exc:  # names the file and says what changed
+            yield failed_unit(unit, str(exc), preprocess)
         except Exception as exc:  # noqa: BLE001 - any read error fails this shard, not the job
             where = f"{unit['uri']} (row group {int(unit['row_group'])})"
             yield failed_unit(unit, f"{where}: unreadable ({type(exc).__name__}: {exc})", preprocess)

@@ -23,7 +23,8 @@ from pipeline.alias import Aliases, resolve
 from pipeline.config import IndexConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import LoadedModel, load_model, normalize_uint8
-from pipeline.write import connect, sql_literal, table_model
+from pipeline.storage import connect, sql_literal
+from pipeline.write.schema import table_model
 
 if TYPE_CHECKING:
     import lance

@@ -10,8 +10,10 @@ import glob as globlib
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,6 +34,14 @@ class Shard:
     uri: str
     name: str
     fingerprint: str
+
+
+class ShardChanged(RuntimeError):
+    """The file is no longer the one listed: its rows would not match the plan (row count, ids). Not a
+    transient error, so it is never retried; the shard fails alone and the next run lists it afresh."""
+
+    def __init__(self, shard: Shard, what: str) -> None:
+        super().__init__(f"{shard.uri}: changed while being read ({what}); rerun to index its new content")
 
 
 @dataclass
@@ -160,23 +170,26 @@ def _as_text(array: pa.Array) -> pa.Array:
         return pa.array([None if v is None else v.decode("utf-8", "replace") for v in raw.to_pylist()])
 
 
-def _cap_text(text: dict[str, pa.Array], limit: int) -> tuple[dict[str, pa.Array], pa.Array, pa.Array]:
-    """Cut every key/url/caption longer than `limit` bytes to `limit` characters; return the cut columns,
-    a reason per row (null when none was too long) and which rows' keys were cut (they lose their id)."""
+def _over_limit(values: pa.Array, limit: int) -> tuple[pa.Array, pa.Array]:
+    """Byte lengths (null counts as 0) and which values are longer than `limit`."""
+    lengths = pc.fill_null(pc.binary_length(values), 0)
+    return lengths, pc.greater(lengths, limit)
+
+
+def _cap_text(text: dict[str, pa.Array], limit: int) -> tuple[dict[str, pa.Array], pa.Array]:
+    """Cut every key/url/caption longer than `limit` bytes to `limit` characters; return the cut columns
+    and a reason per row (null when none was too long). A cut key loses its id (`_row_ids`)."""
     n = len(text["key"])
     reasons: list[str | None] = [None] * n
-    too_long = {}
     for name, values in text.items():
-        lengths = pc.fill_null(pc.binary_length(values), 0)
-        over = pc.greater(lengths, limit)
-        too_long[name] = over
+        lengths, over = _over_limit(values, limit)
         if pc.any(over).as_py():
             for i in pc.indices_nonzero(over).to_pylist():
                 reasons[i] = (
                     reasons[i] or f"{name} is {lengths[i].as_py()} bytes, over input.max_text_bytes={limit}"
                 )
             text[name] = pc.if_else(over, pc.utf8_slice_codeunits(values, 0, limit), values)
-    return text, pa.array(reasons, pa.string()), too_long["key"]
+    return text, pa.array(reasons, pa.string())
 
 
 def row_id(shard_name: str, key: str | None, row: int) -> str:
@@ -188,33 +201,81 @@ def row_id(shard_name: str, key: str | None, row: int) -> str:
     return f"{shard_name}/{key}" if key is not None else f"{shard_name}#{row}"
 
 
+def _row_ids(shard_name: str, keys: pa.Array, row_index: pa.Array, limit: int) -> pa.Array:
+    """`row_id` vectorised over uncut keys. A key over `limit` bytes is stored cut, and two keys cut alike
+    would share an id, so its row gets the positional id, like a null key."""
+    _, too_long = _over_limit(keys, limit)
+    by_key = pc.binary_join_element_wise(shard_name, keys, "/")
+    by_row = pc.binary_join_element_wise(shard_name, pc.cast(row_index, pa.string()), "#")
+    return pc.if_else(too_long, by_row, pc.coalesce(by_key, by_row))
+
+
+def _repeats(meta: pq.ParquetFile, plan: ShardPlan, row_group: int, first_row: int, limit: int) -> np.ndarray:
+    """For each row of `row_group`: the shard row index of the first row with its id, when that is an
+    earlier row of the shard, else -1. Only the key column of row groups 0..row_group is read, so a
+    worker holding one row group de-duplicates as if it had seen the whole shard."""
+    n = meta.metadata.row_group(row_group).num_rows
+    source = plan.columns.get("key")
+    if not source:  # every row has its positional id: none repeats
+        return np.full(n, -1, np.int64)
+    keys = meta.read_row_groups(list(range(row_group + 1)), columns=[source]).column(source)
+    ids = _row_ids(plan.shard.name, _as_text(keys.combine_chunks()), pa.array(np.arange(len(keys))), limit)
+    codes = ids.dictionary_encode().indices.to_numpy()
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    first_of = first[inverse][first_row:]
+    return np.where(first_of < np.arange(first_row, first_row + n), first_of, -1).astype(np.int64)
+
+
+def _open_checked(fh: Any, plan: ShardPlan, row_group: int, now: str) -> pq.ParquetFile:
+    """The opened file, if it is still the listed one: same fingerprint (`now`, taken after opening, so
+    the handle is no newer than it), same row count, and the row group exists."""
+    if now != plan.shard.fingerprint:
+        raise ShardChanged(plan.shard, f"listed as {plan.shard.fingerprint}, now {now}")
+    meta = pq.ParquetFile(fh)
+    if meta.metadata.num_rows != plan.num_rows or row_group >= meta.num_row_groups:
+        raise ShardChanged(
+            plan.shard,
+            f"listed with {plan.num_rows} rows, its footer now declares {meta.metadata.num_rows} rows "
+            f"in {meta.num_row_groups} row groups",
+        )
+    return meta
+
+
 def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: int) -> Iterator[pa.Table]:
     """Yield the row group `chunk_rows` rows at a time, with the pipeline's column names.
 
-    `row` is the row's index in the shard; ids follow `row_id` (vectorised here)."""
+    `row` is the row's index in the shard; ids follow `row_id` (`_row_ids`). `repeat_of` is the shard
+    row index of an earlier row with the same id, or -1 (`_repeats`). A file that is not the one listed
+    raises `ShardChanged`."""
     fs, path = _filesystem(plan.shard.uri, cfg.storage_options)
     mapping = plan.columns
     source_columns = sorted({c for c in mapping.values() if c})
     with fs.open(path, "rb") as fh:
-        meta = pq.ParquetFile(fh)
+        fs.invalidate_cache(path)  # a cached listing would hide a change
+        meta = _open_checked(fh, plan, row_group, _fingerprint(fs.info(path)))
         first_row = sum(meta.metadata.row_group(i).num_rows for i in range(row_group))
+        repeat_of = _repeats(meta, plan, row_group, first_row, cfg.max_text_bytes)
+        offset = 0  # in the row group
         for batch in meta.iter_batches(batch_size=chunk_rows, row_groups=[row_group], columns=source_columns):
             n = batch.num_rows
-            row_index = pa.array(range(first_row, first_row + n), pa.int64())
-            first_row += n
+            if first_row + offset + n > plan.num_rows:
+                raise ShardChanged(
+                    plan.shard, f"row group {row_group} holds rows past the listed {plan.num_rows}"
+                )
+            row_index = pa.array(range(first_row + offset, first_row + offset + n), pa.int64())
 
             def column(name: str, batch: pa.RecordBatch = batch, n: int = n) -> pa.Array:
                 source = mapping.get(name)
                 return _as_text(batch.column(source)) if source else pa.nulls(n, pa.string())
 
             text = {name: column(name) for name in ("key", "url", "caption")}
-            text, text_error, key_too_long = _cap_text(text, cfg.max_text_bytes)
-            by_key = pc.binary_join_element_wise(plan.shard.name, text["key"], "/")
-            by_row = pc.binary_join_element_wise(plan.shard.name, pc.cast(row_index, pa.string()), "#")
+            ids = _row_ids(plan.shard.name, text["key"], row_index, cfg.max_text_bytes)
+            text, text_error = _cap_text(text, cfg.max_text_bytes)
             yield pa.table(
                 {
-                    "id": pc.if_else(key_too_long, by_row, pc.coalesce(by_key, by_row)),
+                    "id": ids,
                     "row": row_index,
+                    "repeat_of": pa.array(repeat_of[offset : offset + n], pa.int64()),
                     "shard": pa.array([plan.shard.name] * n, pa.string()),
                     **text,
                     "text_error": text_error,
@@ -223,3 +284,4 @@ def read_chunks(plan: ShardPlan, row_group: int, cfg: InputConfig, chunk_rows: i
                     "image": pc.cast(batch.column(mapping["image"]), pa.binary()),
                 }
             )
+            offset += n

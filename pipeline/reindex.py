@@ -30,10 +30,12 @@ import fsspec
 
 from pipeline.alias import Aliases
 from pipeline.config import ConfigError, IndexConfig
-from pipeline.job import Run, RunSummary, index_pending, open_run
+from pipeline.job import Run, index_pending, open_run
 from pipeline.progress import Progress
 from pipeline.query import build_indexes
-from pipeline.write import LanceWriter, connect, is_local, output_filesystem
+from pipeline.storage import connect, is_local, output_filesystem
+from pipeline.summary import RunSummary
+from pipeline.write.commit import Committer
 
 REPORTS_DIR = "_reports"
 
@@ -105,9 +107,10 @@ class ReindexReport:
         return "\n".join(lines) + "\n"
 
 
-def remove_missing(writer: LanceWriter, input_names: set[str], cfg: IndexConfig) -> list[str]:
+def remove_missing(run: Run, input_names: set[str]) -> list[str]:
     """Delete the rows of every indexed shard whose name the input no longer lists; returns the names."""
-    indexed = writer.known()
+    cfg = run.cfg
+    indexed = run.manifest.known()
     removed = sorted(indexed - input_names)
     if not removed or not cfg.reindex.delete_removed:
         return []
@@ -117,8 +120,7 @@ def remove_missing(writer: LanceWriter, input_names: set[str], cfg: IndexConfig)
             f"{removed[0]}); refusing to delete more than reindex.max_removed_share="
             f"{cfg.reindex.max_removed_share:g} of them. Check input.paths, or raise the share for this run"
         )
-    for name in removed:
-        writer.remove_shard(name)
+    Committer(run.tables, run.manifest, run.tables.cfg).remove(removed)
     return removed
 
 
@@ -135,26 +137,31 @@ def switch_when_complete(run: Run, progress: Progress) -> bool:
         return False
     live = run.live.output(run.cfg.output)
     old = connect(live).open_table(live.table)
-    if any(i.columns == ["vector"] for i in old.list_indices()) and run.writer.images.count_rows():
-        run.writer.check_lease()
-        build_indexes(run.cfg, table=run.writer.images)
-    run.writer.check_lease()
+    images = run.tables.images_table
+    images.checkout_latest()
+    if any(i.columns == ["vector"] for i in old.list_indices()) and images.count_rows():
+        run.lease.check()
+        build_indexes(run.cfg, table=images)
+    run.lease.check()
     Aliases(run.cfg.output).switch(run.generation)
     progress.note(f"switched {run.cfg.output.table!r} to {run.generation.identity}")
     return True
 
 
-def maintain(writer: LanceWriter, cfg: IndexConfig) -> Maintenance:
+def maintain(run: Run) -> Maintenance:
     """Compact, fold new rows into the vector index, prune old versions; then rebuild the vector index if
     too many rows were outside it (folding keeps the old partitions, which drift as the data grows)."""
-    started = time.perf_counter()
-    images, rows = writer.images, writer.images.count_rows()
+    started, cfg = time.perf_counter(), run.cfg
+    images = run.tables.images_table
+    images.checkout_latest()
+    rows = images.count_rows()
     vector_indexes = [i.name for i in images.list_indices() if i.columns == ["vector"]]
     unindexed = images.index_stats(vector_indexes[0]).num_unindexed_rows if vector_indexes else 0
-    writer.optimize(cleanup_older_than=timedelta(days=cfg.reindex.cleanup_older_than_days))
+    run.lease.check()
+    run.tables.optimize(cleanup_older_than=timedelta(days=cfg.reindex.cleanup_older_than_days))
     action = "folded in" if vector_indexes else "none"
     if vector_indexes and rows and unindexed > cfg.reindex.rebuild_unindexed_share * rows:
-        writer.check_lease()
+        run.lease.check()
         build_indexes(cfg, table=images)
         action = "rebuilt"
     return Maintenance(action, unindexed, cfg.reindex.cleanup_older_than_days, time.perf_counter() - started)
@@ -192,15 +199,15 @@ def run_reindex(
     progress = progress or Progress.silent()
     started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with open_run(cfg, verbose, wait, switch=True) as run:
-        images = run.writer.images
+        images = run.tables.images_table
         rows_before, version_before = images.count_rows(), images.version
-        removed = remove_missing(run.writer, {s.name for s in run.shards}, cfg)
+        removed = remove_missing(run, {s.name for s in run.shards})
         for name in removed:
             progress.note(f"removed {name}: no longer in the input")
         index_pending(run, progress)
-        maintenance = maintain(run.writer, cfg)
+        maintenance = maintain(run)
         switched = switch_when_complete(run, progress)
-        run.writer.check_lease()
+        run.lease.check()
         dropped = Aliases(cfg.output).drop_replaced(cfg.reindex.cleanup_older_than_days * 86400)
         images.checkout_latest()
         rows_after, version_after = images.count_rows(), images.version
@@ -211,7 +218,7 @@ def run_reindex(
         table=cfg.output.table,
         model_id=cfg.model.model_id,
         identity=run.generation.identity,
-        physical_table=run.writer.cfg.table,
+        physical_table=run.tables.cfg.table,
         switched=switched,
         replaced_dropped=dropped,
         shards_removed=removed,

@@ -126,13 +126,20 @@ class LearnedScorer:
         return cls(*arrays, float(data["bias"]))
 
 
-def load_scorer(spec: str) -> Scorer:
-    """'handcrafted', or the path of a learned scorer's JSON written by calibration."""
+def scorer_path(spec: str) -> Path | None:
+    """The file of a learned scorer (`router.scorer`, relative paths also under the shipped models);
+    None for the handcrafted one."""
     if spec == "handcrafted":
-        return HandcraftedScorer()
+        return None
     path = Path(spec)
     if not path.is_absolute() and not path.exists():
         path = Path(__file__).resolve().parent / "models" / spec
     if not path.exists():
         raise FileNotFoundError(f"router.scorer {spec!r}: no such learned-scorer file")
-    return LearnedScorer.load(path)
+    return path
+
+
+def load_scorer(spec: str) -> Scorer:
+    """'handcrafted', or the path of a learned scorer's JSON written by calibration."""
+    path = scorer_path(spec)
+    return HandcraftedScorer() if path is None else LearnedScorer.load(path)

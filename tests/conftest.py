@@ -91,8 +91,13 @@ def index_config(input_paths: list[str], output_uri: str, *overrides: str):
 
 
 def lance_table(uri: str, name: str, **storage) -> pa.Table:
-    """A LanceDB table read back whole, for assertions."""
-    return lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
+    """A LanceDB table read back whole, for assertions; a manifest (an append-only log) as the state of
+    each shard: its row with the highest `seq`."""
+    table = lancedb.connect(uri, storage_options=storage or None).open_table(name).to_arrow()
+    if not name.endswith("_manifest"):
+        return table
+    latest = {(r["dataset"], r["shard"]): r for r in table.sort_by("seq").to_pylist()}
+    return pa.Table.from_pylist(list(latest.values()), schema=table.schema)
 
 
 def input_ids(shard_dir: Path) -> list[str]:

@@ -44,7 +44,7 @@ def test_a_moved_bucket_is_the_same_shards_nothing_reembedded_duplicated_or_remo
     assert (s["shards_total"], s["shards_already_done"], s["shards_committed"], s["rows_ok"]) == (3, 3, 0, 0)
     assert moved.shards_removed == [] and moved.rows_before == moved.rows_after == 72
     assert_exactly_once(lance_table(db, "images").column("id").to_pylist(), input_ids(new))
-    manifest = lance_table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "images_manifest").to_pylist()
     assert sorted((m["shard"], m["uri"], m["status"]) for m in manifest) == [
         (name, str(new / name), "done") for name in ("00000.parquet", "00001.parquet", "00002.parquet")
     ]
@@ -68,7 +68,7 @@ def test_two_datasets_with_the_same_file_names_share_a_table_apart(ray_local, sc
     expected = [f"{d}/{i}" for d in ("laion", "coco") for i in input_ids(scene_shards)]
     assert_exactly_once(ids, expected)
     assert "laion/00000.parquet/" + pq.read_table(laion / "00000.parquet")["key"][0].as_py() in ids
-    manifest = lance_table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "images_manifest").to_pylist()
     assert Counter((m["dataset"], m["status"]) for m in manifest) == {
         ("laion", "done"): 3,
         ("coco", "done"): 3,
@@ -82,7 +82,7 @@ def test_two_datasets_with_the_same_file_names_share_a_table_apart(ray_local, sc
     assert report.summary["shards_already_done"] == 2 and report.summary["shards_committed"] == 0
     remaining = [i for i in expected if not i.startswith("laion/00002.parquet/")]
     assert_exactly_once(lance_table(db, "images").column("id").to_pylist(), remaining)
-    assert sorted(m["shard"] for m in lance_table(db, "manifest").to_pylist()) == sorted(
+    assert sorted(m["shard"] for m in lance_table(db, "images_manifest").to_pylist()) == sorted(
         [f"coco/0000{i}.parquet" for i in range(3)] + ["laion/00000.parquet", "laion/00001.parquet"]
     )
 
@@ -116,7 +116,7 @@ def test_the_same_shards_under_another_s3_prefix_are_already_done(ray_local, s3_
     assert_exactly_once(
         lance_table(config("archive").output.uri, "images", **lance_options)["id"].to_pylist(), expected
     )
-    manifest = lance_table(f"s3://{bucket}/lance", "manifest", **lance_options).to_pylist()
+    manifest = lance_table(f"s3://{bucket}/lance", "images_manifest", **lance_options).to_pylist()
     assert sorted(m["uri"] for m in manifest) == [f"s3://{bucket}/archive/0000{i}.parquet" for i in range(3)]
 
 

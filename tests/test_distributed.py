@@ -83,7 +83,7 @@ def test_s3_input_and_lancedb_output_then_rerun_skips_by_etag(ray_local, s3_serv
         lance_table(cfg.output.uri, "images", **lance_options).column("id").to_pylist(), expected
     )
     assert fs.ls(f"{bucket}/lance")  # the tables really are objects in the bucket
-    manifest = lance_table(cfg.output.uri, "manifest", **lance_options).to_pylist()
+    manifest = lance_table(cfg.output.uri, "images_manifest", **lance_options).to_pylist()
     etags = {}
     for path in sorted(scene_shards.glob("*.parquet")):
         head = client.head_object(Bucket=bucket, Key=f"scenes/{path.name}")
@@ -162,7 +162,7 @@ def _kill_when(proc: subprocess.Popen, db: str, log: Path, condition) -> Counter
             pytest.fail(f"the CLI exited ({proc.returncode}) before the kill:\n{log.read_text()[-3000:]}")
         if manifest is None:
             with contextlib.suppress(ValueError, FileNotFoundError):
-                manifest = connection.open_table("manifest")
+                manifest = connection.open_table("images_manifest")
         if manifest is not None and condition(connection, _statuses(manifest)):
             os.kill(proc.pid, signal.SIGSTOP)
             status = _statuses(manifest)
@@ -182,7 +182,7 @@ def _shard_partly_written(connection, status: Counter) -> bool:
     """A shard written in parts, caught between two: some of its rows are in the table, not all."""
     if not status["writing"]:
         return False
-    writing = connection.open_table("manifest").search().where("status = 'writing'").to_list()
+    writing = connection.open_table("images_manifest").search().where("status = 'writing'").to_list()
     images = connection.open_table("images")
     return any(0 < images.count_rows(f"shard = '{row['shard']}'") < CORPUS_ROWS for row in writing)
 
@@ -216,7 +216,7 @@ def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(
     images = lance_table(db, "images")
     assert_exactly_once(images.column("id").to_pylist(), expected)
     assert images.num_rows == len(expected) == CORPUS_SHARDS * CORPUS_ROWS
-    manifest = lance_table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "images_manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
         (f"{i:05d}.parquet", "done", CORPUS_ROWS) for i in range(CORPUS_SHARDS)
     ]
@@ -234,7 +234,7 @@ def test_two_cli_runs_started_together_write_every_row_once(small_corpus, tmp_pa
     assert "is being written by job" in loser and "--wait" in loser
     expected = input_ids(small_corpus)
     assert_exactly_once(lance_table(db, "images").column("id").to_pylist(), expected)
-    manifest = lance_table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "images_manifest").to_pylist()
     assert sorted(m["status"] for m in manifest) == ["done"] * CORPUS_SHARDS
 
 
@@ -318,7 +318,7 @@ def test_ray_job_submit_runs_the_job_on_a_cluster_with_the_venv_python(scene_sha
     row = pq.read_table(scene_shards / "00001.parquet", columns=["key", "caption"]).to_pylist()[0]
     hits = searcher.search(searcher.embed_text([row["caption"]]), k=5, where="id LIKE '00001.parquet/%'")
     assert len(hits) == 5 and all(h["id"].startswith("00001.parquet/") for h in hits)
-    manifest = lance_table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "images_manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
         (f"{i:05d}.parquet", "done", 24) for i in range(3)
     ]

@@ -132,7 +132,7 @@ def _statuses(db: str, **storage: str) -> list[str]:
         connection = lancedb.connect(
             db, read_consistency_interval=timedelta(0), storage_options=storage or None
         )
-        return connection.open_table("manifest").to_arrow().column("status").to_pylist()
+        return connection.open_table("images_manifest").to_arrow().column("status").to_pylist()
     return []
 
 
@@ -140,7 +140,7 @@ def _check_table(db: str, expected: list[str], shards: int, **storage: str) -> N
     """Every id exactly once, every shard `done`, and the table answers a vector query."""
     images = lance_table(db, "images", **storage)
     assert_exactly_once(images.column("id").to_pylist(), expected)
-    manifest = lance_table(db, "manifest", **storage).to_pylist()
+    manifest = lance_table(db, "images_manifest", **storage).to_pylist()
     assert sorted(m["status"] for m in manifest) == ["done"] * shards, manifest
     table = lancedb.connect(db, storage_options=storage or None).open_table("images")
     hits = table.search(images.column("vector")[0].values.to_numpy()).limit(3).to_list()
@@ -175,7 +175,7 @@ def test_a_row_that_kills_its_encoder_fails_its_shard_only_and_the_rerun_indexes
     assert len(crashes.read_text().split()) == 2, out[-5000:]  # the first try and one retry, no more
     assert "shards: 3 found, 0 already indexed, 2 committed, 1 failed" in out, out[-5000:]
     assert f"FAILED shard {corpus}/00001.parquet" in out and "encoder actor died 2 times" in out
-    manifest = {Path(m["shard"]).name: m for m in lance_table(db, "manifest").to_pylist()}
+    manifest = {Path(m["shard"]).name: m for m in lance_table(db, "images_manifest").to_pylist()}
     assert {name: m["status"] for name, m in manifest.items()} == {
         "00000.parquet": "done",
         "00001.parquet": "failed",
@@ -221,7 +221,7 @@ def test_shards_a_stream_left_incomplete_are_failed_not_the_job(ray_local, tmp_p
     why = "the stream stopped (RuntimeError: executor gone)" if error else "Ray Data dropped a batch"
     for uri, reason in summary.failed_shards.items():
         assert reason.startswith(f"{uri}: 4 of its 4 rows never came back from Ray: {why}"), reason
-    manifest = lance_table(db, "manifest").to_pylist()
+    manifest = lance_table(db, "images_manifest").to_pylist()
     assert [(m["status"], m["error"]) for m in manifest] == [
         ("failed", summary.failed_shards[m["uri"]]) for m in manifest
     ]
@@ -433,7 +433,7 @@ def test_s3_down_mid_run_and_flaky_requests_then_rerun_leaves_every_id_once(ray_
         summary = run_index(cfg)
         assert summary.shards_failed == 0
         _check_table(db, expected, shards=4, **direct)
-        rejected = lance_table(db, "rejected", **direct).column("id").to_pylist()
+        rejected = lance_table(db, "images_rejected", **direct).column("id").to_pylist()
         assert_exactly_once(rejected, skipped)
     finally:
         moto.stop()
@@ -459,10 +459,10 @@ def test_driver_killed_at_a_commit_point_then_rerun_leaves_every_id_once(ray_loc
             assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-5000:]
     skipped = [i for n, i in enumerate(expected) if n % 6 % 3 == 2]
     ok = [i for i in expected if i not in skipped]
-    images, rejected = (lance_table(db, name) for name in ("images", "rejected"))
+    images, rejected = (lance_table(db, name) for name in ("images", "images_rejected"))
     if point in ("rejected", "images"):  # the second shard is `writing`, its rejected rows in
         assert sorted(_statuses(db)) == ["done", "writing"]
-        writing = lance_table(db, "manifest").filter(pa.compute.field("status") == "writing")
+        writing = lance_table(db, "images_manifest").filter(pa.compute.field("status") == "writing")
         shard = writing.column("shard")[0].as_py()
         assert rejected.filter(pa.compute.field("shard") == shard).num_rows == 2
         written = {"rejected": 0, "images": 4}[point]  # 6 rows, 2 rejected
@@ -475,7 +475,7 @@ def test_driver_killed_at_a_commit_point_then_rerun_leaves_every_id_once(ray_loc
     assert summary.shards_failed == 0
     assert summary.shards_already_done == {"rejected": 1, "images": 1, "optimize": 2}[point]
     _check_table(db, ok, shards=2)
-    assert_exactly_once(lance_table(db, "rejected").column("id").to_pylist(), skipped)
+    assert_exactly_once(lance_table(db, "images_rejected").column("id").to_pylist(), skipped)
 
 
 # --- 2e. a shard deleted and another rewritten between two nightly runs, the second killed mid-removal ------
@@ -503,14 +503,14 @@ def test_reindex_killed_while_removing_a_deleted_shard_then_rerun_leaves_the_new
             assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-5000:]
     removed = "00002.parquet"  # the shard's name: its identity, wherever the input is
     assert lance_table(db, "images").filter(pa.compute.field("shard") == removed).num_rows == 0
-    assert lance_table(db, "rejected").filter(pa.compute.field("shard") == removed).num_rows == 2
+    assert lance_table(db, "images_rejected").filter(pa.compute.field("shard") == removed).num_rows == 2
 
     report = run_reindex(cfg)
     assert report.shards_removed == [removed] and report.summary["shards_committed"] == 1
     ids = [f"00000.parquet/s0-{i:03d}" for i in range(8)] + rewritten
     skipped = {i for n, i in enumerate(ids) if n % 4 == 3}
     _check_table(db, [i for i in ids if i not in skipped], shards=2)
-    assert_exactly_once(lance_table(db, "rejected").column("id").to_pylist(), sorted(skipped))
+    assert_exactly_once(lance_table(db, "images_rejected").column("id").to_pylist(), sorted(skipped))
     captions = {r["id"]: r["caption"] for r in lance_table(db, "images").to_pylist()}
     assert captions["00001.parquet/s1-004"] == "caption 101 of s1-004"  # the rewritten row, not the old one
 
@@ -566,4 +566,4 @@ def test_driver_memory_stays_bounded_with_many_small_shards_and_a_100k_row_shard
         total,
     )
     assert 0 < result["peak_buffered_rows"] <= MAX_BUFFERED + ROW_GROUP
-    assert lance_table(db, "images").num_rows + lance_table(db, "rejected").num_rows == total
+    assert lance_table(db, "images").num_rows + lance_table(db, "images_rejected").num_rows == total

@@ -46,7 +46,7 @@ def test_every_input_row_is_indexed_once_with_its_route_and_compute(indexed, sce
     assert set(images.column("model_id").to_pylist()) == {"icar-tiny-vit:embedded"}
     complexity = images.column("complexity").to_numpy()
     assert np.all((complexity >= 0) & (complexity < 1)) and complexity.std() > 0.05
-    manifest = lance_table(cfg.output.uri, "manifest").to_pylist()
+    manifest = lance_table(cfg.output.uri, "images_manifest").to_pylist()
     assert sorted((Path(m["shard"]).name, m["status"], m["rows_ok"]) for m in manifest) == [
         ("00000.parquet", "done", 24),
         ("00001.parquet", "done", 24),
@@ -180,7 +180,7 @@ def test_bad_rows_and_bad_shards_are_recorded_never_dropped(ray_local, tmp_path)
     assert summary.rows_failed == len(bad) - 1
     images = lance_table(cfg.output.uri, "images")
     assert sorted(images.column("id").to_pylist()) == sorted(f"mixed.parquet/g-{n}" for n in good)
-    rejected = {r["id"]: r for r in lance_table(cfg.output.uri, "rejected").to_pylist()}
+    rejected = {r["id"]: r for r in lance_table(cfg.output.uri, "images_rejected").to_pylist()}
     assert set(rejected) == {f"mixed.parquet/b-{n}" for n in bad} | {"mixed.parquet/dl-failed"}
     assert rejected["mixed.parquet/dl-failed"]["status"] == "skipped"
     assert "HTTP 404" in rejected["mixed.parquet/dl-failed"]["reason"]
@@ -190,7 +190,7 @@ def test_bad_rows_and_bad_shards_are_recorded_never_dropped(ray_local, tmp_path)
             row = rejected[f"mixed.parquet/b-{name}"]
             assert row["status"] == "failed" and any(r in row["reason"] for r in reasons), row
 
-    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "manifest").to_pylist()}
+    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "images_manifest").to_pylist()}
     assert manifest["empty.parquet"]["status"] == "done" and manifest["empty.parquet"]["rows_ok"] == 0
     assert manifest["truncated.parquet"]["status"] == "failed"
     assert "truncated.parquet" in manifest["truncated.parquet"]["error"]

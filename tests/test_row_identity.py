@@ -138,12 +138,12 @@ def test_repeated_keys_bad_text_and_a_corrupt_page_stay_inside_their_shard(ray_l
         + ["nullkey.parquet/row1", "nullkey.parquet#1", "nullkey.parquet#2"]
         + ["latin1.parquet/x", "latin1.parquet/y"]
     )
-    rejected = {r["id"]: r["reason"] for r in lance_table(cfg.output.uri, "rejected").to_pylist()}
+    rejected = {r["id"]: r["reason"] for r in lance_table(cfg.output.uri, "images_rejected").to_pylist()}
     assert set(rejected) == {"dup.parquet#2", "dup.parquet#4"}
     assert summary.shards_failed == 1 and summary.shards_committed == 3
     ((uri, reason),) = summary.failed_shards.items()
     assert uri.endswith("corrupt.parquet") and "row group 0" in reason
-    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "manifest").to_pylist()}
+    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "images_manifest").to_pylist()}
     assert (
         manifest["corrupt.parquet"]["status"] == "failed"
         and "corrupt.parquet" in manifest["corrupt.parquet"]["error"]
@@ -260,9 +260,9 @@ def test_a_shard_larger_than_the_buffer_is_written_in_parts_once_and_replaced_wh
         f"small{i}.parquet/s{i}-{k}" for i in range(4) for k in range(8)
     ]
     assert sorted(ids) == sorted(expected)
-    rejected = lance_table(cfg.output.uri, "rejected").to_pylist()
+    rejected = lance_table(cfg.output.uri, "images_rejected").to_pylist()
     assert len(rejected) == 20 and all(r["reason"].startswith("duplicate key") for r in rejected)
-    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "manifest").to_pylist()}
+    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "images_manifest").to_pylist()}
     assert (manifest["big.parquet"]["status"], manifest["big.parquet"]["rows_ok"]) == ("done", 100)
     assert manifest["big.parquet"]["rows_skipped"] == 20
 

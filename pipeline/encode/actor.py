@@ -1,5 +1,6 @@
-"""Stage 4 on the actor pool: each actor holds one model and embeds the ok rows of every batch it gets,
-one forward pass per route present in the batch.
+"""Stage 4 on the actor pool: each actor holds one model, embeds the ok rows of every batch it gets (one
+forward pass per route present in the batch) and writes them as fragments of the output tables; only the
+parts' metadata goes on to the driver (`write.fragments`).
 
 `EncodeStage` takes prepared rows (GPU encoders, fed by CPU decode tasks); `DecodeEncodeStage` takes row
 groups and prepares them itself (CPU encoders: each core decodes, scores and encodes its own rows)."""
@@ -18,13 +19,14 @@ from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.prepare import OK, Batch, prepare_unit
+from pipeline.write.fragments import FragmentTarget, part_batch, write_part, write_parts
 
 
 class EncodeStage:
     """Ray actor class (map_batches with an ActorPoolStrategy); the model loads once per actor."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
+    def __init__(self, cfg: dict[str, Any], target: FragmentTarget):
+        self.cfg, self.target = cfg, target
         config = IndexConfig.model_validate(cfg)
         threads = config.encoder.torch_threads or max(1, int(config.encoder.cpus_per_actor))
         torch.set_num_threads(threads)
@@ -35,6 +37,10 @@ class EncodeStage:
         self.route_names = np.asarray([r.name for r in config.router.routes], dtype=object)
 
     def __call__(self, batch: Batch) -> Batch:
+        """Prepared rows in (of any shards), their parts out."""
+        return write_parts(self.encode(batch), self.target)
+
+    def encode(self, batch: Batch) -> Batch:
         started = time.perf_counter()
         ok = np.flatnonzero(batch["outcome"] == OK)
         n = len(batch["outcome"])
@@ -64,15 +70,24 @@ class DecodeEncodeStage(EncodeStage):
     keeps every core busy with no pixels shipped between processes (Ray's own fusion of the two
     map_batches would bundle many row groups into one actor task and starve the other actors)."""
 
-    def __init__(self, cfg: dict[str, Any], preprocess: Preprocess):
-        super().__init__(cfg)
+    def __init__(self, cfg: dict[str, Any], target: FragmentTarget, preprocess: Preprocess):
+        super().__init__(cfg, target)
         self.preprocess = preprocess
         self.batch_size = IndexConfig.model_validate(cfg).encoder.batch_size
 
-    def __call__(self, units: Batch) -> Iterator[Batch]:  # type: ignore[override]
-        for chunk in prepare_unit(units, self.cfg, self.preprocess):
+    def __call__(self, units: Batch) -> Batch:  # type: ignore[override]
+        """Row groups in, one part each out: a row group's rows stream from the decoder through the
+        encoder into its fragment files."""
+        parts = []
+        for i in range(len(units["uri"])):
+            unit = {k: v[i : i + 1] for k, v in units.items()}
+            parts.append(write_part(self._encoded(unit), str(units["name"][i]), self.target))
+        return part_batch(parts)
+
+    def _encoded(self, unit: Batch) -> Iterator[Batch]:
+        for chunk in prepare_unit(unit, self.cfg, self.preprocess):
             for rows in route_batches(chunk["route"], self.batch_size):
-                yield super().__call__({k: v[rows] for k, v in chunk.items()})
+                yield self.encode({k: v[rows] for k, v in chunk.items()})
 
 
 def route_batches(routes: np.ndarray, batch_size: int) -> Iterator[slice]:

@@ -271,7 +271,7 @@ def evaluate_table(
     Captions are embedded with `cfg.model`'s text tower; the table must hold that model's vectors.
     """
     from pipeline.alias import resolve
-    from pipeline.write import connect
+    from pipeline.storage import connect
 
     paths = list(shard_paths) if shard_paths is not None else list(cfg.input.paths)
     if not paths:

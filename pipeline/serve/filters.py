@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.write import sql_literal
+from pipeline.storage import sql_literal
 
 Text = Annotated[str, Field(min_length=1, max_length=256)]
 

@@ -25,11 +25,12 @@ import torch
 from pipeline.config import IndexConfig, load_config
 from pipeline.encode.model import model_preprocess
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.job import encoder_actors, init_ray, run_index
+from pipeline.job import run_index
 from pipeline.lab.scenes.shards import write_corpus
 from pipeline.lab.timing import alternate
 from pipeline.prepare import OK, prepare_unit, work_unit
 from pipeline.read import inspect_shard, list_shards
+from pipeline.stream import encoder_actors, init_ray
 
 MIN_STEADY_COMMITS = 4
 MIN_STEADY_SPAN_S = 1.0
@@ -140,7 +141,7 @@ def measure_pipeline(
     bound = num_cpus / (prepare_cpu + encode_cpu)
     reported = steady or summary.images_per_second
     rows = max(summary.rows_ok, 1)
-    busy = {k[2:]: v for k, v in summary.stage_seconds.items()} | {"write": summary.write_seconds}
+    busy = {k[2:]: v for k, v in summary.stage_seconds.items()} | {"commit": summary.commit_seconds}
     return {
         "images": images,
         "shards": summary.shards_committed,

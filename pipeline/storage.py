@@ -1,0 +1,75 @@
+"""Where the output lives: the LanceDB connection, the same location as an fsspec filesystem, the path of a
+table's Lance dataset, and what counts as a transient object-store failure.
+
+One place for the storage helpers that the writer, the lease, the aliases, the reindex and the query side
+all need, so that none of them imports another's internals."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import TYPE_CHECKING
+
+import fsspec
+
+from pipeline.config import OutputConfig
+
+if TYPE_CHECKING:
+    import lancedb
+
+# LanceDB object-store option -> s3fs option, so one `output.storage_options` serves LanceDB and fsspec
+_S3FS_OPTIONS = {
+    "aws_endpoint": "endpoint_url",
+    "aws_access_key_id": "key",
+    "aws_secret_access_key": "secret",
+}
+
+# What an object store says when a request may well succeed later. Lance raises these, and schema or type
+# errors alike, as RuntimeError/OSError/ValueError, so the text decides. `\btimeout` skips the
+# `retry_timeout: 180s` that Lance appends to every S3 error, a 403 included; S3's error codes are matched
+# with their case.
+_TRANSIENT = re.compile(
+    r"(?i:connection (reset|refused|closed|aborted)|broken pipe|\btimed out\b|\btimeout\b"
+    r"|error sending request|tcp connect|could not connect|network unreachable|status code:? 5\d\d"
+    r"|service unavailable|reduce your request rate)|SlowDown|ServiceUnavailable|InternalError"
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An object-store failure worth another try (connection reset/refused, timeout, 5xx, SlowDown);
+    never a schema, type or conflict error."""
+    return isinstance(exc, OSError | RuntimeError) and bool(_TRANSIENT.search(str(exc)))
+
+
+def sql_literal(value: str) -> str:
+    """A string as a Lance SQL literal: quoted, with its quotes doubled, so no value can end the literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def output_filesystem(cfg: OutputConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The output location as an fsspec filesystem and root path (for the lease and the run reports)."""
+    options: dict = {}
+    if cfg.uri.startswith("s3://"):
+        for name, value in cfg.storage_options.items():
+            if name in _S3FS_OPTIONS:
+                options[_S3FS_OPTIONS[name]] = value
+            elif name in ("aws_region", "region"):
+                options.setdefault("client_kwargs", {})["region_name"] = value
+    return fsspec.core.url_to_fs(cfg.uri, **options)
+
+
+def dataset_uri(cfg: OutputConfig, table: str) -> str:
+    """The Lance dataset behind a LanceDB table of the output database (LanceDB's `<uri>/<name>.lance`)."""
+    return posixpath.join(cfg.uri.rstrip("/"), f"{table}.lance")
+
+
+def connect(cfg: OutputConfig) -> lancedb.DBConnection:
+    """Open the output database. lancedb is imported here, not at module load: importing it installs a
+    fork hook that warns in every process forked afterwards, and the job starts Ray (which forks) first."""
+    import lancedb
+
+    return lancedb.connect(cfg.uri, storage_options=cfg.storage_options or None)

@@ -1,0 +1,156 @@
+"""The Ray layer of the job: connect to (or start) Ray, and the graph that turns row groups into written
+parts — decode/score on CPU, encode and write on an actor pool — plus what Ray Data gave up on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import ray
+
+from pipeline.config import IndexConfig
+from pipeline.decode import Preprocess
+from pipeline.encode.actor import DecodeEncodeStage, EncodeStage
+from pipeline.prepare import prepare_unit
+from pipeline.progress import quiet_ray_data
+from pipeline.write.fragments import FragmentTarget
+
+PREPARE_TASK_MEMORY = 512 * 2**20  # bytes reserved per prepare task: one row group plus decoded pixels
+
+
+def init_ray(cfg: IndexConfig, verbose: bool = False) -> None:
+    """Connect to the configured cluster, the one a `ray job submit` set up, or start a local Ray.
+
+    The embedded Ray keeps token authentication on (Ray's default) but starts without a dashboard and,
+    unless `verbose`, without start-up chatter; a cluster's dashboard is the place to watch a big job."""
+    if not ray.is_initialized():
+        level = logging.INFO if verbose else logging.ERROR
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, logging_level=level)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=level)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=verbose, logging_level=level)
+    quiet_ray_data(verbose)
+
+
+def encoder_actors(cfg: IndexConfig) -> int:
+    """The configured pool size, else as many actors as the cluster's GPUs (or CPUs) can hold."""
+    if cfg.encoder.actors is not None:
+        return cfg.encoder.actors
+    resources = ray.cluster_resources()
+    if cfg.encoder.gpus_per_actor > 0:
+        return max(1, int(resources.get("GPU", 0) / cfg.encoder.gpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) / cfg.encoder.cpus_per_actor))
+
+
+def stream(
+    work: list[dict], cfg: IndexConfig, preprocess: Preprocess, target: FragmentTarget
+) -> ray.data.Dataset:
+    """Row groups -> written parts (`write.fragments`), with the resources declared where each stage is.
+
+    GPU encoders: decode/score run on CPU tasks of their own (a memory reservation of its own keeps Ray
+    from fusing them into the GPU actors), so the GPUs never wait on JPEG decoding. CPU encoders: the
+    stages share the same cores anyway, so one actor per core decodes, scores and encodes its own rows.
+
+    A process that dies under a batch (a decoder segfault on one image, an OOM kill, its node lost) is
+    restarted and the batch retried at most `encoder.max_restarts` times, never forever (Ray Data's
+    default for actor pools); past that, Ray Data drops the batch and goes on (`max_errored_blocks=-1`),
+    and `index_pending` fails the shards whose rows never came back. The actor process itself is always
+    restarted: Ray 2.60 never replaces a pool actor that is dead for good, so a bounded actor would shrink
+    the pool and, once every actor is gone, stall the job (ray-project/ray#62746). The tasks queued on an
+    actor die with it and spend a retry each, so a CPU actor (row groups in, no pixels to prefetch) takes
+    one task at a time; a GPU actor keeps Ray Data's two, the next batch's pixels travelling meanwhile."""
+    cfg_dict = cfg.model_dump()
+    retries = cfg.encoder.max_restarts
+    units = ray.data.from_items(work, override_num_blocks=len(work))
+    cpu_plan = cfg.encoder.gpus_per_actor == 0
+    encoder_args = {
+        # never more actors than row groups: an idle actor costs a model load and Ray warns about it
+        "compute": ray.data.ActorPoolStrategy(
+            size=min(encoder_actors(cfg), len(work)), max_tasks_in_flight_per_actor=1 if cpu_plan else None
+        ),
+        "num_cpus": cfg.encoder.cpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": retries,
+    }
+    # Ray 2.60 deprecates passing actor options as keyword arguments but has no named parameter for these
+    # two (ray-project/ray#65227 names the ones it adds): the warning is for Ray 2.64, not for the user.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        if cpu_plan:
+            dataset = units.map_batches(
+                DecodeEncodeStage,
+                fn_constructor_kwargs={"cfg": cfg_dict, "target": target, "preprocess": preprocess},
+                batch_size=1,
+                **encoder_args,
+            )
+        else:
+            dataset = units.map_batches(
+                prepare_unit,
+                batch_size=1,
+                fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
+                num_cpus=cfg.ray.decode_cpus,
+                memory=PREPARE_TASK_MEMORY,
+                max_retries=retries,  # the decoding happens here on this plan: the same bound
+            ).map_batches(
+                EncodeStage,
+                fn_constructor_kwargs={"cfg": cfg_dict, "target": target},
+                batch_size=cfg.encoder.batch_size,
+                num_gpus=cfg.encoder.gpus_per_actor,
+                **encoder_args,
+            )
+    dataset.context.max_errored_blocks = -1
+    return dataset
+
+
+class DroppedBatches(logging.Handler):
+    """What Ray Data gave up on while streaming: the error of each batch it dropped (it logs each one,
+    with its exception, under `max_errored_blocks=-1`), or the error that stopped the stream."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[BaseException] = []
+        self.stopped: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def __enter__(self) -> DroppedBatches:
+        logging.getLogger("ray.data").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("ray.data").removeHandler(self)
+
+    def next(self, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+        """The stream's next batch; None at its end, or when it failed (the error is kept, the job goes
+        on to fail the shards it left incomplete: the writer's own errors are not caught here)."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever stopped Ray, the shards it left fail
+            self.stopped = exc
+            return None
+
+    def reason(self, cfg: IndexConfig) -> str:
+        def short(exc: BaseException) -> str:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            return f"{type(exc).__name__}: {first[:300]}"
+
+        if self.stopped is not None:
+            return f"the stream stopped ({short(self.stopped)})"
+        errors = "; ".join(list(dict.fromkeys(short(e) for e in self.errors))[:3]) or "no error reported"
+        n = cfg.encoder.max_restarts
+        for died, who in (
+            (ray.exceptions.RayActorError, "the encoder actor"),
+            (ray.exceptions.WorkerCrashedError, "the worker decoding it"),  # the GPU plan's CPU tasks
+        ):
+            if any(isinstance(e, died) for e in self.errors):
+                return f"{who} died {n + 1} times on a batch (encoder.max_restarts={n}): {errors}"
+        return f"Ray Data dropped a batch: {errors}"

@@ -1,0 +1,160 @@
+"""One Lance dataset that only the run holding its table commits to, fenced against a run that lost it.
+
+Every commit names the version this run last committed (`read_version`), never a newer one it did not
+make. A run that takes a table over first commits a fence: a Restore of the latest version, which Lance
+refuses to reconcile with any concurrent transaction. So a commit of the replaced run that was built on an
+older version is refused by Lance itself, however late it lands (a stalled process, a retried request):
+a writer that lost its table cannot add a row, delete one, or compact. Lance raises the refusal as
+"Incompatible transaction"; here it becomes `LeaseLost`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import pyarrow as pa
+
+from pipeline.config import OutputConfig
+from pipeline.lease import LeaseLost
+from pipeline.storage import is_transient
+
+if TYPE_CHECKING:
+    from lance import LanceDataset
+    from lance.fragment import FragmentMetadata
+
+log = logging.getLogger("icar.write")
+T = TypeVar("T")
+
+
+def is_refused(exc: BaseException) -> bool:
+    """Lance refused a commit because the table moved on under it (a fence, another writer)."""
+    return "Incompatible transaction" in str(exc) or type(exc).__name__ == "CommitConflictError"
+
+
+class FencedTable:
+    """A table's Lance dataset at the version this run last committed; every write commits on top of it."""
+
+    def __init__(self, uri: str, cfg: OutputConfig):
+        import lance  # not at module load: its fork hook warns in every process Ray forks afterwards
+
+        self.uri, self.cfg = uri, cfg
+        self.options = cfg.storage_options or None
+        self.ds: LanceDataset = lance.dataset(uri, storage_options=self.options)
+        self.appended_since_compaction = 0
+
+    @property
+    def version(self) -> int:
+        return self.ds.version
+
+    def fence(self) -> None:
+        """Commit a Restore of the latest version on top of itself: from now on a commit built on any
+        earlier version is refused. Tried again while other commits land in between (a stale writer's)."""
+
+        import lance
+        from lance import LanceDataset, LanceOperation
+
+        def restore(latest: LanceDataset) -> LanceDataset:
+            operation = LanceOperation.Restore(latest.version)
+            return LanceDataset.commit(latest, operation, read_version=latest.version, max_retries=0)
+
+        while True:
+            latest = lance.dataset(self.uri, storage_options=self.options)
+            try:
+                self.ds = self._retry(lambda _, latest=latest: restore(latest))
+                return
+            except LeaseLost:
+                continue  # something committed between our read and our fence: fence the newer version
+
+    def append(self, fragments: list[FragmentMetadata]) -> None:
+        """One commit adding written fragments. A try whose answer was lost may have landed: before trying
+        again, the versions after ours are searched for it, so the fragments are never added twice."""
+        if not fragments:
+            return
+        from lance import LanceDataset, LanceOperation
+
+        def commit(attempt: int) -> LanceDataset:
+            if attempt > 1 and (landed := self._landed(fragments)) is not None:
+                return landed
+            return LanceDataset.commit(self.ds, LanceOperation.Append(fragments), read_version=self.version)
+
+        self.ds = self._retry(commit)
+        self.appended_since_compaction += len(fragments)
+
+    def append_rows(self, rows: pa.Table) -> None:
+        """Write `rows` as fragments here in the driver and append them (small tables: the manifest)."""
+        from lance.fragment import write_fragments
+
+        self.append(write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options))
+
+    def delete(self, where: str) -> None:
+        """Delete the rows matching `where`, in one commit (safe to repeat)."""
+        self._retry(lambda _: self.ds.delete(where))
+
+    def overwrite(self, rows: pa.Table) -> None:
+        """Replace the whole content by `rows` in one commit (the manifest's compaction)."""
+        from lance import LanceDataset, LanceOperation
+        from lance.fragment import write_fragments
+
+        fragments = write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options)
+        operation = LanceOperation.Overwrite(self.ds.schema, fragments)
+        self.ds = self._retry(lambda _: LanceDataset.commit(self.ds, operation, read_version=self.version))
+        self.appended_since_compaction = 0
+
+    def compact(self, target_rows_per_fragment: int) -> None:
+        """Merge small fragments (Lance's compaction, built on our version like every commit): each commit
+        rewrites the list of every fragment, so their number must not grow with the run."""
+        import lance
+
+        self._retry(
+            lambda _: self.ds.optimize.compact_files(
+                target_rows_per_fragment=target_rows_per_fragment, defer_index_remap=True
+            )
+        )
+        self.ds = lance.dataset(self.uri, version=self.ds.version, storage_options=self.options)
+        self.appended_since_compaction = 0
+
+    def fragment_count(self) -> int:
+        return len(self.ds.get_fragments())
+
+    def _landed(self, fragments: list[FragmentMetadata]) -> LanceDataset | None:
+        """The version at which an Append of these fragments already landed after ours, if one did."""
+        import lance
+        from lance import LanceOperation
+
+        path = fragments[0].files[0].path
+        latest = lance.dataset(self.uri, storage_options=self.options)
+        for version in range(self.version + 1, latest.version + 1):
+            operation = latest.read_transaction(version).operation
+            if isinstance(operation, LanceOperation.Append) and any(
+                f.files[0].path == path for f in operation.fragments
+            ):
+                return lance.dataset(self.uri, version=version, storage_options=self.options)
+        return None
+
+    def _retry(self, commit: Callable[[int], T]) -> T:
+        """`commit(attempt)`, tried `output.commit_attempts` times with doubling backoff on a transient
+        object-store error (connection reset or refused, timeout, 5xx, SlowDown: Lance's own request
+        retries give up after a few seconds of S3 down). A refusal (the table moved on under this run)
+        is never retried: it is `LeaseLost`."""
+        attempts = self.cfg.commit_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return commit(attempt)
+            except Exception as exc:
+                if is_refused(exc):
+                    raise LeaseLost(
+                        f"lost table {self.uri}: another job took over and committed (Lance refused this "
+                        "run's commit); stopped before writing more"
+                    ) from exc
+                if attempt == attempts or not is_transient(exc):
+                    raise
+                wait = self.cfg.commit_backoff_seconds * 2 ** (attempt - 1)
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                log.warning(
+                    "commit failed (try %d of %d), retrying in %.1f s: %s", attempt, attempts, wait, first
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")
