@@ -38,9 +38,7 @@ class ShardCollector:
 
     def add(self, parts: dict[str, np.ndarray]) -> list[str]:
         """Take a batch of part rows; returns the shards it completed."""
-        self.received.bytes += sum(
-            int(v.nbytes) + sum(len(str(x)) for x in v if v.dtype == object) for v in parts.values()
-        )
+        self.received.bytes += _size(parts)
         completed = []
         for i in range(len(parts["shard"])):
             part = {k: v[i] for k, v in parts.items()}
@@ -93,3 +91,11 @@ class ShardCollector:
             for name, plan in self.plans.items()
             if not plan.error and name not in self.failed and self.received.rows[name] < plan.num_rows
         }
+
+
+def _size(parts: dict[str, np.ndarray]) -> int:
+    """Bytes of a batch of part rows as the driver holds them: numbers, plus the text of each string."""
+    return sum(
+        sum(len(str(x)) for x in column) if column.dtype == object else column.nbytes
+        for column in parts.values()
+    )
