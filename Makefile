@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick browser serve clean
+.PHONY: demo test lint bench bench-quick bench-scale browser serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python jobs/bench.py
+	$(BIN)/python jobs/bench_scale.py
+
+# the write path as the work grows: commit cost over 20,000 shards, many tiny shards, two nodes on S3
+bench-scale: $(STAMP)
+	$(BIN)/python jobs/bench_scale.py
 
 bench-quick: $(STAMP)
 	$(BIN)/python jobs/bench.py --quick

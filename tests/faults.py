@@ -3,29 +3,39 @@ hooks that make a real process die at a named point (imported by the processes u
 pipeline).
 
 * `FaultProxy`: HTTP in front of an S3 endpoint (moto); a share of requests is answered 500/503 without
-  reaching S3 (a failed request, never a lost answer), a share is delayed; `on_next_put` runs a callback
-  (e.g. take S3 down) just before the next PUT goes through, so a fault can start inside a commit.
+  reaching S3 (a failed request), a share is delayed; `on_next_put` runs a callback (e.g. take S3 down)
+  just before the next PUT goes through, so a fault can start inside a commit; `lose_next_answer` lets the
+  next PUT to a matching path land in S3 and answers the client 503 (a lost answer: the write happened).
 * `crash_encoder_on_key`: a Ray `worker_process_setup_hook`; the encoder actor that gets a batch holding
   the key in `ICAR_FAULT_CRASH_KEY` SIGKILLs itself, on every try (a deterministic decoder segfault).
+* `kill_encoder_after_write`: a Ray `worker_process_setup_hook`; the encoder actor that has just written
+  the fragment files of a part holding the key in `ICAR_FAULT_WRITTEN_KEY` SIGKILLs itself, once per run
+  (a marker file), before the driver hears of those files: they are orphans, the retry writes them anew.
 * `kill_driver_at(point, nth)`: in the job's driver, SIGKILL the process right after the `nth` time it
   passes one of the commit protocol's points (`POINTS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import os
 import random
+import re
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 CRASH_KEY_ENV = "ICAR_FAULT_CRASH_KEY"
 CRASH_LOG_ENV = "ICAR_FAULT_CRASH_LOG"  # a file that gets one line per crash (pid), for the test to count
+WRITTEN_KEY_ENV = "ICAR_FAULT_WRITTEN_KEY"
+# the one kill of `kill_encoder_after_write`: created by it, holding the fragment files the dead part wrote
+WRITTEN_MARKER_ENV = "ICAR_FAULT_WRITTEN_MARKER"
 _HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -40,7 +50,8 @@ _HOP_BY_HOP = {
 class FaultProxy:
     """A threaded reverse proxy to `upstream` on 127.0.0.1 (`.endpoint`); `fail` and `delay` are shares
     of requests (decided per request with a seeded RNG), `pause` the delay in seconds. `counts` tells
-    what it did. Faults are injected only while `.faulty` is set."""
+    what it did, `lost` the paths of the PUTs whose answers it lost. Faults are injected only while
+    `.faulty` is set."""
 
     def __init__(
         self, upstream: str, fail: float = 0.0, delay: float = 0.0, pause: float = 0.5, seed: int = 0
@@ -50,6 +61,8 @@ class FaultProxy:
         self.faulty = True
         self.counts: Counter = Counter()
         self._on_put: Callable[[], None] | None = None
+        self._lose: re.Pattern[str] | None = None
+        self.lost: list[str] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -69,6 +82,21 @@ class FaultProxy:
         """Call `callback` once, in the proxy, just before the next PUT is forwarded to S3."""
         with self._lock:
             self._on_put = callback
+
+    def lose_next_answer(self, path: str) -> None:
+        """The next PUT whose path matches the regex `path` is forwarded to S3, and its client answered 503
+        whatever S3 said: the write landed, the writer cannot know it (once)."""
+        with self._lock:
+            self._lose = re.compile(path)
+
+    def _answer_lost(self, method: str, path: str) -> bool:
+        with self._lock:
+            if method != "PUT" or self._lose is None or not self._lose.search(path):
+                return False
+            self._lose = None
+            self.lost.append(path)
+            self.counts["answer lost"] += 1
+            return True
 
     def _before_forward(self, method: str) -> None:
         with self._lock:
@@ -148,6 +176,11 @@ class FaultProxy:
                     return
                 finally:
                     upstream.close()
+                if response.status < 300 and proxy._answer_lost(self.command, self.path):
+                    self._reply(
+                        503, [("Content-Type", "application/xml")], b"<Error><Code>SlowDown</Code></Error>"
+                    )
+                    return
                 self._reply(response.status, response.getheaders(), data)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
@@ -183,21 +216,80 @@ def crash_encoder_on_key() -> None:
     actor.EncodeStage.__call__ = crashing
 
 
-# The commit protocol's points in the driver (pipeline/write.py), each just after a durable step.
+def kill_encoder_after_write() -> None:
+    """Ray worker setup hook: the encoder actor that has written the fragment files of a part holding row
+    key `$ICAR_FAULT_WRITTEN_KEY` SIGKILLs itself before returning the part, once: it first creates
+    `$ICAR_FAULT_WRITTEN_MARKER` with the paths of the images fragment files it wrote (JSON), and a try
+    that finds the marker there goes on. So the driver never hears of those files, and Ray's retry of the
+    batch (a restarted actor) writes the part again."""
+    key, marker = os.environ.get(WRITTEN_KEY_ENV), os.environ.get(WRITTEN_MARKER_ENV)
+    if not key or not marker:
+        return
+    from pipeline.encode import actor
+    from pipeline.write import fragments
+
+    write = fragments.write_part
+
+    def write_then_die(batches, shard, target):
+        seen = []
+
+        def watched():
+            for batch in batches:
+                seen.append(key in set(batch["key"].tolist()))
+                yield batch
+
+        part = write(watched(), shard, target)
+        if not any(seen):
+            return part
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # the retry: this time the part reaches the driver
+            return part
+        files = [f["files"][0]["path"] for f in json.loads(part["images"])]
+        os.write(fd, json.dumps({"pid": os.getpid(), "images": files}).encode())
+        os.close(fd)
+        _die()
+
+    fragments.write_part = actor.write_part = write_then_die  # the GPU plan's and the CPU plan's caller
+
+
+# The commit protocol's points in the driver (pipeline/write/commit.py `Committer.flush` and `remove`,
+# pipeline/write/output.py `OutputTables.optimize`), each just after a durable step; a round passes each
+# of the first four once, so `nth` is the round.
 POINTS = {
-    "writing": "manifest row `writing`, none of the shard's rows written",
-    "rejected": "the shard's rejected rows committed, its embeddings not",
-    "images": "the shard's embeddings committed, its manifest row still `writing`",
-    "done": "the shard's manifest row `done`",
-    "optimize": "the end-of-run compaction: the images table compacted, the other tables not",
-    "remove": "reindex removing a shard: its embeddings deleted, its rejected and manifest rows not",
+    "writing": "a round's shards recorded `writing`, none of their rows committed",
+    "rejected": "the round's rejected rows committed, its embeddings not",
+    "images": "the round's embeddings committed, its shards still `writing`",
+    "done": "the round's shards recorded `done`",
+    "optimize": "the end-of-run optimize: the images table compacted, the rejected and manifest tables not",
+    "remove": "reindex removing shards: their embeddings deleted, their rejected rows and states not",
 }
 
 
+@contextlib.contextmanager
+def _after_each_call(obj: object, method: str, then: Callable[..., None]) -> Iterator[None]:
+    """While the block runs, `obj.method(*args)` calls `then(*args)` once it has returned (an instance
+    attribute over the class's method, removed afterwards)."""
+    original = getattr(obj, method)
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        then(*args, **kwargs)
+        return result
+
+    setattr(obj, method, wrapped)
+    try:
+        yield
+    finally:
+        delattr(obj, method)
+
+
 def kill_driver_at(point: str, nth: int = 1) -> None:
-    """Patch `LanceWriter` in this process so that it SIGKILLs the process right after the `nth` pass
+    """Patch the committer in this process so that it SIGKILLs the process right after the `nth` pass
     through `point` (see `POINTS`)."""
-    from pipeline import write
+    from pipeline.write.commit import Committer
+    from pipeline.write.manifest import DONE, WRITING
+    from pipeline.write.output import OutputTables
 
     assert point in POINTS, point
     passes = Counter()
@@ -207,55 +299,28 @@ def kill_driver_at(point: str, nth: int = 1) -> None:
         if name == point and passes[name] == nth:
             _die()
 
-    writer = write.LanceWriter
-    begin, put, finish, optimize, remove = (
-        writer.begin_shard,
-        writer._put,
-        writer.finish_shard,
-        writer.optimize,
-        writer.remove_shard,
-    )
+    def recorded(records, *_, **__) -> None:
+        statuses = {r.status for r in records}
+        for status, name in ((WRITING, "writing"), (DONE, "done")):
+            if status in statuses:
+                after(name)
 
-    def begin_shard(self, record):
-        started = begin(self, record)
-        after("writing")
-        return started
+    flush, optimize, remove = Committer.flush, OutputTables.optimize, Committer.remove
 
-    def _put(self, table, rows, shard, mode):
-        put(self, table, rows, shard, mode)
-        after("rejected" if table is self.rejected else "images" if table is self.images else "put")
-
-    def finish_shard(self, record, started):
-        finish(self, record, started)
-        after("done")
+    def flush_(self):
+        with (
+            _after_each_call(self.manifest, "record", recorded),
+            _after_each_call(self.tables.rejected, "append", lambda *_, **__: after("rejected")),
+            _after_each_call(self.tables.images, "append", lambda *_, **__: after("images")),
+        ):
+            return flush(self)
 
     def optimize_(self, *args, **kwargs):
-        images = self.images.optimize
-
-        def compact_images(*a, **k):
-            result = images(*a, **k)
-            after("optimize")
-            return result
-
-        self.images.optimize = compact_images
-        try:
+        with _after_each_call(self.images_table, "optimize", lambda *_, **__: after("optimize")):
             return optimize(self, *args, **kwargs)
-        finally:
-            del self.images.optimize
 
-    def remove_shard(self, shard):
-        delete = self.images.delete
+    def remove_(self, names):
+        with _after_each_call(self.tables.images, "delete", lambda *_, **__: after("remove")):
+            return remove(self, names)
 
-        def delete_images(*a, **k):
-            result = delete(*a, **k)
-            after("remove")
-            return result
-
-        self.images.delete = delete_images
-        try:
-            return remove(self, shard)
-        finally:
-            del self.images.delete
-
-    writer.begin_shard, writer._put, writer.finish_shard = begin_shard, _put, finish_shard
-    writer.optimize, writer.remove_shard = optimize_, remove_shard
+    Committer.flush, OutputTables.optimize, Committer.remove = flush_, optimize_, remove_

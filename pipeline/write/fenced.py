@@ -30,8 +30,14 @@ T = TypeVar("T")
 
 
 def is_refused(exc: BaseException) -> bool:
-    """Lance refused a commit because the table moved on under it (a fence, another writer)."""
-    return "Incompatible transaction" in str(exc) or type(exc).__name__ == "CommitConflictError"
+    """Lance refused a commit because the table moved on under it with an incompatible change (a fence)."""
+    return "Incompatible transaction" in str(exc)
+
+
+def may_have_landed(exc: BaseException) -> bool:
+    """A commit whose outcome is unknown: the object store failed transiently, or the version it wrote
+    was already there (a PUT that landed, whose answer was lost, and was sent again)."""
+    return is_transient(exc) or type(exc).__name__ == "CommitConflictError" or "onflict" in str(exc)
 
 
 class FencedTable:
@@ -78,7 +84,10 @@ class FencedTable:
         def commit(attempt: int) -> LanceDataset:
             if attempt > 1 and (landed := self._landed(fragments)) is not None:
                 return landed
-            return LanceDataset.commit(self.ds, LanceOperation.Append(fragments), read_version=self.version)
+            # max_retries=0: Lance must not retry a version conflict itself. If the conflict is our own
+            # commit landing under a lost answer, it would rebase over it and append the fragments again.
+            operation = LanceOperation.Append(fragments)
+            return LanceDataset.commit(self.ds, operation, read_version=self.version, max_retries=0)
 
         self.ds = self._retry(commit)
         self.appended_since_compaction += len(fragments)
@@ -135,10 +144,9 @@ class FencedTable:
         return None
 
     def _retry(self, commit: Callable[[int], T]) -> T:
-        """`commit(attempt)`, tried `output.commit_attempts` times with doubling backoff on a transient
-        object-store error (connection reset or refused, timeout, 5xx, SlowDown: Lance's own request
-        retries give up after a few seconds of S3 down). A refusal (the table moved on under this run)
-        is never retried: it is `LeaseLost`."""
+        """`commit(attempt)`, tried `output.commit_attempts` times with doubling backoff while its outcome
+        is unknown (`may_have_landed`: Lance's own request retries give up after a few seconds of S3
+        down). A refusal (the table moved on under this run) is never retried: it is `LeaseLost`."""
         attempts = self.cfg.commit_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -149,7 +157,7 @@ class FencedTable:
                         f"lost table {self.uri}: another job took over and committed (Lance refused this "
                         "run's commit); stopped before writing more"
                     ) from exc
-                if attempt == attempts or not is_transient(exc):
+                if attempt == attempts or not may_have_landed(exc):
                     raise
                 wait = self.cfg.commit_backoff_seconds * 2 ** (attempt - 1)
                 first = (str(exc).strip().splitlines() or [""])[0][:300]

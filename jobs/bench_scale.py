@@ -1,0 +1,120 @@
+"""`make bench-scale` (also run by `make bench`): the write path as the work grows, written to
+results/bench/scale.json, scale.md and scale.png.
+
+    python jobs/bench_scale.py           # full: about 10 minutes on 2 cores
+    python jobs/bench_scale.py --tiny    # seconds; what tests/test_bench.py runs
+
+(a) the driver's commit cost per shard over 20,000 shards (shards 19,001-20,000 vs 1,001-2,000);
+(b) start-up over a 100,000-shard manifest; (c) `icar index` on 1,000 shards of 4 images vs the same
+images in 8 shards of 500; (d) two Ray nodes writing to moto's S3 server: every id once, and the bytes
+the driver received per row. Timings need an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+SIZES = {
+    # (shards, rows per shard, commit_shards, compact_fragments), manifest shards,
+    # (images, small shard, large shard, pairs), (images, shard size) on two nodes
+    "full": ((20_000, 20, 64, 256), 100_000, (4_000, 4, 500, 2), (2_000, 50)),
+    "tiny": ((2_200, 4, 16, 64), 2_000, None, None),
+}
+
+
+def markdown(result: dict) -> str:
+    a, b = result["commit_path"], result["manifest_startup"]
+    early, late = a["ms_per_shard"].items()
+    lines = [
+        f"# Write path at scale ({result['utc']}, {result['machine']})",
+        "",
+        f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, {a['commit_shards']} shards "
+        f"per round, compaction every {a['compact_fragments']} fragments: driver ms per shard {early[1]:.2f} "
+        f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x**; "
+        f"{a['rounds']} rounds, {a['commits']} Lance commits, {a['compactions']} compactions, "
+        f"{a['seconds_committing']:.1f} s committing in all",
+        f"- (b) open + fence + read a manifest of {b['shards']:,} shards: {b['open_fence_read_seconds']:.2f} s",
+    ]
+    if c := result.get("many_small_shards"):
+        small, large = c["shard_sizes"][1], c["shard_sizes"][0]
+        rates = c["images_per_second"]
+        lines.append(
+            f"- (c) `icar index` on {c['images']:,} images: shards of {small} at "
+            f"{', '.join(f'{r:.1f}' for r in rates[str(small)])} images/s vs shards of {large} at "
+            f"{', '.join(f'{r:.1f}' for r in rates[str(large)])}: **{c['share']:.0%}** (median of alternated "
+            f"pairs; {c['note']})"
+        )
+    if d := result.get("two_nodes_on_s3"):
+        lines.append(
+            f"- (d) two Ray nodes -> moto S3, {d['images']:,} images in {d['shards']} shards: "
+            f"{d['rows']} rows, {d['distinct_ids']} distinct ids (every id once: {d['every_id_once']}); "
+            f"driver received {d['driver_received']}; {d['seconds']:.1f} s"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = result["commit_path"]
+    per_thousand = a["per_shard_ms_by_thousand"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([1000 * (i + 1) for i in range(len(per_thousand))], per_thousand, marker="o")
+    ax.set_xlabel("shards committed")
+    ax.set_ylabel("driver ms per shard (mean of 1,000)")
+    ax.set_ylim(0, max(per_thousand) * 1.3)
+    ax.set_title("commit cost as the table grows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="small sizes, seconds (tests)")
+    parser.add_argument("--out", default="results/bench", help="output directory")
+    args = parser.parse_args()
+    from pipeline.lab.bench import scale
+
+    (commit, manifest_shards, small, nodes) = SIZES["tiny" if args.tiny else "full"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result: dict = {
+        "utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+    }
+    with tempfile.TemporaryDirectory(prefix="icar-scale-") as tmp:
+        work = Path(tmp)
+        print("(a) commit path")
+        result["commit_path"] = scale.commit_path(work / "commit", *commit)
+        print("(b) manifest start-up")
+        result["manifest_startup"] = scale.manifest_startup(work / "startup", manifest_shards)
+        if small:
+            print("(c) many small shards")
+            result["many_small_shards"] = scale.many_small_shards(work / "small", *small)
+        if nodes:
+            print("(d) two nodes on S3")
+            result["two_nodes_on_s3"] = scale.two_nodes_on_s3(work / "nodes", *nodes)
+    result["seconds"] = time.perf_counter() - started
+    name = "scale-tiny" if args.tiny else "scale"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown(result))
+    plot(result, out / f"{name}.png")
+    print("\n" + markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The write path at scale: the driver's commit cost as the table grows, start-up over a large manifest,
+and the real job on many tiny shards against the same images in a few large ones.
+
+(a) `commit_path`: the driver's real commit path (`Committer` over `OutputTables`) fed `shards` simulated
+    shards whose fragments are written beforehand, as workers would write them; the driver's seconds per
+    shard (round time / shards in the round) early in the run vs at its end.
+(b) `manifest_startup`: opening and fencing an alias whose manifest holds `shards` shards.
+(c) `many_small_shards`: `icar index` on the same scene images as `small` shards and as `large` ones,
+    alternated; the small-shard rate as a share of the large-shard rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import OutputConfig
+from pipeline.write.commit import Committer, WrittenShard
+from pipeline.write.manifest import DONE, ShardRecord
+from pipeline.write.output import OutputTables
+from pipeline.write.schema import REJECTED_SCHEMA
+
+DIM = 128  # the embedded model's embedding width
+ICAR = str(Path(sys.executable).with_name("icar"))
+
+
+def _shard_rows(index: int, rows: int, schema: pa.Schema, rng: np.random.Generator) -> pa.Table:
+    vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
+    name = f"{index:06d}.parquet"
+    columns = {
+        "id": [f"{name}/{i}" for i in range(rows)],
+        "shard": [name] * rows,
+        "key": [str(i) for i in range(rows)],
+        "url": [f"https://example.com/{index}/{i}.jpg" for i in range(rows)],
+        "caption": [f"caption {i}" for i in range(rows)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
+        "complexity": np.zeros(rows, np.float32),
+        "route": ["full"] * rows,
+        "exit_depth": np.full(rows, 12, np.int32),
+        "tokens": np.full(rows, 65, np.int32),
+        "gflops": np.ones(rows, np.float32),
+        "model_id": ["bench"] * rows,
+        "thumbnail": pa.nulls(rows, pa.binary()),
+    }
+    return pa.table(columns, schema=schema)
+
+
+def _rejected_row(index: int) -> pa.Table:
+    name = f"{index:06d}.parquet"
+    row = {
+        "id": f"{name}/x",
+        "shard": name,
+        "key": "x",
+        "url": None,
+        "caption": None,
+        "status": "skipped",
+        "reason": "source status 'failed_to_download'",
+        "model_id": "bench",
+    }
+    return pa.Table.from_pylist([row], schema=REJECTED_SCHEMA)
+
+
+def commit_path(
+    workdir: Path, shards: int, rows: int, commit_shards: int, compact_fragments: int, log=print
+) -> dict[str, Any]:
+    """(a): seconds the driver spends per shard, by position in the run (module docstring)."""
+    from lance.fragment import write_fragments
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    cfg = OutputConfig(
+        uri=str(workdir / "db"),
+        commit_shards=commit_shards,
+        commit_seconds=1e9,  # rounds by count only: the measurement must not depend on the clock
+        compact_fragments=compact_fragments,
+        rows_per_fragment=rows * compact_fragments,
+    )
+    tables = OutputTables(cfg, "bench", DIM)
+    manifest = tables.fence()
+    committer = Committer(tables, manifest, cfg)
+    rng = np.random.default_rng(0)
+    per_shard = np.zeros(shards)
+    started, waiting = time.perf_counter(), []
+    for index in range(shards):
+        frags = write_fragments(_shard_rows(index, rows, tables.images.ds.schema, rng), tables.images.uri)
+        record = ShardRecord(f"{index:06d}.parquet", "fp", DONE, rows_ok=rows, uri=f"/in/{index:06d}.parquet")
+        rejected = write_fragments(_rejected_row(index), tables.rejected.uri)  # a failed download each
+        waiting.append(index)
+        t0 = time.perf_counter()
+        committer.add(WrittenShard(record, frags, rejected))
+        spent = time.perf_counter() - t0
+        if not committer.waiting:  # a round ran: its time is shared by the shards it committed
+            per_shard[waiting] = spent / len(waiting)
+            waiting = []
+        if (index + 1) % max(shards // 10, 1) == 0:
+            log(f"  [scale] {index + 1} shards committed, {time.perf_counter() - started:.0f} s")
+    committer.flush()
+    windows = {
+        "1001-2000": per_shard[1000:2000],
+        f"{shards - 999}-{shards}": per_shard[shards - 1000 : shards],
+    }
+    ms = {name: float(values.mean() * 1e3) for name, values in windows.items()}
+    early, late = ms.values()
+    rows_out = tables.images.ds.count_rows()
+    return {
+        "shards": shards,
+        "rows_per_shard": rows,
+        "commit_shards": commit_shards,
+        "compact_fragments": compact_fragments,
+        "ms_per_shard": ms,
+        "growth": late / early,
+        "rounds": committer.stats.rounds,
+        "compactions": committer.stats.compactions,
+        "commits": committer.stats.commits,
+        "seconds_committing": committer.stats.seconds,
+        "rows": rows_out,
+        "images_fragments_at_end": tables.images.fragment_count(),
+        "manifest_fragments_at_end": tables.manifest_log.fragment_count(),
+        "per_shard_ms_by_thousand": [
+            float(per_shard[i : i + 1000].mean() * 1e3) for i in range(0, shards, 1000)
+        ],
+    }
+
+
+def manifest_startup(workdir: Path, shards: int, per_commit: int = 5000) -> dict[str, Any]:
+    """(b): seconds to open, fence and read an alias whose manifest records `shards` done shards."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    cfg = OutputConfig(uri=str(workdir / "db"))
+    tables = OutputTables(cfg, "bench", DIM)
+    manifest = tables.fence()
+    for start in range(0, shards, per_commit):
+        manifest.record(
+            [
+                ShardRecord(f"{i:07d}.parquet", "fp", DONE, 10, uri=f"/in/{i:07d}.parquet")
+                for i in range(start, min(start + per_commit, shards))
+            ]
+        )
+    t0 = time.perf_counter()
+    reopened = OutputTables(cfg, "bench", DIM)
+    state = reopened.fence()
+    done = state.committed()
+    seconds = time.perf_counter() - t0
+    return {"shards": shards, "done": len(done), "open_fence_read_seconds": seconds}
+
+
+def many_small_shards(
+    workdir: Path, images: int, small: int, large: int, pairs: int, log=print
+) -> dict[str, Any]:
+    """(c): `icar index` images/s on `small`-image shards as a share of the rate on `large`-image shards
+    (the same scene images, runs alternated, each in its own process with its own Ray)."""
+    from pipeline.lab.scenes.shards import write_corpus
+
+    corpora = {}
+    for size in (large, small):
+        corpora[size] = workdir / f"shards-of-{size}"
+        shutil.rmtree(corpora[size], ignore_errors=True)
+        write_corpus(corpora[size], seed=3, split="bench", num_images=images, shard_size=size)
+    rates: dict[int, list[float]] = {large: [], small: []}
+    for pair in range(pairs):
+        for size in (large, small):
+            db = workdir / f"db-{size}-{pair}"
+            shutil.rmtree(db, ignore_errors=True)
+            t0 = time.perf_counter()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.cli",
+                    "index",
+                    "--input",
+                    str(corpora[size]),
+                    "--output",
+                    str(db),
+                    "--set",
+                    "ray.num_cpus=2",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            seconds = time.perf_counter() - t0
+            rates[size].append(images / seconds)
+            log(f"  [scale] {images} images in shards of {size}: {seconds:.1f} s, {images / seconds:.1f}/s")
+    share = [s / b for s, b in zip(rates[small], rates[large], strict=True)]
+    return {
+        "images": images,
+        "shard_sizes": [large, small],
+        "images_per_second": {str(k): v for k, v in rates.items()},
+        "share_per_pair": share,
+        "share": float(np.median(share)),
+        "note": "process wall time, Ray start-up and model load included, runs alternated",
+    }
+
+
+def two_nodes_on_s3(workdir: Path, images: int, shard_size: int, log=print) -> dict[str, Any]:
+    """(d): a head and a worker node (`ray start`, separate temp dirs, one CPU each) index into moto's S3
+    server; every id once, and the bytes the driver received per row (from the run's summary)."""
+    import json
+    import os
+    import socket
+
+    import lancedb
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.lab.scenes.shards import write_corpus
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    corpus = workdir / "corpus"
+    write_corpus(corpus, seed=5, split="bench", num_images=images, shard_size=shard_size)
+    port, gcs = free_port(), free_port()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {
+        "aws_endpoint": endpoint,
+        "allow_http": "true",
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "aws_region": "us-east-1",
+    }
+    env = os.environ | {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "RAY_AUTH_MODE": "disabled",  # a throwaway local cluster; real clusters keep token auth
+    }
+    ray = str(Path(sys.executable).with_name("ray"))
+    nodes = [
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--temp-dir={workdir / 'head'}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        [ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--temp-dir={workdir / 'worker'}"],
+    ]
+    try:
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="icar")
+        for node in nodes:
+            subprocess.run(node, check=True, capture_output=True, env=env)
+        t0 = time.perf_counter()
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "index",
+                "--input",
+                str(corpus),
+                "--output",
+                "s3://icar/lance",
+                "--set",
+                f"ray.address=127.0.0.1:{gcs}",
+                "--set",
+                f"output.storage_options={json.dumps(options)}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        seconds = time.perf_counter() - t0
+        if run.returncode != 0:
+            raise RuntimeError(f"two-node run failed: {run.stderr[-3000:]}")
+        ids = (
+            lancedb.connect("s3://icar/lance", storage_options=options).open_table("images").to_arrow()["id"]
+        )
+        ids = ids.to_pylist()
+        per_row = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if "bytes/row" in line]
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+        server.stop()
+    driver = per_row[-1].split("received ")[-1] if per_row else "not reported"
+    log(f"  [scale] two nodes on S3: {len(ids)} rows, {len(set(ids))} distinct ids, driver {driver}")
+    return {
+        "images": images,
+        "shards": -(-images // shard_size),
+        "rows": len(ids),
+        "distinct_ids": len(set(ids)),
+        "every_id_once": len(ids) == len(set(ids)) == images,
+        "driver_received": driver,
+        "seconds": seconds,
+    }
