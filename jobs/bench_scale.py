@@ -35,12 +35,14 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Write path at scale ({result['utc']}, {result['machine']})",
         "",
-        f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, {a['commit_shards']} shards "
-        f"per round, compaction every {a['compact_fragments']} fragments: driver ms per shard {early[1]:.2f} "
+        f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, "
+        f"{a['commit_shards']} shards per round, compaction every {a['compact_fragments']} fragments: "
+        f"driver ms per shard {early[1]:.2f} "
         f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x**; "
         f"{a['rounds']} rounds, {a['commits']} Lance commits, {a['compactions']} compactions, "
         f"{a['seconds_committing']:.1f} s committing in all",
-        f"- (b) open + fence + read a manifest of {b['shards']:,} shards: {b['open_fence_read_seconds']:.2f} s",
+        f"- (b) open + fence + read a manifest of {b['shards']:,} shards: "
+        f"{b['open_fence_read_seconds']:.2f} s",
     ]
     if c := result.get("many_small_shards"):
         small, large = c["shard_sizes"][1], c["shard_sizes"][0]
@@ -57,6 +59,27 @@ def markdown(result: dict) -> str:
             f"{d['rows']} rows, {d['distinct_ids']} distinct ids (every id once: {d['every_id_once']}); "
             f"driver received {d['driver_received']}; {d['seconds']:.1f} s"
         )
+    p = result["projection"]
+    lines += [
+        "",
+        "## Projection: the write path for LAION on N GPU nodes",
+        "",
+        "Computed from (a) and (d); the rest are assumptions:",
+        "",
+        *[f"- {a}" for a in p["assumptions"]],
+        "",
+        "| collection | GPU nodes | shards | hours | shards/s | Lance commits/s | driver busy | driver in | "
+        "manifest states | S3 requests/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['collection']} | {r['nodes']} | {r['shards']:,} | {r['hours']:.1f} | "
+            f"{r['shards_per_second']:.1f} "
+            f"| {r['commits_per_second']:.2f} | {r['driver_busy_share']:.2%} | "
+            f"{r['driver_bytes_per_second'] / 1e3:.1f} kB/s | {r['manifest_states']:,} | "
+            f"{r['s3_requests_per_second']:.0f} |"
+            for r in p["rows"]
+        ],
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +131,11 @@ def main() -> None:
         if nodes:
             print("(d) two nodes on S3")
             result["two_nodes_on_s3"] = scale.two_nodes_on_s3(work / "nodes", *nodes)
+    nodes_result = result.get("two_nodes_on_s3")
+    per_part = None
+    if nodes_result and nodes_result["driver_bytes_per_row"]:
+        per_part = nodes_result["driver_bytes_per_row"] * nodes_result["images"] / nodes_result["shards"]
+    result["projection"] = scale.project_writes(result["commit_path"], per_part)
     result["seconds"] = time.perf_counter() - started
     name = "scale-tiny" if args.tiny else "scale"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))

@@ -108,9 +108,7 @@ def test_an_append_whose_answer_was_lost_is_retried_without_appending_its_fragme
 
     assert calls == [version + 1]  # the second try found the first one's version and committed nothing
     assert table.version == version + 1  # ...and the table stands at it: the next commit builds on it
-    assert_exactly_once(
-        lance_table(cfg.uri, "images")["id"].to_pylist(), ["before", "s/a", "s/b", "s/c"]
-    )
+    assert_exactly_once(lance_table(cfg.uri, "images")["id"].to_pylist(), ["before", "s/a", "s/b", "s/c"])
     table.append(_fragments(table, ["s/d"]))
     assert_exactly_once(
         lance_table(cfg.uri, "images")["id"].to_pylist(), ["before", "s/a", "s/b", "s/c", "s/d"]
