@@ -7,7 +7,8 @@ results/bench/scale.json, scale.md and scale.png.
 (a) the driver's commit cost per shard over 20,000 shards (shards 19,001-20,000 vs 1,001-2,000);
 (b) start-up over a 100,000-shard manifest; (c) `icar index` on 1,000 shards of 4 images vs the same
 images in 8 shards of 500; (d) two Ray nodes writing to moto's S3 server: every id once, and the bytes
-the driver received per row. Timings need an otherwise idle machine.
+the driver received per row; (e) the job with the shipped routes against the full-depth job, end to end on
+20,000 images in 40 shards. Timings need an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 
 SIZES = {
     # (shards, rows per shard, commit_shards, compact_fragments), manifest shards,
-    # (images, small shard, large shard, pairs), (images, shard size) on two nodes
-    "full": ((20_000, 20, 64, 256), 100_000, (4_000, 4, 500, 2), (2_000, 50)),
-    "tiny": ((2_200, 4, 16, 64), 2_000, None, None),
+    # (images, small shard, large shard, pairs), (images, shard size) on two nodes,
+    # (images, shard size, pairs) routed vs full depth
+    "full": ((20_000, 20, 64, 256), 100_000, (4_000, 4, 500, 2), (2_000, 50), (20_000, 500, 1)),
+    "tiny": ((2_200, 4, 16, 64), 2_000, None, None, None),
 }
 
 
@@ -58,6 +60,13 @@ def markdown(result: dict) -> str:
             f"- (d) two Ray nodes -> moto S3, {d['images']:,} images in {d['shards']} shards: "
             f"{d['rows']} rows, {d['distinct_ids']} distinct ids (every id once: {d['every_id_once']}); "
             f"driver received {d['driver_received']}; {d['seconds']:.1f} s"
+        )
+    if e := result.get("routed_vs_full"):
+        secs = e["seconds"]
+        lines.append(
+            f"- (e) `icar index` end to end on {e['images']:,} images in {e['shards']} shards: shipped routes "
+            f"{', '.join(f'{x:.0f}' for x in secs['routed'])} s vs full depth "
+            f"{', '.join(f'{x:.0f}' for x in secs['full depth'])} s: **{e['speedup']:.2f}x** ({e['note']})"
         )
     p = result["projection"]
     lines += [
@@ -111,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     from pipeline.lab.bench import scale
 
-    (commit, manifest_shards, small, nodes) = SIZES["tiny" if args.tiny else "full"]
+    commit, manifest_shards, small, nodes, routed = SIZES["tiny" if args.tiny else "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -131,6 +140,9 @@ def main() -> None:
         if nodes:
             print("(d) two nodes on S3")
             result["two_nodes_on_s3"] = scale.two_nodes_on_s3(work / "nodes", *nodes)
+        if routed:
+            print("(e) routed vs full depth, end to end")
+            result["routed_vs_full"] = scale.routed_vs_full(work / "routed", *routed)
     nodes_result = result.get("two_nodes_on_s3")
     per_part = None
     if nodes_result and nodes_result["driver_bytes_per_row"]:

@@ -135,7 +135,8 @@ def index_pending(run: Run, progress: Progress) -> None:
         # closing: a commit error (S3 down, the table lost) shuts the stream down before it propagates
         with DroppedBatches() as dropped, contextlib.closing(iter(parts)) as batches:
             while (batch := dropped.next(batches)) is not None:
-                collector.add(batch)
+                if collector.add(batch):
+                    summary.written.append((time.time() - run.started, collector.received.rows.total()))
                 progress.advance(int(batch["rows"].sum()))
         # Rows that never came back (a batch dropped after its retries, a stream that stopped): the shard
         # fails, like an unreadable one, and the next run retries it; nothing of it was committed.
@@ -173,6 +174,5 @@ def _reporter(run: Run, progress: Progress) -> Callable[[list[ShardRecord], list
         for record in failed:
             progress.note(f"FAILED {record.error}")
             progress.shard_done(None)
-        summary.commits.append((time.time() - run.started, summary.rows_ok))
 
     return on_commit

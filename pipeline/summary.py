@@ -26,7 +26,9 @@ class RunSummary:
     commit_rounds: int = 0
     driver_bytes: int = 0  # what the workers sent the driver: part metadata, never rows
     failed_shards: dict[str, str] = field(default_factory=dict)  # uri -> why
-    commits: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows ok so far)
+    # (seconds since start, rows written so far) each time a shard's last part arrived: the pipeline's pace,
+    # whatever the commit rounds' cadence
+    written: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:

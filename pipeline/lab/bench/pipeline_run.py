@@ -37,18 +37,18 @@ MIN_STEADY_SPAN_S = 1.0
 
 
 def steady_rate(commits: list[tuple[float, int]]) -> tuple[float | None, str]:
-    """Rows/s from the first to the last shard commit (start-up and the first shard's fill excluded).
+    """Rows/s from the first to the last shard written (start-up and the first shard's fill excluded).
 
     Given only when enough shards commit over enough time; a burst of commits at the end of a tiny run
     would divide by noise."""
     if len(commits) < MIN_STEADY_COMMITS:
-        return None, f"{len(commits)} shard commits: too few for a steady-state rate"
+        return None, f"{len(commits)} shards written: too few for a steady-state rate"
     (t_first, n_first), (t_last, n_last) = commits[0], commits[-1]
     if t_last - t_first < MIN_STEADY_SPAN_S:
-        return None, f"shard commits span only {t_last - t_first:.2f} s: too bursty for a rate"
+        return None, f"shards written span only {t_last - t_first:.2f} s: too bursty for a rate"
     return (n_last - n_first) / (t_last - t_first), (
-        f"{n_last - n_first} rows committed after the first shard in the {t_last - t_first:.1f} s from "
-        f"first to last of {len(commits)} shard commits"
+        f"{n_last - n_first} rows written after the first shard in the {t_last - t_first:.1f} s from "
+        f"first to last of {len(commits)} shards written"
     )
 
 
@@ -133,7 +133,7 @@ def measure_pipeline(
     finally:
         if started_here:
             ray.shutdown()
-    steady, steady_note = steady_rate(summary.commits)
+    steady, steady_note = steady_rate(summary.written)
     log(f"  [pipeline] {summary.rows_ok} rows in {summary.seconds:.1f} s; steady {steady_note}")
 
     prepare_cpu, pixels, route_ids = prepare_alone(cfg)

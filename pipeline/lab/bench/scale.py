@@ -198,6 +198,46 @@ def many_small_shards(
     }
 
 
+def routed_vs_full(workdir: Path, images: int, shard_size: int, pairs: int, log=print) -> dict[str, Any]:
+    """(e): `icar index` end to end with the shipped routes against the same job at full depth, on the same
+    scene images, runs alternated, each a process of its own (Ray start-up and model loads included)."""
+    from pipeline.lab.scenes.shards import write_corpus
+
+    corpus = workdir / "corpus"
+    shutil.rmtree(workdir, ignore_errors=True)
+    write_corpus(corpus, seed=4, split="bench", num_images=images, shard_size=shard_size)
+    plans = {"routed": [], "full depth": ["--set", 'router.routes=[{"name": "full"}]']}
+    seconds: dict[str, list[float]] = {name: [] for name in plans}
+    for pair in range(pairs):
+        for name, flags in plans.items():
+            db = workdir / f"db-{pair}-{name.replace(' ', '-')}"
+            t0 = time.perf_counter()
+            run = [
+                ICAR,
+                "index",
+                "--input",
+                str(corpus),
+                "--output",
+                str(db),
+                "--set",
+                "ray.num_cpus=2",
+                *flags,
+            ]
+            subprocess.run(run, check=True, capture_output=True)
+            seconds[name].append(time.perf_counter() - t0)
+            shutil.rmtree(db, ignore_errors=True)
+            log(f"  [scale] {name}: {images} images in {seconds[name][-1]:.1f} s")
+    ratios = [f / r for f, r in zip(seconds["full depth"], seconds["routed"], strict=True)]
+    return {
+        "images": images,
+        "shards": -(-images // shard_size),
+        "seconds": seconds,
+        "speedup_per_pair": ratios,
+        "speedup": float(np.median(ratios)),
+        "note": "process wall time, Ray start-up and model loads included, runs alternated",
+    }
+
+
 def two_nodes_on_s3(workdir: Path, images: int, shard_size: int, log=print) -> dict[str, Any]:
     """(d): a head and a worker node (`ray start`, separate temp dirs, one CPU each) index into moto's S3
     server; every id once, and the bytes the driver received per row (from the run's summary)."""
