@@ -64,7 +64,8 @@ def markdown(result: dict) -> str:
     if e := result.get("routed_vs_full"):
         secs = e["seconds"]
         lines.append(
-            f"- (e) `icar index` end to end on {e['images']:,} images in {e['shards']} shards: shipped routes "
+            f"- (e) `icar index` end to end on {e['images']:,} images in {e['shards']} shards: "
+            f"shipped routes "
             f"{', '.join(f'{x:.0f}' for x in secs['routed'])} s vs full depth "
             f"{', '.join(f'{x:.0f}' for x in secs['full depth'])} s: **{e['speedup']:.2f}x** ({e['note']})"
         )
