@@ -258,6 +258,12 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded Ray (ignored with address)")
     decode_batch_size: int = Field(256, gt=0)
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode/score task")
+    task_rows: int = Field(
+        256,
+        gt=0,
+        description="rows per Ray task: row groups smaller than this are bundled (a task's fixed cost is "
+        "then paid per bundle, not per tiny shard); a task whose worker dies fails its bundle's shards",
+    )
 
 
 class ReindexConfig(_Section):

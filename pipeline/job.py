@@ -119,7 +119,7 @@ def index_pending(run: Run, progress: Progress) -> None:
     committer = Committer(run.tables, manifest, run.tables.cfg, on_commit=_reporter(run, progress))
     collector = ShardCollector({p.shard.name: p for p in plans}, committer)
     progress.start(len(plans), sum(p.num_rows for p in plans if not p.error))
-    units = []
+    units, rows = [], []
     for plan in plans:
         if plan.error:
             collector.fail(plan.shard.name, plan.error)
@@ -127,9 +127,10 @@ def index_pending(run: Run, progress: Progress) -> None:
             collector.empty(plan)
         else:
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
+            rows += [plan.num_rows / plan.row_groups] * plan.row_groups
 
     if units:
-        parts = stream(units, cfg, run.preprocess, run.tables.target()).iter_batches(
+        parts = stream(units, rows, cfg, run.preprocess, run.tables.target()).iter_batches(
             batch_size=None, batch_format="numpy"
         )
         # closing: a commit error (S3 down, the table lost) shuts the stream down before it propagates

@@ -7,6 +7,7 @@ encoded travel on with an outcome and a reason, so the writer records every row.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -45,6 +46,34 @@ def work_unit(plan: ShardPlan, row_group: int) -> dict[str, Any]:
         "num_rows": plan.num_rows,
         **{f"col_{k}": v or "" for k, v in plan.columns.items()},
     }
+
+
+def bundle_units(
+    units: list[dict[str, Any]], rows: list[float], task_rows: int, min_tasks: int
+) -> list[dict[str, str]]:
+    """Work units packed, in order, into Ray tasks of at most about `task_rows` rows (smaller while that
+    would leave fewer than `min_tasks` tasks): a task's fixed cost (scheduling, a round trip to the actor)
+    is then paid per bundle, not per tiny shard, and a big row group still travels alone. A task whose
+    worker dies takes its bundle's shards with it (`ray.task_rows` bounds how many)."""
+    target = max(1.0, min(task_rows, sum(rows) / max(min_tasks, 1)))
+    bundles: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    filled = 0.0
+    for unit, n in zip(units, rows, strict=True):
+        if current and filled + n > target:
+            bundles.append(current)
+            current, filled = [], 0.0
+        current.append(unit)
+        filled += n
+    if current:
+        bundles.append(current)
+    return [{"bundle": json.dumps(bundle)} for bundle in bundles]
+
+
+def unbundle(items: Batch) -> Batch:
+    """The units of a batch of bundles, as the columns `prepare_unit` takes."""
+    units = [unit for text in items["bundle"] for unit in json.loads(str(text))]
+    return {key: np.asarray([unit[key] for unit in units]) for key in units[0]}
 
 
 def _plan_from_unit(unit: dict[str, Any]) -> ShardPlan:

@@ -14,11 +14,12 @@ import ray
 from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.actor import DecodeEncodeStage, EncodeStage
-from pipeline.prepare import prepare_unit
+from pipeline.prepare import bundle_units, prepare_unit, unbundle
 from pipeline.progress import quiet_ray_data
 from pipeline.write.fragments import FragmentTarget
 
 PREPARE_TASK_MEMORY = 512 * 2**20  # bytes reserved per prepare task: one row group plus decoded pixels
+TASKS_PER_ACTOR = 4  # bundling never leaves fewer tasks than this per encoder actor: load stays balanced
 
 
 def init_ray(cfg: IndexConfig, verbose: bool = False) -> None:
@@ -48,9 +49,10 @@ def encoder_actors(cfg: IndexConfig) -> int:
 
 
 def stream(
-    work: list[dict], cfg: IndexConfig, preprocess: Preprocess, target: FragmentTarget
+    work: list[dict], rows: list[float], cfg: IndexConfig, preprocess: Preprocess, target: FragmentTarget
 ) -> ray.data.Dataset:
-    """Row groups -> written parts (`write.fragments`), with the resources declared where each stage is.
+    """Row groups (`work`, `rows` each) -> written parts (`write.fragments`), bundled into Ray tasks of
+    about `ray.task_rows` rows (`prepare.bundle_units`), with resources declared where each stage is.
 
     GPU encoders: decode/score run on CPU tasks of their own (a memory reservation of its own keeps Ray
     from fusing them into the GPU actors), so the GPUs never wait on JPEG decoding. CPU encoders: the
@@ -66,12 +68,14 @@ def stream(
     one task at a time; a GPU actor keeps Ray Data's two, the next batch's pixels travelling meanwhile."""
     cfg_dict = cfg.model_dump()
     retries = cfg.encoder.max_restarts
-    units = ray.data.from_items(work, override_num_blocks=len(work))
+    actors = encoder_actors(cfg)
+    bundles = bundle_units(work, rows, cfg.ray.task_rows, min_tasks=TASKS_PER_ACTOR * actors)
+    units = ray.data.from_items(bundles, override_num_blocks=len(bundles))
     cpu_plan = cfg.encoder.gpus_per_actor == 0
     encoder_args = {
-        # never more actors than row groups: an idle actor costs a model load and Ray warns about it
+        # never more actors than tasks: an idle actor costs a model load and Ray warns about it
         "compute": ray.data.ActorPoolStrategy(
-            size=min(encoder_actors(cfg), len(work)), max_tasks_in_flight_per_actor=1 if cpu_plan else None
+            size=min(actors, len(bundles)), max_tasks_in_flight_per_actor=1 if cpu_plan else None
         ),
         "num_cpus": cfg.encoder.cpus_per_actor,
         "max_restarts": -1,
@@ -90,7 +94,7 @@ def stream(
             )
         else:
             dataset = units.map_batches(
-                prepare_unit,
+                prepare_bundle,
                 batch_size=1,
                 fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
                 num_cpus=cfg.ray.decode_cpus,
@@ -105,6 +109,11 @@ def stream(
             )
     dataset.context.max_errored_blocks = -1
     return dataset
+
+
+def prepare_bundle(items: dict[str, np.ndarray], cfg: dict, preprocess: Preprocess) -> Iterator[dict]:
+    """GPU plans' CPU stage: a bundle of row groups in, prepared chunks out (`prepare.prepare_unit`)."""
+    yield from prepare_unit(unbundle(items), cfg, preprocess)
 
 
 class DroppedBatches(logging.Handler):

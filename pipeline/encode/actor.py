@@ -18,7 +18,7 @@ import torch
 from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.prepare import OK, Batch, prepare_unit
+from pipeline.prepare import OK, Batch, prepare_unit, unbundle
 from pipeline.write.fragments import FragmentTarget, part_batch, write_part, write_parts
 
 
@@ -75,10 +75,10 @@ class DecodeEncodeStage(EncodeStage):
         self.preprocess = preprocess
         self.batch_size = IndexConfig.model_validate(cfg).encoder.batch_size
 
-    def __call__(self, units: Batch) -> Batch:  # type: ignore[override]
-        """Row groups in, one part each out: a row group's rows stream from the decoder through the
-        encoder into its fragment files."""
-        parts = []
+    def __call__(self, bundles: Batch) -> Batch:  # type: ignore[override]
+        """A bundle of row groups in, one part each out: a row group's rows stream from the decoder
+        through the encoder into its fragment files."""
+        units, parts = unbundle(bundles), []
         for i in range(len(units["uri"])):
             unit = {k: v[i : i + 1] for k, v in units.items()}
             parts.append(write_part(self._encoded(unit), str(units["name"][i]), self.target))
