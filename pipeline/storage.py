@@ -37,8 +37,12 @@ _TRANSIENT = re.compile(
 
 def is_transient(exc: BaseException) -> bool:
     """An object-store failure worth another try (connection reset/refused, timeout, 5xx, SlowDown);
-    never a schema, type or conflict error."""
-    return isinstance(exc, OSError | RuntimeError) and bool(_TRANSIENT.search(str(exc)))
+    never a schema, type or conflict error. Lance raises an I/O failure while opening a dataset as a
+    ValueError that says `LanceError(IO)`."""
+    io = isinstance(exc, OSError | RuntimeError) or (
+        isinstance(exc, ValueError) and "LanceError(IO)" in str(exc)
+    )
+    return io and bool(_TRANSIENT.search(str(exc)))
 
 
 def sql_literal(value: str) -> str:

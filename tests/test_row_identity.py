@@ -1,9 +1,9 @@
 """Ids unique by construction, errors kept per shard, and a manifest that never forgets a partial write.
 
-Each test here failed before the change it guards: repeated keys wrote two rows with one id, a null key
-could take a real key's id, one non-UTF-8 caption or one corrupt page aborted the whole job, a `failed`
-record replaced `writing` (so the shard was later appended twice), and a quote in the model id broke
-every manifest query.
+Each test here failed before the change it guards: a null key could take a real key's id, one non-UTF-8
+caption or one corrupt page aborted the whole job, one huge key cost every row its bytes, and a `failed`
+record replaced `writing` (so the shard was later appended twice). A shard that several workers write in
+parts becomes visible whole, once. Repeated keys are marked by the reader: tests/test_shard_reading.py.
 """
 
 from __future__ import annotations
@@ -12,20 +12,26 @@ import io
 from collections import Counter
 from pathlib import Path
 
+import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import index_config, lance_table
 from PIL import Image
+from processes import assert_exactly_once
 
-from pipeline.assemble import shard_tables
 from pipeline.config import InputConfig, OutputConfig
 from pipeline.encode.model import model_preprocess
 from pipeline.job import run_index
-from pipeline.prepare import OK, SKIPPED, UNREADABLE, failed_unit, prepare_rows, prepare_unit, work_unit
+from pipeline.prepare import FAILED, OK, UNREADABLE, failed_unit, prepare_rows, prepare_unit, work_unit
 from pipeline.read import inspect_shard, list_shards, read_chunks
-from pipeline.write import DONE, WRITING, LanceWriter, ShardRecord, images_schema
+from pipeline.storage import dataset_uri
+from pipeline.write.commit import Committer, WrittenShard
+from pipeline.write.fragments import FragmentTarget, fragments_of, images_rows, write_part
+from pipeline.write.manifest import DONE, WRITING, ShardRecord
+from pipeline.write.output import OutputTables
+from pipeline.write.schema import images_schema
 
 DIM = 4
 
@@ -37,14 +43,14 @@ def _jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-def _rows(ids: list[str], rows: list[int]) -> dict[str, np.ndarray]:
-    """Encoded rows as they come back from Ray (any order), for `shard_tables`."""
+def _rows(ids: list[str], rows: list[int], shard: str = "x.parquet") -> dict[str, np.ndarray]:
+    """Encoded rows as an encoder actor holds them before writing its part (`write_part`)."""
     n = len(ids)
     text = np.asarray([f"k{r}" for r in rows], dtype=object)
     return {
         "id": np.asarray(ids, dtype=object),
         "row": np.asarray(rows, np.int64),
-        "shard": np.full(n, "s3://b/x.parquet", dtype=object),
+        "shard": np.full(n, shard, dtype=object),
         "key": text,
         "url": text,
         "caption": text,
@@ -61,26 +67,13 @@ def _rows(ids: list[str], rows: list[int]) -> dict[str, np.ndarray]:
     }
 
 
-def test_a_repeated_key_keeps_its_first_row_in_shard_order_and_rejects_the_rest():
-    # rows arrive out of shard order (route-sorted, several batches): "a" first appears at row 1
-    ids = ["x/a", "x/b", "x/a", "x/a", "x/c"]
-    rows = [3, 0, 1, 6, 2]
-    tables = shard_tables(_rows(ids, rows), "x.parquet", "m")
-    images = tables.images.to_pylist()
-    assert sorted(r["id"] for r in images) == ["x/a", "x/b", "x/c"]
-    kept = next(r for r in images if r["id"] == "x/a")
-    assert kept["key"] == "k1"  # row 1, not row 3 that came first in the batch
-    rejected = {r["id"]: r for r in tables.rejected.to_pylist()}
-    assert set(rejected) == {"x.parquet#3", "x.parquet#6"}
-    assert all(r["status"] == SKIPPED and "row 1" in r["reason"] for r in rejected.values())
-    assert (tables.rows_ok, tables.rows_skipped, tables.rows_failed) == (3, 2, 0)
-
-
 def test_one_huge_key_costs_its_own_bytes_not_every_rows():
     n, huge = 2000, "k" * 1_000_000
     ids = [f"x/{i}" for i in range(n - 1)] + [f"x/{huge}"]
-    tables = shard_tables(_rows(ids, list(range(n))), "x.parquet", "m")
-    assert tables.images.column("id").nbytes < 2 * len(huge)  # numpy astype(str): n x 4 MB = 8 GB
+    target = FragmentTarget("", "", images_schema(DIM, "float32", "m"), "m", {}, 1 << 20)
+    images = images_rows(_rows(ids, list(range(n))), target)
+    assert images.num_rows == n
+    assert images.column("id").nbytes < 2 * len(huge)  # numpy astype(str): n x 4 MB = 8 GB
 
 
 def _shard(path: Path, keys: list, captions: pa.Array | None = None) -> None:
@@ -151,59 +144,68 @@ def test_repeated_keys_bad_text_and_a_corrupt_page_stay_inside_their_shard(ray_l
     assert manifest["dup.parquet"]["rows_ok"] == 3 and manifest["dup.parquet"]["rows_skipped"] == 2
 
 
-def _writer(tmp_path: Path, model_id: str) -> LanceWriter:
-    return LanceWriter(OutputConfig(uri=str(tmp_path / "db")), model_id, DIM)
+def _output(tmp_path: Path, model_id: str = "m", dim: int = DIM) -> OutputTables:
+    return OutputTables(OutputConfig(uri=str(tmp_path / "db"), commit_backoff_seconds=0), model_id, dim)
 
 
-def _images(ids: list[str], shard: str, model_id: str) -> pa.Table:
-    rows = [
-        {"id": i, "shard": shard, "key": i, "vector": [0.0] * DIM, "route": "full", "model_id": model_id}
-        for i in ids
-    ]
-    return pa.Table.from_pylist(rows, schema=images_schema(DIM, "float32"))
+def _written(tables: OutputTables, shard: str, keys: list[str], fingerprint: str = "f1") -> WrittenShard:
+    """A shard whose rows an encoder actor wrote as fragment files (uncommitted)."""
+    ids = [f"{shard}/{k}" for k in keys]
+    part = write_part([_rows(ids, list(range(len(ids))), shard)], shard, tables.target())
+    record = ShardRecord(shard, fingerprint, DONE, rows_ok=part["rows_ok"])
+    return WrittenShard(record, fragments_of(part["images"]), fragments_of(part["rejected"]))
 
 
-def test_a_failure_never_replaces_writing_or_done_and_known_shards_are_upserted(tmp_path):
-    model = "icar-tiny-vit:/models/it's here.safetensors"  # a quote in the model id: escaped, not SQL
-    writer = _writer(tmp_path, model)
-    empty = pa.table({})
-    writer.commit_shard(
-        ShardRecord("s1", "f1", DONE, rows_ok=2), _images(["s1/a", "s1/b"], "s1", model), empty, upsert=False
+def test_a_failure_never_replaces_writing_or_done_and_a_known_shard_is_replaced_not_appended(tmp_path):
+    shard = "it's.parquet"  # a quote in the shard name: a literal in the delete, never SQL
+    tables = _output(tmp_path)
+    manifest = tables.fence()
+    # the state a kill after the images commit leaves behind: `writing`, the rows in the table
+    manifest.record([ShardRecord(shard, "f1", WRITING)])
+    tables.images.append(_written(tables, shard, ["a", "b"]).images)
+    manifest.record(
+        [
+            ShardRecord(shard, "f1", FAILED, error="timeout reading it's.parquet"),
+            ShardRecord("s2", "f2", FAILED, error="s2: not parquet"),
+        ]
     )
-    # the state a kill after the images commit leaves behind
-    writer.manifest.update(where="shard = 's1'", values={"status": WRITING})
-    writer.record_failed_shard(ShardRecord("s1", "f1", "failed", error="timeout reading s1"))
-    writer.record_failed_shard(ShardRecord("s2", "f2", "failed", error="s2: not parquet"))
-
-    rows = {r["shard"]: r for r in writer.manifest.to_arrow().to_pylist()}
-    assert rows["s1"]["status"] == WRITING and rows["s1"]["error"] == "timeout reading s1"
-    assert rows["s2"]["status"] == "failed"
-    assert writer.known() == {"s1", "s2"} and writer.committed() == {}
-
-    # the next run upserts the shard it knows: every id stays once
-    writer.commit_shard(
-        ShardRecord("s1", "f1", DONE, rows_ok=2),
-        _images(["s1/a", "s1/b"], "s1", model),
-        empty,
-        upsert="s1" in writer.known(),
+    assert (manifest.status(shard), manifest.state(shard)["error"]) == (
+        WRITING,
+        "timeout reading it's.parquet",
     )
-    assert sorted(writer.images.to_arrow().column("id").to_pylist()) == ["s1/a", "s1/b"]
-    assert writer.committed() == {"s1": "f1"}
-    writer.record_failed_shard(ShardRecord("s1", "f1", "failed", error="later failure"))
-    assert writer.committed() == {"s1": "f1"}  # done stays done
+    assert manifest.status("s2") == FAILED
+    assert manifest.known() == {shard} and manifest.committed() == {}
+
+    # the next run replaces the shard it knows: every id stays once
+    tables = _output(tmp_path)
+    manifest = tables.fence()
+    assert manifest.known() == {shard} and manifest.status(shard) == WRITING
+    committer = Committer(tables, manifest, tables.cfg)
+    committer.add(_written(tables, shard, ["a", "b"]))
+    committer.flush()
+    assert_exactly_once(lance_table(tables.cfg.uri, "images")["id"].to_pylist(), [f"{shard}/a", f"{shard}/b"])
+    assert manifest.committed() == {shard: "f1"}
+    manifest.record([ShardRecord(shard, "f1", FAILED, error="later failure")])
+    assert manifest.committed() == {shard: "f1"}  # done stays done, with its counts
+    assert (manifest.state(shard)["rows_ok"], manifest.state(shard)["error"]) == (2, "later failure")
+    state = {m["shard"]: m for m in lance_table(tables.cfg.uri, "images_manifest").to_pylist()}[shard]
+    assert (state["status"], state["rows_ok"], state["error"]) == (DONE, 2, "later failure")
 
 
 def test_a_second_model_into_the_same_table_is_refused_naming_both(tmp_path):
-    first = _writer(tmp_path, "ViT-B-32:openai")
-    first.commit_shard(
-        ShardRecord("s1", "f1", DONE, rows_ok=1),
-        _images(["s1/a"], "s1", "ViT-B-32:openai"),
-        pa.table({}),
-        False,
-    )
-    with pytest.raises(ValueError, match=r"ViT-B-32:openai.*ViT-B-32:laion2b.*own output.table"):
-        _writer(tmp_path, "ViT-B-32:laion2b")
-    _writer(tmp_path, "ViT-B-32:openai")  # the same model reopens its table
+    first = _output(tmp_path, "ViT-B-32:openai")
+    manifest = first.fence()
+    committer = Committer(first, manifest, first.cfg.model_copy(update={"compact_fragments": 1}))
+    committer.add(_written(first, "s1", ["a"]))
+    committer.flush()  # appended, compacted: the table's model survives the write path
+    first.optimize()
+
+    with pytest.raises(ValueError, match=r"ViT-B-32:openai.*ViT-B-32:laion2b.*icar reindex"):
+        _output(tmp_path, "ViT-B-32:laion2b")
+    with pytest.raises(ValueError, match=r"holds vectors \(4, 'float'\), this job writes \(8, 'float'\)"):
+        _output(tmp_path, "ViT-B-32:openai", dim=8)
+    again = _output(tmp_path, "ViT-B-32:openai")  # the same model reopens its table
+    assert again.fence().committed() == {"s1": "f1"}
 
 
 def test_the_unreadable_marker_has_the_columns_and_dtypes_of_a_prepared_batch(tmp_path):
@@ -239,7 +241,22 @@ def test_oversized_text_fails_its_row_is_stored_cut_and_a_huge_key_loses_its_id(
     assert outcome == {"s.parquet/a": OK, "s.parquet/b": "failed", "s.parquet#2": "failed"}
 
 
-def test_a_shard_larger_than_the_buffer_is_written_in_parts_once_and_replaced_whole(ray_local, tmp_path):
+def _shard_ids_by_version(uri: str, shard: str) -> list[frozenset[str]]:
+    """The ids of one shard that each version of a table showed, oldest first."""
+    latest = lance.dataset(uri)
+    return [
+        frozenset(
+            lance.dataset(uri, version=v["version"])
+            .to_table(columns=["id"], filter=f"shard = '{shard}'")["id"]
+            .to_pylist()
+        )
+        for v in latest.versions()
+    ]
+
+
+def test_a_shard_written_in_parts_by_several_actors_is_committed_whole_once_and_replaced_whole(
+    ray_local, tmp_path
+):
     shards = tmp_path / "in"
     shards.mkdir()
     for i in range(4):
@@ -250,29 +267,41 @@ def test_a_shard_larger_than_the_buffer_is_written_in_parts_once_and_replaced_wh
         shards / "big.parquet",
         row_group_size=30,
     )
-    cfg = index_config([str(shards)], str(tmp_path / "db"), "output.max_buffered_rows=40")
+    assert pq.read_metadata(shards / "big.parquet").num_row_groups == 4  # four parts, on two actors
+    cfg = index_config([str(shards)], str(tmp_path / "db"), "encoder.actors=2")
     summary = run_index(cfg)
 
-    assert pq.read_metadata(shards / "big.parquet").num_rows > 40  # the shard cannot be held whole
-    assert summary.peak_buffered_rows <= 40 + 30  # the buffer plus at most one row group's rows
-    ids = lance_table(cfg.output.uri, "images").column("id").to_pylist()
-    expected = [f"big.parquet/k{k}" for k in range(100)] + [
-        f"small{i}.parquet/s{i}-{k}" for i in range(4) for k in range(8)
-    ]
-    assert sorted(ids) == sorted(expected)
+    assert (summary.shards_committed, summary.rows_ok, summary.rows_skipped) == (5, 132, 20)
+    old = [f"big.parquet/k{k}" for k in range(100)]
+    small = [f"small{i}.parquet/s{i}-{k}" for i in range(4) for k in range(8)]
+    assert_exactly_once(lance_table(cfg.output.uri, "images").column("id").to_pylist(), old + small)
     rejected = lance_table(cfg.output.uri, "images_rejected").to_pylist()
     assert len(rejected) == 20 and all(r["reason"].startswith("duplicate key") for r in rejected)
-    manifest = {Path(m["shard"]).name: m for m in lance_table(cfg.output.uri, "images_manifest").to_pylist()}
+    manifest = {m["shard"]: m for m in lance_table(cfg.output.uri, "images_manifest").to_pylist()}
     assert (manifest["big.parquet"]["status"], manifest["big.parquet"]["rows_ok"]) == ("done", 100)
     assert manifest["big.parquet"]["rows_skipped"] == 20
+    images = dataset_uri(cfg.output, "images")
+    appeared = next(v for v, ids in enumerate(_shard_ids_by_version(images, "big.parquet"), 1) if ids)
+    at = lance.dataset(images, version=appeared)
+    by_file = {f.metadata.files[0].path: f for f in at.get_fragments()}
+    parts = [
+        f
+        for f in at.read_transaction(appeared).operation.fragments
+        if by_file[f.files[0].path].count_rows("shard = 'big.parquet'")
+    ]
+    assert len(parts) == 4  # each row group's part, in the one commit that showed the shard
 
-    # the big shard rewritten with 60 rows: replaced in parts, its 40 vanished keys deleted
+    # the big shard rewritten with 60 rows in two row groups: replaced whole, its old ids gone
+    new = [f"big.parquet/n{r}" for r in range(60)]
     pq.write_table(
         pa.table({"key": [f"n{r}" for r in range(60)], "jpg": [_jpeg(r) for r in range(60)]}),
         shards / "big.parquet",
         row_group_size=30,
     )
     again = run_index(cfg)
-    assert (again.shards_committed, again.rows_ok) == (1, 60)
-    ids = lance_table(cfg.output.uri, "images").column("id").to_pylist()
-    assert sorted(ids) == sorted([f"big.parquet/n{r}" for r in range(60)] + expected[100:])
+    assert (again.shards_already_done, again.shards_committed, again.rows_ok) == (4, 1, 60)
+    assert_exactly_once(lance_table(cfg.output.uri, "images").column("id").to_pylist(), new + small)
+    assert lance_table(cfg.output.uri, "images_rejected").num_rows == 0
+    # no version of the table ever showed part of the shard, nor old rows beside new ones
+    seen = set(_shard_ids_by_version(images, "big.parquet"))
+    assert seen == {frozenset(), frozenset(old), frozenset(new)}

@@ -276,7 +276,7 @@ def test_two_datasets_in_one_manifest_stay_apart_and_compaction_keeps_the_others
     _, laion = _open(cfg, "laion")
     laion.record([ShardRecord("00000.parquet", "laion-f", DONE), ShardRecord("00001.parquet", "l1", DONE)])
     _, coco = _open(cfg, "coco")
-    assert coco.committed() == {} and coco.status("00000.parquet") is None
+    assert (coco.committed(), coco.known(), coco.status("00000.parquet")) == ({}, set(), None)
     coco.record([ShardRecord("00000.parquet", "coco-f", WRITING)])
     _, unnamed = _open(cfg)  # input.dataset unset: a dataset of its own
     unnamed.record([ShardRecord("00000.parquet", "plain-f", DONE)])

@@ -67,7 +67,7 @@ class FencedTable:
             return LanceDataset.commit(latest, operation, read_version=latest.version, max_retries=0)
 
         while True:
-            latest = lance.dataset(self.uri, storage_options=self.options)
+            latest = self._retry(lambda _: lance.dataset(self.uri, storage_options=self.options))
             try:
                 self.ds = self._retry(lambda _, latest=latest: restore(latest))
                 return
@@ -81,8 +81,15 @@ class FencedTable:
             return
         from lance import LanceDataset, LanceOperation
 
+        path = fragments[0].files[0].path
+
+        def ours(operation: object) -> bool:
+            return isinstance(operation, LanceOperation.Append) and any(
+                f.files[0].path == path for f in operation.fragments
+            )
+
         def commit(attempt: int) -> LanceDataset:
-            if attempt > 1 and (landed := self._landed(fragments)) is not None:
+            if attempt > 1 and (landed := self._landed(ours)) is not None:
                 return landed
             # max_retries=0: Lance must not retry a version conflict itself. If the conflict is our own
             # commit landing under a lost answer, it would rebase over it and append the fragments again.
@@ -102,44 +109,61 @@ class FencedTable:
         """Delete the rows matching `where`, in one commit (safe to repeat)."""
         self._retry(lambda _: self.ds.delete(where))
 
-    def overwrite(self, rows: pa.Table) -> None:
-        """Replace the whole content by `rows` in one commit (the manifest's compaction)."""
+    def rewrite(self, rows: pa.Table) -> None:
+        """Replace every row by `rows` in one commit (the manifest's compaction). An Update that removes
+        every fragment, not an Overwrite: Lance lets an Overwrite through a fence, never an Update."""
         from lance import LanceDataset, LanceOperation
         from lance.fragment import write_fragments
 
         fragments = write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options)
-        operation = LanceOperation.Overwrite(self.ds.schema, fragments)
-        self.ds = self._retry(lambda _: LanceDataset.commit(self.ds, operation, read_version=self.version))
+        removed = [f.fragment_id for f in self.ds.get_fragments()]
+        operation = LanceOperation.Update(removed_fragment_ids=removed, new_fragments=fragments)
+        path = fragments[0].files[0].path if fragments else None
+
+        def ours(op: object) -> bool:
+            return isinstance(op, LanceOperation.Update) and any(
+                f.files[0].path == path for f in op.new_fragments
+            )
+
+        def commit(attempt: int) -> LanceDataset:
+            if attempt > 1 and path and (landed := self._landed(ours)) is not None:
+                return landed
+            return LanceDataset.commit(self.ds, operation, read_version=self.version, max_retries=0)
+
+        self.ds = self._retry(commit)
         self.appended_since_compaction = 0
 
     def compact(self, target_rows_per_fragment: int) -> None:
         """Merge small fragments (Lance's compaction, built on our version like every commit): each commit
         rewrites the list of every fragment, so their number must not grow with the run."""
         import lance
+        from lance import LanceOperation
 
-        self._retry(
-            lambda _: self.ds.optimize.compact_files(
+        before = self.version
+
+        def compact(attempt: int) -> None:
+            rewrite = lambda op: isinstance(op, LanceOperation.Rewrite)  # noqa: E731 - only ours after `before`
+            if attempt > 1 and (landed := self._landed(rewrite, since=before)) is not None:
+                self.ds = landed  # a try whose answer was lost did land
+                return
+            self.ds.optimize.compact_files(
                 target_rows_per_fragment=target_rows_per_fragment, defer_index_remap=True
             )
-        )
+
+        self._retry(compact)
         self.ds = lance.dataset(self.uri, version=self.ds.version, storage_options=self.options)
         self.appended_since_compaction = 0
 
     def fragment_count(self) -> int:
         return len(self.ds.get_fragments())
 
-    def _landed(self, fragments: list[FragmentMetadata]) -> LanceDataset | None:
-        """The version at which an Append of these fragments already landed after ours, if one did."""
+    def _landed(self, ours: Callable[[object], bool], since: int | None = None) -> LanceDataset | None:
+        """The version after ours (or after `since`) at which a transaction `ours` recognises landed."""
         import lance
-        from lance import LanceOperation
 
-        path = fragments[0].files[0].path
         latest = lance.dataset(self.uri, storage_options=self.options)
-        for version in range(self.version + 1, latest.version + 1):
-            operation = latest.read_transaction(version).operation
-            if isinstance(operation, LanceOperation.Append) and any(
-                f.files[0].path == path for f in operation.fragments
-            ):
+        for version in range((self.version if since is None else since) + 1, latest.version + 1):
+            if ours(latest.read_transaction(version).operation):
                 return lance.dataset(self.uri, version=version, storage_options=self.options)
         return None
 

@@ -125,5 +125,5 @@ class ShardManifest:
     def compact(self) -> None:
         """Rewrite the log as the current states, in one commit (removed shards are forgotten)."""
         rows = [r for r in self.states.values() if r["status"] != REMOVED]
-        self.table.overwrite(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+        self.table.rewrite(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
         self.states = {(r["dataset"], r["shard"]): r for r in rows}
