@@ -188,3 +188,27 @@ def test_serve_section_loads_a_real_server_without_errors_and_refuses_every_abus
     assert 0 < load["p50_ms"] <= load["p99_ms"]
     assert abuse["cases"] >= 20 and abuse["as_expected"] == abuse["cases"], abuse["failures"]
     assert f"{load['errors']} errors" in result["answers"]["serve"]
+
+
+def test_scale_section_commits_every_shard_in_rounds_and_keeps_fragments_bounded(tmp_path):
+    """`jobs/bench_scale.py --tiny`: the commit path over 2,200 simulated shards (rows all there, rounds
+    and compactions as configured, fragment count bounded by compaction) and a manifest read back whole.
+    Its timings are reported, not asserted."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    run = subprocess.run(
+        [sys.executable, "jobs/bench_scale.py", "--tiny", "--out", str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "scale-tiny.json").read_text())
+    a = result["commit_path"]
+    assert a["rows"] == a["shards"] * a["rows_per_shard"] == 2_200 * 4
+    assert a["rounds"] == -(-a["shards"] // a["commit_shards"])
+    assert a["compactions"] > 0 and a["images_fragments_at_end"] < 2 * a["compact_fragments"]
+    assert set(a["ms_per_shard"]) == {"1001-2000", "1201-2200"} and a["growth"] > 0
+    assert result["manifest_startup"]["done"] == result["manifest_startup"]["shards"] == 2_000
+    assert (out / "scale-tiny.md").read_text().startswith("# Write path at scale")
+    assert (out / "scale-tiny.png").stat().st_size > 0
+    assert {r["collection"] for r in result["projection"]["rows"]} == {"LAION-400M", "LAION-5B"}

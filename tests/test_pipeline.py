@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.encode.actor import route_batches
 from pipeline.encode.model import load_model, normalize_uint8
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.job import run_index
+from pipeline.prepare import bundle_units
 from pipeline.query import Searcher, build_indexes
 
 
@@ -103,6 +105,17 @@ def test_encoder_batches_hold_one_route_each_and_split_evenly():
     assert batches == [(0, 35), (35, 70), (70, 100), (100, 164), (164, 228), (228, 231)]
     assert all(len(set(routes[a:b])) == 1 for a, b in batches)
     assert list(route_batches(np.array([], np.int32), 64)) == []
+
+
+def test_tiny_row_groups_travel_bundled_and_a_big_one_alone():
+    units = [{"unit": i} for i in range(10)]
+    rows = [500, 500, 4, 4, 4, 4, 4, 4, 4, 10_000]
+    bundles = [[u["unit"] for u in json.loads(b["bundle"])] for b in bundle_units(units, rows, 256, 8)]
+    assert bundles == [[0], [1], [2, 3, 4, 5, 6, 7, 8], [9]]  # in order, every unit once
+    many = bundle_units([{"unit": i} for i in range(1000)], [4] * 1000, 256, 8)
+    assert len(many) == 16  # 4,000 rows in tasks of 256: 1,000 tiny shards cost 16 task round trips
+    few = bundle_units(units[:6], [4] * 6, 256, 8)
+    assert len(few) == 6  # never fewer tasks than actors can share while units allow
 
 
 def test_rerun_skips_committed_shards_and_writes_nothing(indexed):
