@@ -37,7 +37,7 @@ def is_refused(exc: BaseException) -> bool:
 def may_have_landed(exc: BaseException) -> bool:
     """A commit whose outcome is unknown: the object store failed transiently, or the version it wrote
     was already there (a PUT that landed, whose answer was lost, and was sent again)."""
-    return is_transient(exc) or type(exc).__name__ == "CommitConflictError" or "onflict" in str(exc)
+    return is_transient(exc) or type(exc).__name__ == "CommitConflictError" or "conflict" in str(exc).lower()
 
 
 class FencedTable:
