@@ -76,13 +76,21 @@ class DecodeEncodeStage(EncodeStage):
         self.batch_size = IndexConfig.model_validate(cfg).encoder.batch_size
 
     def __call__(self, bundles: Batch) -> Batch:  # type: ignore[override]
-        """A bundle of row groups in, one part each out: a row group's rows stream from the decoder
-        through the encoder into its fragment files."""
-        units, parts = unbundle(bundles), []
-        for i in range(len(units["uri"])):
-            unit = {k: v[i : i + 1] for k, v in units.items()}
-            parts.append(write_part(self._encoded(unit), str(units["name"][i]), self.target))
-        return part_batch(parts)
+        """A bundle of row groups in, their parts out. A row group travelling alone (it may be large)
+        streams from the decoder through the encoder into its fragment files; the small ones of a bundle
+        (a few hundred rows in all, `prepare.bundle_units`) are encoded together, in full batches, and
+        written as one part per shard."""
+        units = unbundle(bundles)
+        if len(units["uri"]) == 1:
+            return part_batch([write_part(self._encoded(units), str(units["name"][0]), self.target)])
+        chunks = list(prepare_unit(units, self.cfg, self.preprocess))
+        rows = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        rows = {k: v[np.argsort(rows["route"], kind="stable")] for k, v in rows.items()}
+        encoded = [
+            self.encode({k: v[b] for k, v in rows.items()})
+            for b in route_batches(rows["route"], self.batch_size)
+        ]
+        return write_parts({k: np.concatenate([e[k] for e in encoded]) for k in encoded[0]}, self.target)
 
     def _encoded(self, unit: Batch) -> Iterator[Batch]:
         for chunk in prepare_unit(unit, self.cfg, self.preprocess):
