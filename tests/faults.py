@@ -4,10 +4,12 @@ pipeline).
 
 * `FaultProxy`: HTTP in front of an S3 endpoint (moto); a share of requests is answered 500/503 without
   reaching S3 (a failed request), a share is delayed; `on_next_put` runs a callback (e.g. take S3 down)
-  just before the next PUT goes through, so a fault can start inside a commit; `lose_next_answer` lets the
-  next PUT to a matching path land in S3 and answers the client 503 (a lost answer: the write happened).
-* `crash_encoder_on_key`: a Ray `worker_process_setup_hook`; the encoder actor that gets a batch holding
-  the key in `ICAR_FAULT_CRASH_KEY` SIGKILLs itself, on every try (a deterministic decoder segfault).
+  just before the next PUT (to a matching path) goes through, so a fault can start inside a commit;
+  `lose_next_answer` lets the next PUT to a matching path land in S3 and answers the client 503 (a lost
+  answer: the write happened), optionally refusing the writer's retries and checks of that object until
+  `stop_refusing`.
+* `crash_encoder_on_key`: a Ray `worker_process_setup_hook`; the encoder actor that is to encode a batch
+  holding the key in `ICAR_FAULT_CRASH_KEY` SIGKILLs itself, on every try (a deterministic segfault).
 * `kill_encoder_after_write`: a Ray `worker_process_setup_hook`; the encoder actor that has just written
   the fragment files of a part holding the key in `ICAR_FAULT_WRITTEN_KEY` SIGKILLs itself, once per run
   (a marker file), before the driver hears of those files: they are orphans, the retry writes them anew.
@@ -61,7 +63,10 @@ class FaultProxy:
         self.faulty = True
         self.counts: Counter = Counter()
         self._on_put: Callable[[], None] | None = None
+        self._on_put_path = re.compile("")
         self._lose: re.Pattern[str] | None = None
+        self._refuse_after = False
+        self._refusing: str | None = None  # the lost PUT's path, while its PUTs and HEADs are refused
         self.lost: list[str] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -78,16 +83,24 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def on_next_put(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once, in the proxy, just before the next PUT is forwarded to S3."""
+    def on_next_put(self, callback: Callable[[], None], path: str = "") -> None:
+        """Call `callback` once, in the proxy, just before the next PUT (whose path matches the regex
+        `path`) is forwarded to S3."""
         with self._lock:
-            self._on_put = callback
+            self._on_put, self._on_put_path = callback, re.compile(path)
 
-    def lose_next_answer(self, path: str) -> None:
+    def lose_next_answer(self, path: str, refuse_after: bool = False) -> None:
         """The next PUT whose path matches the regex `path` is forwarded to S3, and its client answered 503
-        whatever S3 said: the write landed, the writer cannot know it (once)."""
+        whatever S3 said: the write landed, the writer cannot know it (once). With `refuse_after`, every PUT
+        and HEAD of that object that follows (the writer's retries, its checks of what landed) is answered
+        503 too, without reaching S3, until `stop_refusing`: its writer gives up not knowing. GETs pass
+        (other readers of the table load its latest version)."""
         with self._lock:
-            self._lose = re.compile(path)
+            self._lose, self._refuse_after = re.compile(path), refuse_after
+
+    def stop_refusing(self) -> None:
+        with self._lock:
+            self._refusing = None
 
     def _answer_lost(self, method: str, path: str) -> bool:
         with self._lock:
@@ -96,11 +109,23 @@ class FaultProxy:
             self._lose = None
             self.lost.append(path)
             self.counts["answer lost"] += 1
+            if self._refuse_after:
+                self._refusing = path
             return True
 
-    def _before_forward(self, method: str) -> None:
+    def _refused(self, method: str, path: str) -> bool:
+        """A PUT or HEAD of the lost object while refusing (`lose_next_answer`)."""
         with self._lock:
-            callback, self._on_put = (self._on_put, None) if method == "PUT" else (None, self._on_put)
+            if self._refusing is None or path != self._refusing or method not in ("PUT", "HEAD"):
+                return False
+            self.counts["refused after the lost answer"] += 1
+            return True
+
+    def _before_forward(self, method: str, path: str) -> None:
+        with self._lock:
+            callback = self._on_put if method == "PUT" and self._on_put_path.search(path) else None
+            if callback is not None:
+                self._on_put = None
         if callback is not None:
             callback()
 
@@ -147,7 +172,7 @@ class FaultProxy:
 
             def _any(self) -> None:
                 body = self._body()
-                fate = proxy._decide()
+                fate = "fail" if proxy._refused(self.command, self.path) else proxy._decide()
                 if fate == "fail":
                     code = proxy._rng.choice((500, 503))
                     error = b"<Error><Code>%s</Code><Message>injected</Message></Error>" % (
@@ -157,7 +182,7 @@ class FaultProxy:
                     return
                 if fate == "delay":
                     time.sleep(proxy.pause)
-                proxy._before_forward(self.command)
+                proxy._before_forward(self.command, self.path)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
                 upstream = http.client.HTTPConnection(
@@ -200,20 +225,21 @@ def _die() -> None:
 
 def crash_encoder_on_key() -> None:
     """Ray worker setup hook: an encoder batch holding row key `$ICAR_FAULT_CRASH_KEY` kills its process
-    (SIGKILL: no Python cleanup, exactly what Ray sees when a native decoder segfaults)."""
+    (SIGKILL: no Python cleanup, exactly what Ray sees when a native decoder segfaults). Both plans'
+    actors encode through `EncodeStage.encode`."""
     key = os.environ.get(CRASH_KEY_ENV)
     if not key:
         return
     from pipeline.encode import actor
 
-    encode = actor.EncodeStage.__call__
+    encode = actor.EncodeStage.encode
 
     def crashing(self, batch):
         if key in set(batch["key"].tolist()):
             _die()
         return encode(self, batch)
 
-    actor.EncodeStage.__call__ = crashing
+    actor.EncodeStage.encode = crashing
 
 
 def kill_encoder_after_write() -> None:

@@ -1,6 +1,7 @@
 """A router (model, heads) change: `icar reindex` re-embeds into a new generation of tables and switches
 the `output.table` alias to it in one commit once it is complete; queries see one generation at a time,
-a crash before the switch leaves them on the old one, and the old tables stay readable until cleanup."""
+a crash before the switch leaves them on the old one, and the old tables stay readable until cleanup.
+Two aliases on one uri share nothing: each owns its images, rejected and manifest tables."""
 
 from __future__ import annotations
 
@@ -70,27 +71,58 @@ def test_a_router_change_is_reindexed_into_a_new_table_and_switched_in_one_commi
     later = run_reindex(index_config([str(scene_shards)], db, ROUTER_B, "reindex.cleanup_older_than_days=0"))
     assert later.replaced_dropped == a.describe() and not later.switched
     tables = set(lancedb.connect(db).list_tables().tables)
-    assert tables == {new, f"rejected-{b.digest}", f"manifest-{b.digest}", ALIAS_TABLE}
+    assert tables == {new, f"{new}_rejected", f"{new}_manifest", ALIAS_TABLE}
     assert routes_found() == {"exit4"}
     assert_exactly_once([r["id"] for r in searcher.search(query, k=100)], expected)
 
 
-def test_a_table_from_before_aliases_is_adopted_when_its_model_matches_else_needs_a_reindex(tmp_path):
-    """Tables made before aliases existed have no alias row: the same model's table becomes the first
-    generation under the config's identity; another model's is a live generation of unknown identity."""
-    from pipeline.alias import target_generation
-    from pipeline.config import OutputConfig
-    from pipeline.write import LanceWriter
-
+@pytest.mark.filterwarnings("ignore:optimize\\(cleanup_older_than=0\\):UserWarning")
+def test_two_aliases_on_one_uri_each_index_every_row_and_a_reindex_of_one_leaves_the_other(
+    ray_local, scene_shards, tmp_path
+):
+    """Every alias owns its tables (`<table>`, `<table>_rejected`, `<table>_manifest`): a second alias on
+    the same uri (float16 vectors) indexes every row, not "already indexed" by the first one's manifest;
+    a reindex of it into a new generation, dropping the replaced one at once, leaves the first alias's
+    tables as they were, and indexing the first again re-appends nothing."""
     db = str(tmp_path / "db")
-    cfg = index_config([str(tmp_path)], db)
-    LanceWriter(OutputConfig(uri=db), "ViT-B-32:openai", 512)  # creates images/rejected/manifest
-    with pytest.raises(ConfigError, match=r"ViT-B-32:openai \(heads and router unknown.*icar reindex"):
-        target_generation(cfg, switch=False)
-    generation, live = target_generation(cfg, switch=True)
-    assert live.suffix == "" and generation.suffix == f"-{Identity.of(cfg).digest}"
+    expected = input_ids(scene_shards)
+    images = index_config([str(scene_shards)], db)
+    images16 = index_config([str(scene_shards)], db, "output.table=images16", "output.vector_dtype=float16")
+    first = run_index(images)
+    assert (first.shards_committed, first.rows_ok) == (3, 72)
 
-    other = index_config([str(tmp_path)], str(tmp_path / "db2"))
-    LanceWriter(OutputConfig(uri=other.output.uri), other.model.model_id, 512)
-    generation, live = target_generation(other, switch=False)
-    assert live is None and generation.suffix == "" and generation.identity == Identity.of(other).describe()
+    second = run_index(images16)
+    assert (second.shards_already_done, second.shards_committed, second.rows_ok) == (0, 3, 72)
+    written = lance_table(db, "images16")
+    assert_exactly_once(written["id"].to_pylist(), expected)
+    assert str(written.schema.field("vector").type.value_type) == "halffloat"
+
+    reindexed = index_config(
+        [str(scene_shards)],
+        db,
+        "output.table=images16",
+        "output.vector_dtype=float16",
+        ROUTER_B,
+        "reindex.cleanup_older_than_days=0",
+    )
+    report = run_reindex(reindexed)
+    new = f"images16-{Identity.of(reindexed).digest}"
+    assert (report.switched, report.physical_table, report.summary["shards_committed"]) == (True, new, 3)
+    assert report.replaced_dropped == Identity.of(images16).describe()
+    rebuilt = lance_table(db, new)
+    assert_exactly_once(rebuilt["id"].to_pylist(), expected)
+    assert set(rebuilt["route"].to_pylist()) == {"exit4"}
+    assert Aliases(reindexed.output).resolve().table == new
+
+    again = run_index(images)
+    assert (again.shards_already_done, again.shards_committed, again.rows_ok) == (3, 0, 0)
+    kept = lance_table(db, "images")
+    assert_exactly_once(kept["id"].to_pylist(), expected)
+    assert set(kept["route"].to_pylist()) == {"full"}
+    assert sorted(m["status"] for m in lance_table(db, "images_manifest").to_pylist()) == ["done"] * 3
+    tables = set(lancedb.connect(db).list_tables().tables)
+    assert tables == {ALIAS_TABLE, "images", "images_rejected", "images_manifest"} | {
+        new,
+        f"{new}_rejected",
+        f"{new}_manifest",
+    }

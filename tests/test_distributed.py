@@ -130,17 +130,24 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 def _statuses(manifest) -> Counter:
-    return Counter(manifest.to_arrow().column("status").to_pylist())
+    """How many shards are in each state (the manifest is a log: a shard's state is its latest row)."""
+    log = manifest.to_arrow().sort_by("seq").to_pylist()
+    return Counter({(r["dataset"], r["shard"]): r["status"] for r in log}.values())
 
 
 @contextlib.contextmanager
-def _cli_index(corpus: Path, db: str, log: Path, *settings: str):
-    """The real CLI in its own session and Ray temp dir (short: Ray's socket paths have a length limit)."""
+def _cli_index(corpus: Path, db: str, log: Path, *settings: str, prelude: str = ""):
+    """The real CLI in its own session and Ray temp dir (short: Ray's socket paths have a length limit),
+    after `prelude` ran in its process (tests/ is on its path: `import faults`)."""
     ray_tmp = tempfile.mkdtemp(prefix="icar-ray-", dir="/tmp")
-    cmd = [sys.executable, "-m", "pipeline.cli", "index", "--input", str(corpus), "--output", db]
+    code = "; ".join(
+        filter(None, ("import sys", prelude, "from pipeline.cli import main", "sys.exit(main())"))
+    )
+    cmd = [sys.executable, "-c", code, "index", "--input", str(corpus), "--output", db]
     for setting in ("ray.num_cpus=2", *KILL_RUN_SETTINGS, *settings):
         cmd += ["--set", setting]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     try:
         with session_process(cmd, log, env) as proc:
             yield proc
@@ -178,36 +185,35 @@ def _some_done(connection, status: Counter) -> bool:
     return 1 <= status["done"] < CORPUS_SHARDS
 
 
-def _shard_partly_written(connection, status: Counter) -> bool:
-    """A shard written in parts, caught between two: some of its rows are in the table, not all."""
-    if not status["writing"]:
-        return False
-    writing = connection.open_table("images_manifest").search().where("status = 'writing'").to_list()
-    images = connection.open_table("images")
-    return any(0 < images.count_rows(f"shard = '{row['shard']}'") < CORPUS_ROWS for row in writing)
+ROUNDS = "output.commit_shards=2"  # 8 shards commit in rounds of 2: a run has rounds behind and ahead
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("condition", "settings"),
-    [
-        (_some_done, ()),
-        # a 3-row buffer: shards (8 rows, row groups of 2) are written in parts, the kill lands between two
-        (_shard_partly_written, ("output.max_buffered_rows=3",)),
-    ],
-    ids=["after-commits", "mid-parts"],
-)
-def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(
-    ray_local, small_corpus, tmp_path, condition, settings
-):
-    db = str(tmp_path / "db")
-    with _cli_index(small_corpus, db, tmp_path / "cli.log", *settings) as proc:
-        at_kill = _kill_when(proc, db, tmp_path / "cli.log", condition)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+@pytest.mark.parametrize("kill", ["after-rounds", "round-embeddings-committed"])
+def test_sigkilled_cli_rerun_indexes_every_row_exactly_once(ray_local, small_corpus, tmp_path, kill):
+    """The CLI SIGKILLed (driver and Ray alike) between rounds, caught by a poll of the manifest; or by
+    the driver itself right after the second round's embeddings were committed, its shards still `writing`
+    (tests/faults.py `kill_driver_at`). The rerun skips the `done` shards, replaces the `writing` ones and
+    indexes the rest: every row exactly once."""
+    db, log = str(tmp_path / "db"), tmp_path / "cli.log"
+    if kill == "after-rounds":
+        with _cli_index(small_corpus, db, log, ROUNDS) as proc:
+            at_kill = _kill_when(proc, db, log, _some_done)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+    else:
+        prelude = "import faults; faults.kill_driver_at('images', 2)"
+        with _cli_index(small_corpus, db, log, ROUNDS, prelude=prelude) as proc:
+            assert proc.wait(timeout=400) == -signal.SIGKILL, log.read_text()[-5000:]
+        manifest = lance_table(db, "images_manifest")
+        at_kill = Counter(manifest.column("status").to_pylist())
+        writing = [m["shard"] for m in manifest.to_pylist() if m["status"] == "writing"]
+        assert at_kill["done"] >= 1 and writing, at_kill
+        images = Counter(lance_table(db, "images").column("shard").to_pylist())
+        assert {shard: images[shard] for shard in writing} == dict.fromkeys(writing, CORPUS_ROWS)
     assert not session_pids(proc.pid)
     done = at_kill["done"]
 
-    cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS, *settings)
+    cfg = index_config([str(small_corpus)], db, *KILL_RUN_SETTINGS, ROUNDS)
     summary = run_index(cfg)
     assert (summary.shards_already_done, summary.shards_committed) == (done, CORPUS_SHARDS - done)
     assert summary.rows_ok == CORPUS_ROWS * (CORPUS_SHARDS - done)

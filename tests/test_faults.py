@@ -36,9 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import free_port, index_config, lance_s3_options, lance_table
-from faults import CRASH_KEY_ENV, CRASH_LOG_ENV, FaultProxy
+from faults import CRASH_KEY_ENV, CRASH_LOG_ENV, WRITTEN_KEY_ENV, WRITTEN_MARKER_ENV, FaultProxy
 from PIL import Image
-from processes import assert_exactly_once, session_pids, session_process
+from processes import assert_exactly_once, processes, session_pids, session_process
 
 from pipeline.job import run_index
 from pipeline.reindex import run_reindex
@@ -139,12 +139,17 @@ def _statuses(db: str, **storage: str) -> list[str]:
     return []
 
 
-def _check_table(db: str, expected: list[str], shards: int, **storage: str) -> None:
-    """Every id exactly once, every shard `done`, and the table answers a vector query."""
+def _check_table(
+    db: str, expected: list[str], shards: int, removed: tuple[str, ...] = (), **storage: str
+) -> None:
+    """Every id exactly once, every shard `done` (but the `removed` ones: the manifest log keeps their
+    state until it is compacted), and the table answers a vector query."""
     images = lance_table(db, "images", **storage)
     assert_exactly_once(images.column("id").to_pylist(), expected)
     manifest = lance_table(db, "images_manifest", **storage).to_pylist()
-    assert sorted(m["status"] for m in manifest) == ["done"] * shards, manifest
+    states = {m["shard"]: m["status"] for m in manifest}
+    assert {name: states.pop(name, None) for name in removed} == dict.fromkeys(removed, "removed"), manifest
+    assert sorted(states.values()) == ["done"] * shards, manifest
     table = lancedb.connect(db, storage_options=storage or None).open_table("images")
     hits = table.search(images.column("vector")[0].values.to_numpy()).limit(3).to_list()
     assert len(hits) == 3
@@ -231,6 +236,58 @@ def test_shards_a_stream_left_incomplete_are_failed_not_the_job(ray_local, tmp_p
     assert lance_table(db, "images").num_rows == 0
 
 
+# --- 1c. an encoder killed between writing its fragments and the driver committing them ------------------
+
+
+def _referenced(dataset: str, **storage: str) -> set[str]:
+    """The data files (names under `data/`) some version of a Lance dataset references."""
+    import lance
+
+    options = storage or None
+    latest = lance.dataset(dataset, storage_options=options)
+    return {
+        data.path
+        for version in latest.versions()
+        for fragment in lance.dataset(
+            dataset, version=version["version"], storage_options=options
+        ).get_fragments()
+        for data in fragment.data_files()
+    }
+
+
+def test_an_encoder_killed_after_writing_its_fragments_leaves_orphans_that_the_rerun_removes(
+    ray_local, tmp_path
+):
+    """The encoder actor writes a row group's fragment files, then is SIGKILLed before the driver hears of
+    them (once: a marker file). Ray restarts it and retries the batch, which writes the rows again: the
+    run ends 0 with every id once, the dead try's files in the table's folder but in no version. The next
+    run removes them (`OutputTables.remove_orphans`) and every id is still there, once."""
+    corpus, db, log, marker = tmp_path / "in", str(tmp_path / "db"), tmp_path / "cli.log", tmp_path / "killed"
+    expected = write_shards(corpus, shards=3, rows=8, row_group=4)
+    hook = {"runtime_env": {"worker_process_setup_hook": "faults.kill_encoder_after_write"}}
+    with _ray_tmp() as ray_tmp:
+        env = _env(
+            ray_tmp,
+            RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps(hook),
+            **{WRITTEN_KEY_ENV: "s1-005", WRITTEN_MARKER_ENV: str(marker)},
+        )
+        with session_process(_icar("index", "--input", str(corpus), "--output", db), log, env) as proc:
+            code = proc.wait(timeout=400)
+    out = log.read_text()
+    assert code == 0, out[-5000:]
+    assert marker.exists(), f"no encoder was killed after writing: {out[-3000:]}"
+    orphans = json.loads(marker.read_text())["images"]
+    data = Path(db) / "images.lance" / "data"
+    assert orphans and all((data / name).is_file() for name in orphans), (orphans, sorted(os.listdir(data)))
+    assert not set(orphans) & _referenced(f"{db}/images.lance")
+    _check_table(db, expected, shards=3)
+
+    summary = run_index(index_config([str(corpus)], db, *SETTINGS))
+    assert (summary.shards_already_done, summary.shards_committed) == (3, 0)
+    assert not [name for name in orphans if (data / name).exists()]
+    _check_table(db, expected, shards=3)
+
+
 # --- 2a. a worker node lost mid-run -----------------------------------------------------------------------
 
 
@@ -278,6 +335,7 @@ def test_a_worker_node_lost_mid_run_then_rerun_on_the_cluster_leaves_every_id_on
             cmd = _icar(
                 "index", "--input", str(corpus), "--output", db, "--set", f"ray.address=127.0.0.1:{gcs}"
             )
+            cmd += ["--set", "output.commit_shards=1"]  # a round per shard: shards are done while others run
             with session_process(cmd, logs / "cli.log", env) as job:
                 # an encoder actor works on the worker node and a shard is done: kill the node's raylet
                 _wait_for(
@@ -303,7 +361,7 @@ def test_a_worker_node_lost_mid_run_then_rerun_on_the_cluster_leaves_every_id_on
     _check_table(db, expected, shards=6)
 
 
-# --- 2b. S3 down, then flaky ------------------------------------------------------------------------------
+# --- 2b. S3 down, flaky, or losing a commit's answer ------------------------------------------------------
 
 
 class _Moto:
@@ -349,8 +407,9 @@ def _bucket(moto: _Moto) -> str:
 
 
 def test_s3_down_during_a_commit_is_retried_and_the_run_ends_0_with_every_id_once(tmp_path):
-    """Output on S3 behind the proxy (input local). Once a shard is done, S3 goes away for 4 s, starting
-    just before the next PUT, i.e. inside a commit. The writer retries that commit
+    """Output on S3 behind the proxy (input local). S3 goes away for 4 s, starting just before the first
+    transaction file PUT of the run's round, i.e. inside a commit (one round, once every shard is written:
+    the workers, which write to S3 too, are idle). The driver retries that commit
     (output.commit_attempts, with backoff) and the run ends 0 with every id once: no rerun."""
     moto = _Moto()
     moto.start()
@@ -370,14 +429,16 @@ def test_s3_down_during_a_commit_is_retried_and_the_run_ends_0_with_every_id_onc
         with FaultProxy(moto.endpoint) as proxy, _ray_tmp() as ray_tmp:
             storage = f"output.storage_options={json.dumps(lance_s3_options(proxy.endpoint))}"
             cmd = _icar("index", "--input", str(corpus), "--output", db, "--set", storage)
+            cmd += ["--set", "output.commit_seconds=600"]  # one round (output.commit_shards=64), at the end
             with session_process(cmd, log, _env(ray_tmp, **CREDENTIALS)) as job:
-                _wait_for("a shard done", lambda: "done" in _statuses(db, **direct), job, log, poll=0.2)
-                proxy.on_next_put(down_for_4_seconds)
+                # the tables are open and fenced once the shards are listed: the next commit is the round
+                _wait_for("the shards listed", lambda: "8 to do" in log.read_text(), job, log, poll=0.2)
+                proxy.on_next_put(down_for_4_seconds, path=r"\.lance/_transactions/")
                 code = job.wait(timeout=400)
             for restart in restarts:
                 restart.join()
         out = log.read_text()
-        assert len(outage) == 2, f"no PUT after the first shard was done: {out[-3000:]}"
+        assert len(outage) == 2, f"no commit after the shards were listed: {out[-3000:]}"
         assert proxy.counts["upstream down"] > 0, proxy.counts
         assert code == 0, out[-5000:]
         retries = re.findall(r"commit failed \(try (\d) of 5\), retrying in ([\d.]+) s", out)
@@ -438,6 +499,53 @@ def test_s3_down_mid_run_and_flaky_requests_then_rerun_leaves_every_id_once(ray_
         _check_table(db, expected, shards=4, **direct)
         rejected = lance_table(db, "images_rejected", **direct).column("id").to_pylist()
         assert_exactly_once(rejected, skipped)
+    finally:
+        moto.stop()
+
+
+@pytest.mark.parametrize("unreachable", [False, True], ids=["answer-lost", "answer-lost-then-unreachable"])
+def test_a_commit_whose_answer_s3_lost_is_found_landed_and_never_appended_twice(tmp_path, unreachable):
+    """Output on S3 behind the proxy, one shard per round. Once a shard is done, the next PUT of an images
+    table version (a round's Append) reaches S3 and its answer is replaced by a 503: the commit landed,
+    the job cannot know it. Lance's own retry of the PUT meets the version already there and recognises
+    it as its own; `unreachable` refuses that retry and Lance's checks until Lance gives up ("commit
+    result ... is unknown"), so the job's commit retry must find the Append landed (`FencedTable._landed`)
+    rather than append the fragments again. Either way the run ends 0 with every id once."""
+    import lance
+
+    moto = _Moto()
+    moto.start()
+    corpus, log = tmp_path / "in", tmp_path / "cli.log"
+    expected = write_shards(corpus, shards=6, rows=8, row_group=4)
+    db, direct = f"s3://{_bucket(moto)}/lance", lance_s3_options(moto.endpoint)
+    try:
+        with FaultProxy(moto.endpoint) as proxy, _ray_tmp() as ray_tmp:
+            storage = f"output.storage_options={json.dumps(lance_s3_options(proxy.endpoint))}"
+            cmd = _icar("index", "--input", str(corpus), "--output", db, "--set", storage)
+            cmd += ["--set", "output.commit_shards=1"]
+            with session_process(cmd, log, _env(ray_tmp, **CREDENTIALS)) as job:
+                _wait_for("a shard done", lambda: "done" in _statuses(db, **direct), job, log, poll=0.2)
+                proxy.lose_next_answer(r"/images\.lance/_versions/\d+\.manifest", refuse_after=unreachable)
+                if unreachable:  # until Lance gives up the commit and the job's retry takes over
+                    _wait_for(
+                        "the commit given up",
+                        lambda: "commit failed (try 1 of 5)" in log.read_text(),
+                        job,
+                        log,
+                    )
+                    proxy.stop_refusing()
+                code = job.wait(timeout=400)
+        out = log.read_text()
+        assert len(proxy.lost) == 1, f"no images version written after the first round: {out[-3000:]}"
+        assert code == 0, out[-5000:]
+        if unreachable:
+            assert proxy.counts["refused after the lost answer"] > 0, proxy.counts
+            assert re.search(r"commit failed \(try 1 of 5\).*is unknown", out), out[-5000:]
+        # the lost answer was an Append's (V2 version names count down from u64::MAX)
+        version = 2**64 - 1 - int(re.search(r"/(\d+)\.manifest", proxy.lost[0]).group(1))
+        images = lance.dataset(f"{db}/images.lance", storage_options=direct)
+        assert type(images.read_transaction(version).operation).__name__ == "Append"
+        _check_table(db, expected, shards=6, **direct)
     finally:
         moto.stop()
 
@@ -516,10 +624,107 @@ def test_reindex_killed_while_removing_a_deleted_shard_then_rerun_leaves_the_new
     assert report.shards_removed == [removed] and report.summary["shards_committed"] == 1
     ids = [f"00000.parquet/s0-{i:03d}" for i in range(8)] + rewritten
     skipped = {i for n, i in enumerate(ids) if n % 4 == 3}
-    _check_table(db, [i for i in ids if i not in skipped], shards=2)
+    _check_table(db, [i for i in ids if i not in skipped], shards=2, removed=(removed,))
     assert_exactly_once(lance_table(db, "images_rejected").column("id").to_pylist(), sorted(skipped))
     captions = {r["id"]: r["caption"] for r in lance_table(db, "images").to_pylist()}
     assert captions["00001.parquet/s1-004"] == "caption 101 of s1-004"  # the rewritten row, not the old one
+
+
+# --- 2f. a writer stalled past its lease, its table taken over, then resumed -------------------------------
+
+
+def _session_tree(sid: int) -> set[int]:
+    """Live processes of session `sid` and their descendants (a Ray job's driver starts a session)."""
+    table = processes()
+    tree = {pid for pid, (state, _, session) in table.items() if session == sid and state not in "ZX"}
+    while grown := {p for p, (state, ppid, _) in table.items() if ppid in tree and state not in "ZX"} - tree:
+        tree |= grown
+    return tree
+
+
+def _signal_session(sid: int, sig: signal.Signals) -> None:
+    """`sig` to the session leader first, then to everything else the session runs."""
+    for pid in sorted(_session_tree(sid), key=lambda pid: pid != sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (`T`: stopped), `X` once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "X"
+    return stat[stat.rindex(")") + 2]
+
+
+def _lease_lock_free(db: str, table: str = "images") -> bool:
+    """Nobody holds the lease's lock file (a stopped holder caught in a renewal would hold it forever)."""
+    import fcntl
+
+    lock = Path(db) / "_leases" / f"{table}.lock"
+    if not lock.exists():
+        return True
+    with open(lock, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return True
+
+
+def _stall(sid: int, db: str) -> None:
+    """SIGSTOP every process of the session (driver and Ray alike), outside any lease renewal."""
+    deadline = time.monotonic() + 60
+    while True:
+        _signal_session(sid, signal.SIGSTOP)
+        while running := [p for p in _session_tree(sid) if _state(p) not in "TtZX"]:
+            for pid in running:  # started while the others were being stopped, or not stopped yet
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.05)
+        if _lease_lock_free(db):
+            return
+        assert time.monotonic() < deadline, "the stalled job holds the lease lock every time"
+        _signal_session(sid, signal.SIGCONT)
+        time.sleep(0.1)
+
+
+def test_a_stalled_writer_whose_table_was_taken_over_commits_nothing_more_and_exits_naming_the_lost_lease(
+    ray_local, tmp_path
+):
+    """`icar index` (output.lease_seconds=3, a shard per round) is frozen whole (SIGSTOP) once its first
+    round is done, as a VM pause or a long GC would. A second run watches its record stay unchanged for
+    the lease, takes the table over, fences it and indexes the rest. Resumed, the first run finds its
+    lease gone and its commits refused: it exits 3 naming the lost lease or table, having added nothing;
+    every id is in the table exactly once."""
+    corpus, db, log = tmp_path / "in", str(tmp_path / "db"), tmp_path / "stale.log"
+    shards = 12
+    expected = write_shards(corpus, shards=shards, rows=16, row_group=4)
+    lease = ("output.lease_seconds=3", "output.commit_shards=1")
+    cmd = _icar("index", "--input", str(corpus), "--output", db, *[a for s in lease for a in ("--set", s)])
+    with _ray_tmp() as ray_tmp, session_process(cmd, log, _env(ray_tmp)) as stale:
+        _wait_for("a shard done", lambda: "done" in _statuses(db), stale, log)
+        _stall(stale.pid, db)
+        try:
+            at_stall = _statuses(db)  # final for the stalled run: none of its commits can land from now on
+            assert at_stall.count("done") < shards, "the first run had finished before it was stalled"
+            time.sleep(4)  # its record's `expires` passes: a run started now watches it, then takes over
+            summary = run_index(index_config([str(corpus)], db, *SETTINGS, *lease))
+        finally:
+            _signal_session(stale.pid, signal.SIGCONT)
+        code = stale.wait(timeout=300)
+    out = log.read_text()
+    assert code == 3, out[-5000:]
+    lost = r"^icar: lost (the lease on table 'images'|table \S*/images\w*\.lance)"  # LeaseLost, either
+    assert re.search(lost, out, re.MULTILINE), out[-3000:]
+    assert (summary.shards_already_done, summary.shards_committed, summary.shards_failed) == (
+        at_stall.count("done"),
+        shards - at_stall.count("done"),
+        0,
+    )
+    _check_table(db, expected, shards=shards)
 
 
 # --- 3. the driver receives no rows: many small shards and one of 100k rows ------------------------------
