@@ -213,4 +213,3 @@ def target_generation(cfg: IndexConfig, switch: bool) -> tuple[Generation, Gener
             "into a new table and switch to it when it is complete (or use another output.table)"
         )
     return Generation.of(identity), live
-

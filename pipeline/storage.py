@@ -6,9 +6,12 @@ all need, so that none of them imports another's internals."""
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import fsspec
 
@@ -16,6 +19,9 @@ from pipeline.config import OutputConfig
 
 if TYPE_CHECKING:
     import lancedb
+
+log = logging.getLogger("icar.write")
+T = TypeVar("T")
 
 # LanceDB object-store option -> s3fs option, so one `output.storage_options` serves LanceDB and fsspec
 _S3FS_OPTIONS = {
@@ -43,6 +49,36 @@ def is_transient(exc: BaseException) -> bool:
         isinstance(exc, ValueError) and "LanceError(IO)" in str(exc)
     )
     return io and bool(_TRANSIENT.search(str(exc)))
+
+
+def retrying(
+    call: Callable[[int], T],
+    attempts: int,
+    backoff: float,
+    retryable: Callable[[BaseException], bool] = is_transient,
+    what: str = "commit",
+) -> T:
+    """`call(attempt)`, tried `attempts` times, waiting `backoff` seconds doubled after each failure that
+    `retryable` accepts: Lance's own request retries give up after a few seconds of S3 down (about 2.5 s
+    with connections refused), the backoff rides out an outage of about 25 s with the defaults."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call(attempt)
+        except Exception as exc:
+            if attempt == attempts or not retryable(exc):
+                raise
+            wait = backoff * 2 ** (attempt - 1)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            log.warning(
+                "%s failed (try %d of %d), retrying in %.1f s: %s",
+                what,
+                attempt,
+                attempts,
+                wait,
+                first,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def sql_literal(value: str) -> str:

@@ -77,9 +77,9 @@ class DecodeEncodeStage(EncodeStage):
 
     def __call__(self, bundles: Batch) -> Batch:  # type: ignore[override]
         """A bundle of row groups in, their parts out. A row group travelling alone (it may be large)
-        streams from the decoder through the encoder into its fragment files; the small ones of a bundle
-        (a few hundred rows in all, `prepare.bundle_units`) are encoded together, in full batches, and
-        written as one part per shard."""
+        is decoded and encoded chunk by chunk, then written; the small ones of a bundle (a few hundred
+        rows in all, `prepare.bundle_units`) are encoded together, in full batches, and written as one
+        part per shard."""
         units = unbundle(bundles)
         if len(units["uri"]) == 1:
             return part_batch([write_part(self._encoded(units), str(units["name"][0]), self.target)])

@@ -10,8 +10,6 @@ a writer that lost its table cannot add a row, delete one, or compact. Lance rai
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -19,13 +17,12 @@ import pyarrow as pa
 
 from pipeline.config import OutputConfig
 from pipeline.lease import LeaseLost
-from pipeline.storage import is_transient
+from pipeline.storage import is_transient, retrying
 
 if TYPE_CHECKING:
     from lance import LanceDataset
     from lance.fragment import FragmentMetadata
 
-log = logging.getLogger("icar.write")
 T = TypeVar("T")
 
 
@@ -103,7 +100,11 @@ class FencedTable:
         """Write `rows` as fragments here in the driver and append them (small tables: the manifest)."""
         from lance.fragment import write_fragments
 
-        self.append(write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options))
+        self.append(
+            self._retry(
+                lambda _: write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options)
+            )
+        )
 
     def delete(self, where: str) -> None:
         """Delete the rows matching `where`, in one commit (safe to repeat)."""
@@ -115,7 +116,9 @@ class FencedTable:
         from lance import LanceDataset, LanceOperation
         from lance.fragment import write_fragments
 
-        fragments = write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options)
+        fragments = self._retry(
+            lambda _: write_fragments(rows, self.uri, schema=self.ds.schema, storage_options=self.options)
+        )
         removed = [f.fragment_id for f in self.ds.get_fragments()]
         operation = LanceOperation.Update(removed_fragment_ids=removed, new_fragments=fragments)
         path = fragments[0].files[0].path if fragments else None
@@ -169,24 +172,21 @@ class FencedTable:
 
     def _retry(self, commit: Callable[[int], T]) -> T:
         """`commit(attempt)`, tried `output.commit_attempts` times with doubling backoff while its outcome
-        is unknown (`may_have_landed`: Lance's own request retries give up after a few seconds of S3
-        down). A refusal (the table moved on under this run) is never retried: it is `LeaseLost`."""
-        attempts = self.cfg.commit_attempts
-        for attempt in range(1, attempts + 1):
+        is unknown (`may_have_landed`). A refusal (the table moved on under this run) is never retried:
+        it is `LeaseLost`."""
+
+        def attempt(number: int) -> T:
             try:
-                return commit(attempt)
+                return commit(number)
             except Exception as exc:
                 if is_refused(exc):
                     raise LeaseLost(
                         f"lost table {self.uri}: another job took over and committed (Lance refused this "
                         "run's commit); stopped before writing more"
                     ) from exc
-                if attempt == attempts or not may_have_landed(exc):
-                    raise
-                wait = self.cfg.commit_backoff_seconds * 2 ** (attempt - 1)
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                log.warning(
-                    "commit failed (try %d of %d), retrying in %.1f s: %s", attempt, attempts, wait, first
-                )
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+                raise
+
+        def unknown(exc: BaseException) -> bool:
+            return not isinstance(exc, LeaseLost) and may_have_landed(exc)
+
+        return retrying(attempt, self.cfg.commit_attempts, self.cfg.commit_backoff_seconds, unknown)

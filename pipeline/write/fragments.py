@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.prepare import FAILED, OK, SKIPPED, UNREADABLE, Batch
+from pipeline.storage import retrying
 from pipeline.write.schema import REJECTED_SCHEMA
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class FragmentTarget:
     model_id: str
     storage_options: dict[str, str]
     rows_per_fragment: int
+    write_attempts: int = 5  # output.commit_attempts: an S3 outage of seconds fails no shard
+    backoff_seconds: float = 1.0
 
 
 def _text(values: np.ndarray, type: pa.DataType | None = None) -> pa.Array:
@@ -126,60 +129,56 @@ def fragments_of(text: str) -> list[FragmentMetadata]:
 def write_part(batches: Iterable[Batch], shard: str, target: FragmentTarget) -> dict:
     """Write one shard's encoded batches as fragments of the images and rejected tables; the part's row.
 
-    The images stream into the fragment writer as they are encoded (a worker never holds a whole row
-    group's embeddings); the rejected rows, small, are written after. A batch that says its row group was
-    unreadable fails the part: what was written of it is never committed."""
-    part, rejected, seconds = Part(shard, routes=Counter()), [], dict.fromkeys(STAGE_TIMERS, 0.0)
-    upstream = 0.0  # seconds spent waiting for the batches (reading, decoding, encoding): not writing
-
-    def images() -> Iterator[pa.RecordBatch]:
-        nonlocal upstream
-        source = iter(batches)
-        while True:
-            waited = time.perf_counter()
-            rows = next(source, None)
-            upstream += time.perf_counter() - waited
-            if rows is None:
-                return
-            unreadable = rows["outcome"] == UNREADABLE
-            if unreadable.any():
-                part.error = str(rows["reason"][unreadable][0])
-                return
-            outcome = rows["outcome"]
-            ok = outcome == OK
-            part.rows += len(outcome)
-            part.rows_ok += int(ok.sum())
-            part.rows_failed += int((outcome == FAILED).sum())
-            part.rows_skipped += int((outcome == SKIPPED).sum())
-            part.routes.update(rows["route_name"][ok].tolist())
-            part.gflops += float(rows["gflops"][ok].sum())
-            for timer in STAGE_TIMERS[:-1]:
-                seconds[timer] += float(rows[timer].sum())
-            rejected.append(rejected_rows(rows, target.model_id))
-            yield from images_rows(rows, target).to_batches()
-
+    The part's table rows are held until its batches are all encoded (embeddings and thumbnails: a few
+    kB a row, never the pixels), so that a write S3 fails for seconds is tried again whole. A batch that
+    says its row group was unreadable fails the part: nothing of it is written."""
+    part, seconds = Part(shard, routes=Counter()), dict.fromkeys(STAGE_TIMERS, 0.0)
+    images, rejected = [], []
+    for rows in batches:
+        unreadable = rows["outcome"] == UNREADABLE
+        if unreadable.any():
+            part.error = str(rows["reason"][unreadable][0])
+            return part.row(seconds)
+        started = time.perf_counter()
+        outcome = rows["outcome"]
+        ok = outcome == OK
+        part.rows += len(outcome)
+        part.rows_ok += int(ok.sum())
+        part.rows_failed += int((outcome == FAILED).sum())
+        part.rows_skipped += int((outcome == SKIPPED).sum())
+        part.routes.update(rows["route_name"][ok].tolist())
+        part.gflops += float(rows["gflops"][ok].sum())
+        for timer in STAGE_TIMERS[:-1]:
+            seconds[timer] += float(rows[timer].sum())
+        images.append(images_rows(rows, target))
+        rejected.append(rejected_rows(rows, target.model_id))
+        seconds["t_write"] += time.perf_counter() - started
     started = time.perf_counter()
-    part.images = _write(
-        pa.RecordBatchReader.from_batches(target.images_schema, images()), target.images_uri, target
-    )
-    if rejected and not part.error:
-        bad = pa.concat_tables(rejected)
-        part.rejected = _write(bad, target.rejected_uri, target) if bad.num_rows else []
-    seconds["t_write"] = time.perf_counter() - started - upstream
-    if part.error:  # what was written of it stays uncommitted; the next run removes the files
-        part.images = part.rejected = []
+    part.images = _write(images, target.images_uri, target)
+    part.rejected = _write(rejected, target.rejected_uri, target)
+    seconds["t_write"] += time.perf_counter() - started
     return part.row(seconds)
 
 
-def _write(data: pa.Table | pa.RecordBatchReader, uri: str, target: FragmentTarget) -> list[FragmentMetadata]:
+def _write(tables: list[pa.Table], uri: str, target: FragmentTarget) -> list[FragmentMetadata]:
+    """Fragment files of `tables` (none when they hold no row), retried while S3 fails transiently (a
+    failed try leaves unreferenced files, removed by the next run)."""
     from lance.fragment import write_fragments  # in the worker only
 
-    return write_fragments(
-        data,
-        uri,
-        schema=data.schema,
-        max_rows_per_file=target.rows_per_fragment,
-        storage_options=target.storage_options or None,
+    rows = pa.concat_tables(tables) if tables else None
+    if rows is None or rows.num_rows == 0:
+        return []
+    return retrying(
+        lambda _: write_fragments(
+            rows,
+            uri,
+            schema=rows.schema,
+            max_rows_per_file=target.rows_per_fragment,
+            storage_options=target.storage_options or None,
+        ),
+        target.write_attempts,
+        target.backoff_seconds,
+        what="fragment write",
     )
 
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pyarrow as pa
 
 from pipeline.config import OutputConfig
-from pipeline.storage import connect, dataset_uri
+from pipeline.storage import connect, dataset_uri, retrying
 from pipeline.write.fenced import FencedTable
 from pipeline.write.fragments import FragmentTarget
 from pipeline.write.manifest import ShardManifest
@@ -59,7 +59,11 @@ class OutputTables:
         older than `cleanup_older_than` (LanceDB's default, 7 days, when None)."""
         for table in (self.images_table, self.rejected_table, self.manifest_table):
             table.checkout_latest()
-            table.optimize(cleanup_older_than=cleanup_older_than)
+            retrying(
+                lambda _, table=table: table.optimize(cleanup_older_than=cleanup_older_than),
+                self.cfg.commit_attempts,
+                self.cfg.commit_backoff_seconds,
+            )
 
     def target(self) -> FragmentTarget:
         return FragmentTarget(
@@ -69,6 +73,8 @@ class OutputTables:
             model_id=self.model_id,
             storage_options=dict(self.cfg.storage_options),
             rows_per_fragment=self.cfg.rows_per_fragment,
+            write_attempts=self.cfg.commit_attempts,
+            backoff_seconds=self.cfg.commit_backoff_seconds,
         )
 
     def _check_vectors(self) -> None:
