@@ -40,7 +40,9 @@ def markdown(result: dict) -> str:
         f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, "
         f"{a['commit_shards']} shards per round, compaction every {a['compact_fragments']} fragments: "
         f"driver ms per shard {early[1]:.2f} "
-        f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x**; "
+        f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x** "
+        f"(driver CPU ms per shard {' -> '.join(f'{v:.2f}' for v in a['cpu_ms_per_shard'].values())}, "
+        f"{a['cpu_growth']:.2f}x); "
         f"{a['rounds']} rounds, {a['commits']} Lance commits, {a['compactions']} compactions, "
         f"{a['seconds_committing']:.1f} s committing in all",
         f"- (b) open + fence + read a manifest of {b['shards']:,} shards: "

@@ -86,27 +86,26 @@ def commit_path(
     manifest = tables.fence()
     committer = Committer(tables, manifest, cfg)
     rng = np.random.default_rng(0)
-    per_shard = np.zeros(shards)
+    per_shard, cpu_per_shard = np.zeros(shards), np.zeros(shards)
     started, waiting = time.perf_counter(), []
     for index in range(shards):
         frags = write_fragments(_shard_rows(index, rows, tables.images.ds.schema, rng), tables.images.uri)
         record = ShardRecord(f"{index:06d}.parquet", "fp", DONE, rows_ok=rows, uri=f"/in/{index:06d}.parquet")
         rejected = write_fragments(_rejected_row(index), tables.rejected.uri)  # a failed download each
         waiting.append(index)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         committer.add(WrittenShard(record, frags, rejected))
-        spent = time.perf_counter() - t0
+        spent, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if not committer.waiting:  # a round ran: its time is shared by the shards it committed
             per_shard[waiting] = spent / len(waiting)
+            cpu_per_shard[waiting] = cpu / len(waiting)
             waiting = []
         if (index + 1) % max(shards // 10, 1) == 0:
             log(f"  [scale] {index + 1} shards committed, {time.perf_counter() - started:.0f} s")
     committer.flush()
-    windows = {
-        "1001-2000": per_shard[1000:2000],
-        f"{shards - 999}-{shards}": per_shard[shards - 1000 : shards],
-    }
-    ms = {name: float(values.mean() * 1e3) for name, values in windows.items()}
+    windows = {"1001-2000": slice(1000, 2000), f"{shards - 999}-{shards}": slice(shards - 1000, shards)}
+    ms = {name: float(per_shard[window].mean() * 1e3) for name, window in windows.items()}
+    cpu_ms = {name: float(cpu_per_shard[window].mean() * 1e3) for name, window in windows.items()}
     early, late = ms.values()
     rows_out = tables.images.ds.count_rows()
     return {
@@ -116,6 +115,9 @@ def commit_path(
         "compact_fragments": compact_fragments,
         "ms_per_shard": ms,
         "growth": late / early,
+        # CPU seconds of this process (Lance's threads included): what other processes' load cannot inflate
+        "cpu_ms_per_shard": cpu_ms,
+        "cpu_growth": list(cpu_ms.values())[1] / list(cpu_ms.values())[0],
         "rounds": committer.stats.rounds,
         "compactions": committer.stats.compactions,
         "commits": committer.stats.commits,
