@@ -76,11 +76,20 @@ def bench_block(results: Path) -> str:
     return head + "\n".join(f"- {text}" for text in r["answers"].values()) + "\n"
 
 
+def scale_block(results: Path) -> str:
+    """results/bench/scale.json as `make bench-scale` reports it."""
+    from pipeline.lab.bench.scale import markdown
+
+    text = markdown(_json(results / "bench" / "scale.json"))
+    return text.split("\n", 2)[2].replace("## Projection", "#### Projection")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "quality": quality_block,
     "frontier": frontier_block,
     "headroom": headroom_block,
     "bench": bench_block,
+    "scale": scale_block,
 }
 
 

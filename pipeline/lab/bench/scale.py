@@ -409,3 +409,68 @@ def project_writes(commit: dict[str, Any], bytes_per_part: float | None) -> dict
         ],
         "rows": rows,
     }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """scale.json as the report `make bench-scale` writes and the README shows."""
+    a, b = result["commit_path"], result["manifest_startup"]
+    early, late = a["ms_per_shard"].items()
+    lines = [
+        f"# Write path at scale ({result['utc']}, {result['machine']})",
+        "",
+        f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, "
+        f"{a['commit_shards']} shards per round, compaction every {a['compact_fragments']} fragments: "
+        f"driver ms per shard {early[1]:.2f} "
+        f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x** "
+        f"(driver CPU ms per shard {' -> '.join(f'{v:.2f}' for v in a['cpu_ms_per_shard'].values())}, "
+        f"{a['cpu_growth']:.2f}x); "
+        f"{a['rounds']} rounds, {a['commits']} Lance commits, {a['compactions']} compactions, "
+        f"{a['seconds_committing']:.1f} s committing in all",
+        f"- (b) open + fence + read a manifest of {b['shards']:,} shards: "
+        f"{b['open_fence_read_seconds']:.2f} s",
+    ]
+    if c := result.get("many_small_shards"):
+        small, large = c["shard_sizes"][1], c["shard_sizes"][0]
+        rates = c["images_per_second"]
+        lines.append(
+            f"- (c) `icar index` on {c['images']:,} images: shards of {small} at "
+            f"{', '.join(f'{r:.1f}' for r in rates[str(small)])} images/s vs shards of {large} at "
+            f"{', '.join(f'{r:.1f}' for r in rates[str(large)])}: **{c['share']:.0%}** (median of alternated "
+            f"pairs; {c['note']})"
+        )
+    if d := result.get("two_nodes_on_s3"):
+        lines.append(
+            f"- (d) two Ray nodes -> moto S3, {d['images']:,} images in {d['shards']} shards: "
+            f"{d['rows']} rows, {d['distinct_ids']} distinct ids (every id once: {d['every_id_once']}); "
+            f"driver received {d['driver_received']}; {d['seconds']:.1f} s"
+        )
+    if e := result.get("routed_vs_full"):
+        secs = e["seconds"]
+        lines.append(
+            f"- (e) `icar index` end to end on {e['images']:,} images in {e['shards']} shards: "
+            f"shipped routes "
+            f"{', '.join(f'{x:.0f}' for x in secs['routed'])} s vs full depth "
+            f"{', '.join(f'{x:.0f}' for x in secs['full depth'])} s: **{e['speedup']:.2f}x** ({e['note']})"
+        )
+    p = result["projection"]
+    lines += [
+        "",
+        "## Projection: the write path for LAION on N GPU nodes",
+        "",
+        "Computed from (a) and (d); the rest are assumptions:",
+        "",
+        *[f"- {a}" for a in p["assumptions"]],
+        "",
+        "| collection | GPU nodes | shards | hours | shards/s | Lance commits/s | driver busy | driver in | "
+        "manifest states | S3 requests/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['collection']} | {r['nodes']} | {r['shards']:,} | {r['hours']:.1f} | "
+            f"{r['shards_per_second']:.1f} "
+            f"| {r['commits_per_second']:.2f} | {r['driver_busy_share']:.2%} | "
+            f"{r['driver_bytes_per_second'] / 1e3:.1f} kB/s | {r['manifest_states']:,} | "
+            f"{r['s3_requests_per_second']:.0f} |"
+            for r in p["rows"]
+        ],
+    ]
+    return "\n".join(lines) + "\n"
