@@ -30,7 +30,7 @@ from pipeline.lab.quality import (
 from pipeline.lab.scenes.render import make_example
 from pipeline.lab.scenes.shards import SHARD_SCHEMA
 from pipeline.lab.scenes.splits import CALIB, TEST
-from pipeline.write import images_schema
+from pipeline.write.schema import images_schema
 
 HELDOUT_IMAGES = 300
 
