@@ -22,7 +22,7 @@ from pipeline.lab.heldout import load_heldout
 from pipeline.lab.scenes.splits import TEST
 from pipeline.lab.speed import BASELINE, ROUTED
 
-STAGES = {"read", "decode", "score", "encode", "write"}
+STAGES = {"read", "decode", "score", "encode", "write", "commit"}  # write: the workers; commit: the driver
 ROUTER_R10 = 0.496  # the shipped router's stand-in quality: 0.992 of full depth's 0.5
 TOME4 = route(merge="tome", merge_r=4)
 ENERGY99 = route(energy_tau=0.99, prune_after=2)

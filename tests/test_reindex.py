@@ -44,8 +44,9 @@ def test_reindex_adds_replaces_and_removes_shards_then_maintains_and_reports(ray
     assert sorted(ids) == sorted(expected) and len(ids) == 80 + 50 + 80 + 80
     assert second.rows_before == 320 and second.rows_after == len(expected)
     assert second.version_after > second.version_before
-    manifest = lance_table(cfg.output.uri, "images_manifest").column("shard").to_pylist()
-    assert sorted(Path(m).name for m in manifest) == [
+    manifest = lance_table(cfg.output.uri, "images_manifest").to_pylist()
+    assert {Path(m["shard"]).name: m["status"] for m in manifest}["00003.parquet"] == "removed"
+    assert sorted(Path(m["shard"]).name for m in manifest if m["status"] != "removed") == [
         "00000.parquet",
         "00001.parquet",
         "00002.parquet",
