@@ -259,10 +259,11 @@ class RayConfig(_Section):
     decode_batch_size: int = Field(256, gt=0)
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode/score task")
     task_rows: int = Field(
-        256,
+        1024,
         gt=0,
-        description="rows per Ray task: row groups smaller than this are bundled (a task's fixed cost is "
-        "then paid per bundle, not per tiny shard); a task whose worker dies fails its bundle's shards",
+        description="most rows per Ray task: row groups smaller than this are bundled (a task's fixed cost "
+        "is then paid per bundle, not per tiny shard; the last tasks of a run are smaller); a task whose "
+        "worker dies fails its bundle's shards",
     )
 
 

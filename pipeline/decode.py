@@ -22,7 +22,7 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 _RESIZE_MODES = ("shortest", "longest", "squash")
 _VISION_IMAGE_SIZE = 224  # open_clip's CLIPVisionCfg default when a config omits image_size
 THUMBNAIL_QUALITY = 75
-THUMBNAIL_METHOD = 4  # libwebp effort, 0-6: its own default
+THUMBNAIL_METHOD = 0  # libwebp effort (0-6): 0 costs half of its default 4 at equal PSNR, 21% more bytes
 
 
 # the formats web crawls hold (JPEG's opener also returns cameras' MPO files); Pillow's others (EPS through

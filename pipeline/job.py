@@ -15,6 +15,7 @@ from datetime import timedelta
 import open_clip
 
 from pipeline.alias import Aliases, Generation, target_generation
+from pipeline.cluster import init_ray
 from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.flops import full_depth_gflops
@@ -24,7 +25,7 @@ from pipeline.prepare import work_unit
 from pipeline.progress import Progress
 from pipeline.read import Shard, inspect_shard, list_shards
 from pipeline.score import load_scorer
-from pipeline.stream import DroppedBatches, init_ray, stream
+from pipeline.stream import DroppedBatches, stream
 from pipeline.summary import RunSummary
 from pipeline.write.collect import ShardCollector
 from pipeline.write.commit import Committer

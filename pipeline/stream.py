@@ -1,10 +1,9 @@
-"""The Ray layer of the job: connect to (or start) Ray, and the graph that turns row groups into written
-parts — decode/score on CPU, encode and write on an actor pool — plus what Ray Data gave up on."""
+"""The Ray graph of the job: row groups into written parts — decode/score on CPU, encode and write on an
+actor pool — plus what Ray Data gave up on (`pipeline.cluster` connects to Ray)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 
@@ -15,27 +14,9 @@ from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.actor import DecodeEncodeStage, EncodeStage
 from pipeline.prepare import bundle_units, prepare_unit, unbundle
-from pipeline.progress import quiet_ray_data
 from pipeline.write.fragments import FragmentTarget
 
 PREPARE_TASK_MEMORY = 512 * 2**20  # bytes reserved per prepare task: one row group plus decoded pixels
-TASKS_PER_ACTOR = 4  # bundling never leaves fewer tasks than this per encoder actor: load stays balanced
-
-
-def init_ray(cfg: IndexConfig, verbose: bool = False) -> None:
-    """Connect to the configured cluster, the one a `ray job submit` set up, or start a local Ray.
-
-    The embedded Ray keeps token authentication on (Ray's default) but starts without a dashboard and,
-    unless `verbose`, without start-up chatter; a cluster's dashboard is the place to watch a big job."""
-    if not ray.is_initialized():
-        level = logging.INFO if verbose else logging.ERROR
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, logging_level=level)
-        elif os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=level)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=verbose, logging_level=level)
-    quiet_ray_data(verbose)
 
 
 def encoder_actors(cfg: IndexConfig) -> int:
@@ -69,7 +50,7 @@ def stream(
     cfg_dict = cfg.model_dump()
     retries = cfg.encoder.max_restarts
     actors = encoder_actors(cfg)
-    bundles = bundle_units(work, rows, cfg.ray.task_rows, min_tasks=TASKS_PER_ACTOR * actors)
+    bundles = bundle_units(work, rows, cfg.ray.task_rows, actors)
     units = ray.data.from_items(bundles, override_num_blocks=len(bundles))
     cpu_plan = cfg.encoder.gpus_per_actor == 0
     encoder_args = {

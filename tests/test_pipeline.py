@@ -107,15 +107,18 @@ def test_encoder_batches_hold_one_route_each_and_split_evenly():
     assert list(route_batches(np.array([], np.int32), 64)) == []
 
 
-def test_tiny_row_groups_travel_bundled_and_a_big_one_alone():
+def test_tiny_row_groups_travel_bundled_big_tasks_first_and_a_big_one_alone():
     units = [{"unit": i} for i in range(10)]
     rows = [500, 500, 4, 4, 4, 4, 4, 4, 4, 10_000]
-    bundles = [[u["unit"] for u in json.loads(b["bundle"])] for b in bundle_units(units, rows, 256, 8)]
+    bundles = [[u["unit"] for u in json.loads(b["bundle"])] for b in bundle_units(units, rows, 256, 2)]
     assert bundles == [[0], [1], [2, 3, 4, 5, 6, 7, 8], [9]]  # in order, every unit once
-    many = bundle_units([{"unit": i} for i in range(1000)], [4] * 1000, 256, 8)
-    assert len(many) == 16  # 4,000 rows in tasks of 256: 1,000 tiny shards cost 16 task round trips
-    few = bundle_units(units[:6], [4] * 6, 256, 8)
-    assert len(few) == 6  # never fewer tasks than actors can share while units allow
+    many = bundle_units([{"unit": i} for i in range(5000)], [4] * 5000, 1024, 2)
+    sizes = [4 * len(json.loads(b["bundle"])) for b in many]
+    assert sum(sizes) == 20_000 and sizes[0] == 1024  # capped by task_rows while much is left
+    assert sizes == sorted(sizes, reverse=True) and min(sizes[:-1]) == 128  # shrinking: actors end together
+    assert len(many) < 30  # 5,000 tiny shards cost a few dozen task round trips, not 5,000
+    few = bundle_units(units[:6], [4] * 6, 256, 2)
+    assert len(few) >= 4  # small jobs still leave every actor several tasks
 
 
 def test_rerun_skips_committed_shards_and_writes_nothing(indexed):

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import torch
 
+from pipeline.cluster import init_ray
 from pipeline.config import IndexConfig, load_config
 from pipeline.encode.model import model_preprocess
 from pipeline.encode.routed import RoutedEncoder
@@ -30,7 +31,7 @@ from pipeline.lab.scenes.shards import write_corpus
 from pipeline.lab.timing import alternate
 from pipeline.prepare import OK, prepare_unit, work_unit
 from pipeline.read import inspect_shard, list_shards
-from pipeline.stream import encoder_actors, init_ray
+from pipeline.stream import encoder_actors
 
 MIN_STEADY_COMMITS = 4
 MIN_STEADY_SPAN_S = 1.0
