@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-scale browser serve clean
+.PHONY: demo test lint bench bench-quick bench-scale bench-ann browser serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 # the write path as the work grows: commit cost over 20,000 shards, many tiny shards, two nodes on S3
 bench-scale: $(STAMP)
 	$(BIN)/python jobs/bench_scale.py
+
+# ANN recall and latency on four distributions not shaped like the index, tuned vs LanceDB's defaults
+# (results/bench/ann-<rows>.*); ROWS=10000000 for the largest float16 table this machine holds
+ROWS ?= 1000000
+bench-ann: $(STAMP)
+	$(BIN)/python -m pipeline.lab.bench.ann --rows $(ROWS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python jobs/bench.py --quick

@@ -26,7 +26,7 @@ SIZES = {
     # (shards, rows per shard, commit_shards, compact_fragments), manifest shards,
     # (images, small shard, large shard, pairs), (images, shard size) on two nodes,
     # (images, shard size, pairs) routed vs full depth
-    "full": ((20_000, 20, 64, 256), 100_000, (4_000, 4, 500, 2), (2_000, 50), (20_000, 500, 1)),
+    "full": ((20_000, 20, 64, 256), 100_000, (4_000, 4, 500, 2), (2_000, 50), (20_000, 500, 2)),
     "tiny": ((2_200, 4, 16, 64), 2_000, None, None, None),
 }
 

@@ -40,6 +40,13 @@ ALIAS_SCHEMA = pa.schema(
     ]
 )
 
+# the identity hashes every route over these fields, each at its value meaning "off" unless the route sets
+# it, so a route's digest does not depend on which RouteSpec kind holds it (and tables already written
+# keep theirs)
+_ROUTE_FIELDS = {"exit_depth": None, "merge": "none", "merge_r": 0, "merge_keep": None, "merge_floor": 0}
+_ROUTE_FIELDS |= {"energy_tau": None, "keep_tokens": None, "prune_after": 1}
+_ROUTE_FIELDS |= {"late_keep": None, "late_after": 0, "late_similarity": None, "tuned": False}
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -62,7 +69,9 @@ class Identity:
         checkpoint = resolve_pretrained(cfg.model)  # a tag, or a local file (the embedded model's too)
         weights = file_sha(Path(checkpoint)) if checkpoint and Path(checkpoint).is_file() else None
         scorer = scorer_path(cfg.router.scorer)
-        router = json.dumps(cfg.router.model_dump(mode="json"), sort_keys=True)
+        fields = [r.model_dump(mode="json", exclude_defaults=True) for r in cfg.router.routes]
+        routes = [{**_ROUTE_FIELDS, **f} for f in fields]
+        router = json.dumps({**cfg.router.model_dump(mode="json"), "routes": routes}, sort_keys=True)
         router += "\n" + (file_sha(scorer) if scorer else "")
         return cls(
             cfg.model.model_id,

@@ -112,8 +112,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     searcher = Searcher.open(cfg)
     searcher.check_model()
-    vector = searcher.embed_image(args.image) if args.image else searcher.embed_text([args.text])
-    rows = searcher.search(vector, k=args.k, where=args.where)
+    vector = None
+    if args.mode != "text":
+        vector = searcher.embed_image(args.image) if args.image else searcher.embed_text([args.text])
+    rows = searcher.search(vector, k=args.k, where=args.where, text=args.text, mode=args.mode)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -130,9 +132,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"icar: serve needs pip install 'icar-pipeline[serve]' ({exc})", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
-    app = create_app(cfg)  # loads the model and opens the table before the port opens
+    app = create_app(cfg)  # refuses an exposed host without a token, then loads the model and table
     print(
         f"icar: serving {cfg.output.uri} table {cfg.output.table!r} on http://{cfg.serve.host}:{cfg.serve.port}"
+        f" (answering Host: {', '.join(cfg.serve.allowed_hosts)})"
     )
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
     return 0
@@ -143,6 +146,15 @@ def cmd_build_index(args: argparse.Namespace) -> int:
 
     info = build_indexes(config_from_args(args), args.partitions, args.sub_vectors)
     print(json.dumps(info))
+    tuned = info["search"]
+    if tuned:
+        verdict = "reaches" if tuned["reached"] else "best found; does NOT reach"
+        print(
+            f"search settings: nprobes {tuned['nprobes']}, refine_factor {tuned['refine_factor']} "
+            f"(recall@10 {tuned['recall']:.3f}, {verdict} target {tuned['target']:g}; p50 "
+            f"{tuned['p50_ms']:.1f} ms over {tuned['queries']} of the table's rows), stored with the table",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -185,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("text", nargs="?", help="text query, e.g. 'a red circle on a plain background'")
     query.add_argument("--image", help="query by this image file instead of text")
     query.add_argument("-k", type=int, default=10, help="results to return (default 10)")
-    query.add_argument("--where", help="SQL filter applied before the vector search, e.g. \"route = 'full'\"")
+    query.add_argument("--where", help="SQL filter applied before the search, e.g. \"route = 'full'\"")
+    query.add_argument(
+        "--mode",
+        choices=["vector", "text", "hybrid"],
+        default="vector",
+        help="vector (by embedding, default), text (full text on captions) or hybrid (both, rank-fused)",
+    )
     query.add_argument("--json", action="store_true", help="print JSON rows")
     query.set_defaults(func=cmd_query)
 
@@ -195,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="shorthand for serve.port (default 8000)")
     serve.set_defaults(func=cmd_serve)
 
-    build = sub.add_parser("build-index", help="build the IVF_PQ vector index and scalar indexes")
+    build = sub.add_parser(
+        "build-index",
+        help="build the IVF_PQ vector index, tune its search settings on the table, FTS and scalar indexes",
+    )
     _config_args(build)
     build.add_argument("--partitions", type=int, help="IVF partitions (default sqrt(rows))")
-    build.add_argument("--sub-vectors", type=int, help="PQ sub-vectors (default dim/16)")
+    build.add_argument("--sub-vectors", type=int, help="PQ sub-vectors (default dim/8)")
     build.set_defaults(func=cmd_build_index)
 
     for plugin in entry_points(group="icar.commands"):
@@ -207,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "query" and not (args.text or args.image):
         parser.error("query needs a text or --image PATH")
+    if args.command == "query" and args.mode != "vector" and not args.text:
+        parser.error(f"--mode {args.mode} needs a text (its words search the captions)")
+    if args.command == "query" and args.mode == "text" and args.image:
+        parser.error("--mode text searches the captions only: drop --image, or use --mode hybrid")
     try:
         return args.func(args)
     except ConfigError as exc:

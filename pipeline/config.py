@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 EMBEDDED_MODEL = "icar-tiny-vit"
 MODELS_DIR = Path(__file__).resolve().parent / "models"  # shipped, read-only: configs, weights, routes
@@ -56,27 +66,112 @@ class DecodeConfig(_Section):
 
 
 class RouteSpec(_Section):
-    """A compute route: how deep the ViT runs and how many tokens it carries."""
+    """A compute route: how deep the ViT runs and how it reduces tokens, as one of four kinds told apart by
+    the fields a route sets (so routes files stay flat): `ExitRoute` (no reduction), `MergeRoute`,
+    `PruneRoute` and `TwoPhaseRoute`. `RouteSpec(**fields)` builds the kind its fields name, as `Path()`
+    builds a `PosixPath`; a field of another kind is refused, one left at the value meaning "off"
+    (`merge: none`, `merge_r: 0`, `late_after: 0`, null, …) is ignored."""
 
+    kind: ClassVar[str]
     name: str
     exit_depth: int | None = Field(None, ge=1, description="blocks to run; None = full depth")
-    merge: Literal["none", "tome", "crossget"] = Field("none", description="token merging after attention")
-    merge_r: int = Field(0, ge=0, description="tokens merged away per block (ToMe's constant schedule)")
+    tuned: bool = Field(
+        False,
+        description="run the last blocks with weights tuned for this token path (the heads file's tuned "
+        "tails: jobs/train_tails.py); full depth, merging only",
+    )
+
+    def __new__(cls, **fields: Any) -> RouteSpec:
+        return super().__new__(_ROUTE_KINDS[route_kind(fields)] if cls is RouteSpec else cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_off_values(cls, data: Any) -> Any:
+        return _set_fields(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _tuned_needs_full_depth_merging(self) -> RouteSpec:
+        if self.tuned and not self.tunable:
+            raise ValueError(
+                f"route {self.name!r}: tuned tails serve full-depth routes that merge tokens, without "
+                "pruning or a per-image split"
+            )
+        return self
+
+    @property
+    def tunable(self) -> bool:
+        """Whether a tuned tail can serve this route's token path."""
+        return False
+
+    def merge_count(self, tokens: int, late: bool = False) -> int:
+        """Tokens to merge away in a block that holds `tokens` (the matcher may clip it further); `late`:
+        the block is at or past `late_after` on an image that switched to `late_keep`."""
+        return 0
+
+    @property
+    def splits(self) -> bool:
+        """Whether images choose their own schedule at `late_after` (so the batch splits in two groups)."""
+        return False
+
+    @property
+    def prunes(self) -> bool:
+        return False
+
+
+class ExitRoute(RouteSpec):
+    """Every token through `exit_depth` blocks (or all of them), read by that depth's exit head."""
+
+    kind: ClassVar[str] = "exit"
+
+
+class MergeRoute(RouteSpec):
+    """Tokens merged between attention and MLP in every block (ToMe / CrossGET): `merge_r` per block, or
+    the fraction `merge_keep` kept per block down to `merge_floor`."""
+
+    kind: ClassVar[str] = "merge"
+    merge: Literal["tome", "crossget"] = Field(description="token merging after attention")
+    merge_r: int | None = Field(None, ge=1, description="tokens merged away per block (ToMe's constant r)")
     merge_keep: float | None = Field(
         None, ge=0.5, lt=1, description="instead of merge_r: fraction of tokens each block keeps"
     )
     merge_floor: int = Field(
         0, ge=0, description="blocks holding this many tokens (CLS included) or fewer merge nothing"
     )
-    energy_tau: float | None = Field(
-        None, gt=0, le=1, description="keep the fewest tokens holding this fraction of spectral energy"
-    )
-    keep_tokens: int | None = Field(None, ge=1, description="fixed number of patch tokens kept")
-    prune_after: int = Field(1, ge=1, description="blocks run on all tokens before energy/fixed pruning")
-    late_keep: float | None = Field(
-        None, ge=0.5, lt=1, description="from block late_after on, the fraction each block keeps instead"
-    )
-    late_after: int = Field(0, ge=0, description="blocks that keep merge_keep before late_keep takes over")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> MergeRoute:
+        if (self.merge_r is None) == (self.merge_keep is None):
+            raise ValueError(
+                f"route {self.name!r}: merge={self.merge!r} needs exactly one of merge_r > 0 or merge_keep"
+            )
+        return self
+
+    @property
+    def tunable(self) -> bool:
+        return self.exit_depth is None
+
+    def _kept_fraction(self, late: bool) -> float | None:
+        return self.merge_keep
+
+    def merge_count(self, tokens: int, late: bool = False) -> int:
+        """A front-loaded schedule (`merge_keep` with a floor) merges most where tokens are many and
+        redundant and stops before the few last tokens collapse; on the embedded model it beats a constant
+        r by a wide margin at equal FLOPs."""
+        keep = self._kept_fraction(late)
+        r = self.merge_r if keep is None else tokens - math.ceil(tokens * keep)
+        return max(0, min(r, tokens - self.merge_floor))
+
+
+class TwoPhaseRoute(MergeRoute):
+    """A `merge_keep` schedule that keeps `late_keep` instead from block `late_after` on: gentle in the
+    first blocks, harder after them, which on the embedded model beats one fraction at equal GFLOPs
+    (results/frontier.md). With `late_similarity`, each image takes the late phase only if its tokens are
+    alike enough, and the batch runs on as two dense groups."""
+
+    kind: ClassVar[str] = "two-phase"
+    merge_keep: float = Field(ge=0.5, lt=1, description="fraction of tokens each block keeps at first")
+    late_keep: float = Field(ge=0.5, lt=1, description="from block late_after on, the fraction kept instead")
+    late_after: int = Field(ge=1, description="blocks that keep merge_keep before late_keep takes over")
     late_similarity: float | None = Field(
         None,
         ge=-1,
@@ -84,59 +179,77 @@ class RouteSpec(_Section):
         description="per image: only images whose late merges would pair tokens at least this alike "
         "(cosine of keys at block late_after) switch to late_keep; None = every image switches",
     )
-    tuned: bool = Field(
-        False,
-        description="run the last blocks with weights tuned for this token path (the heads file's tuned "
-        "tails: jobs/train_tails.py); full depth, merging only",
-    )
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> RouteSpec:
-        if self.energy_tau is not None and self.keep_tokens is not None:
-            raise ValueError(f"route {self.name!r}: set energy_tau or keep_tokens, not both")
-        if self.merge != "none" and (self.merge_r > 0) == (self.merge_keep is not None):
-            raise ValueError(
-                f"route {self.name!r}: merge={self.merge!r} needs exactly one of merge_r > 0 or merge_keep"
-            )
-        if self.late_keep is None and (self.late_after or self.late_similarity is not None):
-            raise ValueError(f"route {self.name!r}: late_after and late_similarity need late_keep")
-        if self.late_keep is not None:
-            if self.merge == "none" or self.merge_keep is None or self.late_after < 1:
-                raise ValueError(
-                    f"route {self.name!r}: late_keep needs a merge_keep schedule and late_after >= 1"
-                )
-            if self.prunes:
-                raise ValueError(f"route {self.name!r}: late_keep and pruning cannot be combined")
-        if self.tuned and (self.exit_depth is not None or self.merge == "none" or self.prunes or self.splits):
-            raise ValueError(
-                f"route {self.name!r}: tuned tails serve full-depth routes that merge tokens, without "
-                "pruning or a per-image split"
-            )
-        return self
+    @property
+    def tunable(self) -> bool:
+        return self.exit_depth is None and not self.splits
 
-    def merge_count(self, tokens: int, late: bool = False) -> int:
-        """Tokens to merge away in a block that holds `tokens` (the matcher may clip it further); `late`:
-        the block is at or past `late_after` on an image that switched to `late_keep`.
-
-        A front-loaded schedule (`merge_keep` with a floor) merges most where tokens are many and
-        redundant and stops before the few last tokens collapse; on the embedded model it beats a constant
-        r by a wide margin at equal FLOPs. A late schedule merges gently in the first blocks and harder
-        after them, which on the embedded model beats one fraction at equal GFLOPs (results/frontier.md).
-        """
-        if self.merge == "none":
-            return 0
-        keep = self.late_keep if late and self.late_keep is not None else self.merge_keep
-        r = self.merge_r if keep is None else tokens - math.ceil(tokens * keep)
-        return max(0, min(r, tokens - self.merge_floor))
+    def _kept_fraction(self, late: bool) -> float | None:
+        return self.late_keep if late else self.merge_keep
 
     @property
     def splits(self) -> bool:
-        """Whether images choose their own schedule at `late_after` (so the batch splits in two groups)."""
         return self.late_similarity is not None
+
+
+class PruneRoute(RouteSpec):
+    """After `prune_after` blocks, each image keeps its `energy_tau` spectral-energy budget of tokens (or
+    `keep_tokens`), the dropped ones fused into one token."""
+
+    kind: ClassVar[str] = "prune"
+    energy_tau: float | None = Field(
+        None, gt=0, le=1, description="keep the fewest tokens holding this fraction of spectral energy"
+    )
+    keep_tokens: int | None = Field(None, ge=1, description="fixed number of patch tokens kept")
+    prune_after: int = Field(1, ge=1, description="blocks run on all tokens before energy/fixed pruning")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneRoute:
+        if (self.energy_tau is None) == (self.keep_tokens is None):
+            both = ", not both" if self.energy_tau is not None else ""
+            raise ValueError(f"route {self.name!r}: set energy_tau or keep_tokens{both}")
+        return self
 
     @property
     def prunes(self) -> bool:
-        return self.energy_tau is not None or self.keep_tokens is not None
+        return True
+
+
+_ROUTE_KINDS: dict[str, type[RouteSpec]] = {
+    k.kind: k for k in (ExitRoute, MergeRoute, TwoPhaseRoute, PruneRoute)
+}
+# the values that mean a reduction is off: a route setting one is read as not setting it
+_OFF_VALUES: dict[str, Any] = dict(
+    merge="none", merge_r=0, merge_floor=0, prune_after=1, late_after=0, tuned=False
+)
+
+
+def _set_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields a route mapping really sets: None and the values meaning "off" dropped."""
+    return {k: v for k, v in fields.items() if v is not None and _OFF_VALUES.get(k, ...) != v}
+
+
+def route_kind(fields: Any) -> str:
+    """The kind of route a mapping (or route) describes, from the reductions its fields set."""
+    if isinstance(fields, RouteSpec):
+        return fields.kind
+    given = _set_fields(fields).keys() if isinstance(fields, dict) else set()
+    if given & {"late_keep", "late_after", "late_similarity"}:
+        return "two-phase"
+    if given & {"energy_tau", "keep_tokens", "prune_after"}:
+        return "prune"
+    if given & {"merge", "merge_r", "merge_keep", "merge_floor"}:
+        return "merge"
+    return "exit"
+
+
+Route = Annotated[
+    Annotated[ExitRoute, Tag("exit")]
+    | Annotated[MergeRoute, Tag("merge")]
+    | Annotated[TwoPhaseRoute, Tag("two-phase")]
+    | Annotated[PruneRoute, Tag("prune")],
+    Discriminator(route_kind),
+]
 
 
 def _default_routes() -> list[RouteSpec]:
@@ -148,7 +261,7 @@ class RouterConfig(_Section):
 
     scorer: str = Field("handcrafted", description="'handcrafted' or a learned scorer JSON from calibration")
     thresholds: list[float] = Field(default_factory=list)
-    routes: list[RouteSpec] = Field(default_factory=_default_routes)
+    routes: list[Route] = Field(default_factory=_default_routes)
 
     @model_validator(mode="after")
     def _routes_match_thresholds(self) -> RouterConfig:
@@ -285,6 +398,20 @@ class ReindexConfig(_Section):
     )
 
 
+class QueryConfig(_Section):
+    """Search settings: `icar build-index` tunes them on the table itself and stores them with it."""
+
+    target_recall: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="recall@10 the cheapest (nprobes, refine_factor) must reach on the table's own rows",
+    )
+    tuning_queries: int = Field(
+        200, gt=0, description="rows drawn as queries when tuning (each with its own row excluded)"
+    )
+
+
 class ServeConfig(_Section):
     """`icar serve`: the HTTP search API and page over the output table."""
 
@@ -297,6 +424,26 @@ class ServeConfig(_Section):
     max_k: int = Field(100, gt=0, description="most results one request may ask for (k + offset)")
     refresh_seconds: float = Field(
         5.0, gt=0, description="how often the table is checked for new versions (a reindex's commits)"
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="bearer token every API request must carry (Authorization: Bearer ...); None reads "
+        "$ICAR_SERVE_TOKEN. Required unless host is loopback: `icar serve` refuses to start without one",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        min_length=1,
+        description="Host header names answered (DNS rebinding defence): exact names, '*.example.com' "
+        "for subdomains, or '*' for any (only behind a proxy that checks Host itself)",
+    )
+    max_body_bytes: int = Field(
+        2**20, gt=0, description="larger request bodies (other than image uploads) get 413; chunked ones too"
+    )
+    max_concurrent_requests: int = Field(
+        16, gt=0, description="requests in progress at once; more are answered 503 at once, not queued"
+    )
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="a request not answered in this time gets 503 (its work keeps its slot)"
     )
 
 
@@ -320,6 +467,7 @@ class IndexConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     reindex: ReindexConfig = Field(default_factory=ReindexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    query: QueryConfig = Field(default_factory=QueryConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,19 +1,24 @@
-"""Stage 6: query the vector table by text, image, id or vector, and build its ANN and scalar indexes.
+"""Stage 6: query the vector table by text, image, id or vector (or full text on captions, or both fused), and
+build its ANN, full-text and scalar indexes.
 
-The index and search settings are chosen for recall@10 >= 0.95 within 5 ms on a million rows, float32 or
-float16 (`make bench` measures them as settings["shipped"] beside LanceDB's defaults); a user gets them
-by default from `icar build-index`, `icar query` and `icar serve`. Searches run straight on the Lance
-dataset: lancedb's query builder adds about 3 ms to every query (measured on this machine), more than
-the search itself.
+No fixed search setting fits every table (a table whose clusters do not line up with its IVF partitions
+needs many more probes), so `build_indexes` tunes (nprobes, refine_factor) on the table itself: the cheapest
+setting measured to reach `query.target_recall` on rows drawn from the table, stored in the table's schema
+metadata, where appends, upserts and compaction keep it; `icar query`, `icar serve` and the Python API read
+it from there. Searches run straight on the Lance dataset: lancedb's query builder adds about 3 ms to every
+query (measured on this machine), more than the search itself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -30,13 +35,46 @@ if TYPE_CHECKING:
     import lance
 
 RESULT_COLUMNS = ["id", "url", "caption", "shard", "complexity", "route", "exit_depth", "tokens", "gflops"]
-INDEX_ROWS_PER_PARTITION = 1000  # IVF partitions of about this many rows: sqrt(rows) at a million
 PQ_DIMS_PER_SUB_VECTOR = 8  # 64 sub-vectors for 512-d: PQ distances good enough to rerank few candidates
 KMEANS_ITERATIONS = 10  # IVF k-means (lancedb: 50): capped so 1M-row builds fit the bench, which uses it
-SEARCH = {"nprobes": 5, "refine_factor": 3}  # shipped search settings (see `make bench`)
+UNTUNED_SEARCH = {"nprobes": 20, "refine_factor": 5}  # a table whose index nobody tuned (built elsewhere)
+NPROBES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # tried in order, per refine
+REFINE_FACTORS = (0, 2, 5, 10, 20)  # 0: PQ distances as they are; n: rerank n*k candidates exactly
+SETTINGS_KEY = b"icar.search"  # images-table schema metadata: the tuned `SearchSettings` (JSON)
+TEXT_COLUMN = "caption"  # the full-text index's column
+RRF_K = 60  # reciprocal rank fusion: score = sum over lists of 1 / (RRF_K + rank) (Cormack et al.; LanceDB)
 DUPLICATE_COSINE = 0.98  # results at least this similar to a better one are near-duplicates
+K = 10
+
+SearchMode = Literal["vector", "text", "hybrid"]
 
 log = logging.getLogger("icar.query")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The cheapest search setting measured to reach `target` recall@10 on the table's own rows, with what
+    it measured there; `reached` is False when no setting tried did (then: the best recall found)."""
+
+    nprobes: int
+    refine_factor: int  # 0 = none
+    recall: float
+    p50_ms: float
+    target: float
+    queries: int
+    rows: int
+    partitions: int
+    reached: bool
+
+    @property
+    def knobs(self) -> dict[str, int | None]:
+        return {"nprobes": self.nprobes, "refine_factor": self.refine_factor or None}
+
+
+def stored_settings(dataset: lance.LanceDataset) -> SearchSettings | None:
+    """The settings `tune_search` stored with this table, if any."""
+    raw = (dataset.schema.metadata or {}).get(SETTINGS_KEY)
+    return SearchSettings(**json.loads(raw)) if raw else None
 
 
 def nearest(
@@ -45,13 +83,38 @@ def nearest(
     k: int,
     columns: list[str],
     where: str | None = None,
-    **knobs: int,
+    **knobs: int | None,
 ) -> pa.Table:
-    """The k nearest rows by cosine, `columns` plus `_distance`, with the shipped search settings unless
-    `knobs` say otherwise; `where` filters before the search."""
-    query = {"column": "vector", "q": vector, "k": k, "metric": "cosine", **(knobs or SEARCH)}
+    """The k nearest rows by cosine, `columns` plus `_distance`, with the table's tuned search settings
+    unless `knobs` say otherwise; `where` filters before the search."""
+    if not knobs:
+        tuned = stored_settings(dataset)
+        knobs = tuned.knobs if tuned else UNTUNED_SEARCH
+    query = {"column": "vector", "q": vector, "k": k, "metric": "cosine", **knobs}
     columns = [*columns, "_distance"]  # named: Lance warns on every query that leaves it implicit
     return dataset.to_table(columns=columns, nearest=query, filter=where, prefilter=bool(where))
+
+
+def full_text(dataset: lance.LanceDataset, text: str, k: int, columns: list[str], where: str | None = None):
+    """The k best rows for `text` by BM25 over the caption's full-text index, `columns` plus `_score`."""
+    return dataset.to_table(
+        columns=[*columns, "_score"],
+        full_text_query={"query": text, "columns": [TEXT_COLUMN]},
+        filter=where,
+        prefilter=bool(where),
+        limit=k,
+    )
+
+
+def fuse_ranks(lists: list[list[dict]], key: str = "id") -> list[dict]:
+    """Reciprocal rank fusion: each row scores the sum of 1 / (RRF_K + rank) over the lists it is in (rank
+    from 1), best first. Ranks, not scores, are fused: cosines and BM25 scores are not on one scale."""
+    fused: dict[Any, dict] = {}
+    for rows in lists:
+        for rank, row in enumerate(rows, 1):
+            kept = fused.setdefault(row[key], {**row, "score": 0.0})
+            kept["score"] += 1.0 / (RRF_K + rank)
+    return sorted(fused.values(), key=lambda r: -r["score"])
 
 
 @dataclass
@@ -153,28 +216,45 @@ class Searcher:
 
     def search(
         self,
-        vector: torch.Tensor | np.ndarray,
+        vector: torch.Tensor | np.ndarray | None = None,
         k: int = 10,
         where: str | None = None,
         offset: int = 0,
         dedup: bool = False,
         exclude: str | None = None,
+        *,
+        text: str | None = None,
+        mode: SearchMode = "vector",
     ) -> list[dict]:
-        """The k best rows after `offset`, best first, each with a cosine `score`.
+        """The k best rows after `offset`, best first, each with a `score` (higher is better): the cosine in
+        mode "vector", BM25 over the captions' full-text index in mode "text" (`text`), and in mode
+        "hybrid" (both) the reciprocal rank fusion of the two lists.
 
-        `where` is a Lance SQL filter applied before the vector search (callers outside this process send
-        structured filters that pipeline.serve.filters compiles). `dedup` drops results that are
+        `where` is a Lance SQL filter applied before the search in every mode (callers outside this process
+        send structured filters that pipeline.serve.filters compiles). `dedup` drops results that are
         near-duplicates of a better one; `exclude` drops one id (the query row of "more like this")."""
-        query_vector = np.asarray(vector, np.float32).reshape(-1)
+        if mode in ("vector", "hybrid") and vector is None:
+            raise ValueError(f"search mode {mode!r} needs a query vector")
+        if mode in ("text", "hybrid") and not (text and text.strip()):
+            raise ValueError(f"search mode {mode!r} needs a query text")
+        if mode not in ("vector", "text", "hybrid"):
+            raise ValueError(f"unknown search mode {mode!r} (vector, text or hybrid)")
         wanted = offset + k + (exclude is not None)
         fetch = 2 * wanted if dedup else wanted
         columns = RESULT_COLUMNS + (["vector"] if dedup else [])
-        found = nearest(self.dataset, query_vector, fetch, columns, where)
-        rows = [r for r in found.to_pylist() if r["id"] != exclude]
+        dataset = self.dataset
+        lists = []
+        if mode != "text":
+            query_vector = np.asarray(vector, np.float32).reshape(-1)
+            found = nearest(dataset, query_vector, fetch, columns, where).to_pylist()
+            lists.append([{**r, "score": 1.0 - r.pop("_distance")} for r in found])
+        if mode != "vector":
+            found = full_text(dataset, text, fetch, columns, where).to_pylist()
+            lists.append([{**r, "score": r.pop("_score")} for r in found])
+        rows = lists[0] if len(lists) == 1 else fuse_ranks(lists)
+        rows = [r for r in rows if r["id"] != exclude]
         if dedup:
             rows = _drop_near_duplicates(rows)
-        for row in rows:
-            row["score"] = 1.0 - row.pop("_distance")
         return rows[offset : offset + k]
 
     def check_model(self) -> None:
@@ -202,19 +282,117 @@ def _drop_near_duplicates(rows: list[dict]) -> list[dict]:
 
 
 def index_params(rows: int, dim: int) -> dict[str, int]:
-    """IVF partitions and PQ sub-vectors for a table of this size (see the module docstring)."""
+    """IVF partitions (sqrt(rows), LanceDB's advice: 1,000 at a million rows, 3,162 at ten million, past
+    4,096 beyond 16.8M) and PQ sub-vectors (one per PQ_DIMS_PER_SUB_VECTOR dimensions)."""
     return {
-        "num_partitions": max(1, min(4096, rows // INDEX_ROWS_PER_PARTITION)),
+        "num_partitions": max(1, round(math.sqrt(rows))),
         "num_sub_vectors": max(1, dim // PQ_DIMS_PER_SUB_VECTOR),
     }
+
+
+def _unit_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list vector column as float32 rows of unit length (stored float16 is widened)."""
+    values = pa.chunked_array([column]) if isinstance(column, pa.Array) else column
+    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in values.chunks])
+    rows = flat.reshape(len(column), -1).astype(np.float32)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def _sample_queries(dataset: lance.LanceDataset, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, unit vectors as float32) of `count` rows drawn at random from the table."""
+    rows = dataset.count_rows()
+    positions = np.sort(np.random.default_rng(seed).choice(rows, min(count, rows), replace=False))
+    taken = dataset.take(positions, columns=["vector", "_rowid"])
+    return taken.column("_rowid").to_numpy(), _unit_rows(taken.column("vector"))
+
+
+def exact_neighbours(
+    dataset: lance.LanceDataset, query_ids: np.ndarray, queries: np.ndarray, k: int = K, extra: int = 20
+) -> list[set[int]]:
+    """Per query, the row ids as near as its exact k-th neighbour (its own row excluded; ties kept, so
+    duplicated rows cannot make a right answer look wrong), by brute force over every stored vector."""
+    best_sim = np.full((len(queries), 0), -np.inf, np.float32)
+    best_id = np.zeros((len(queries), 0), np.uint64)
+    keep = k + extra
+    for batch in dataset.to_batches(columns=["vector"], with_row_id=True, batch_size=65_536):
+        data = _unit_rows(batch.column("vector"))
+        ids = batch.column("_rowid").to_numpy()
+        sims = queries @ data.T
+        sims[query_ids[:, None] == ids[None, :]] = -np.inf  # self-matches
+        top = np.argpartition(-sims, min(keep, sims.shape[1]) - 1, axis=1)[:, :keep]
+        best_sim = np.concatenate([best_sim, np.take_along_axis(sims, top, 1)], axis=1)
+        best_id = np.concatenate([best_id, ids[top]], axis=1)
+        order = np.argsort(-best_sim, axis=1)[:, :keep]
+        best_sim, best_id = np.take_along_axis(best_sim, order, 1), np.take_along_axis(best_id, order, 1)
+    threshold = best_sim[:, k - 1 : k] - 1e-5
+    return [set(ids[sims >= t].tolist()) for ids, sims, t in zip(best_id, best_sim, threshold, strict=True)]
+
+
+def measure_search(
+    dataset: lance.LanceDataset,
+    query_ids: np.ndarray,
+    queries: np.ndarray,
+    truth: list[set[int]],
+    knobs: dict[str, int | None],
+    k: int = K,
+) -> tuple[float, list[float]]:
+    """(recall@k, seconds per query) of `nearest` with `knobs`, each query's own row left out."""
+    hits, seconds = 0, []
+    for row_id, query, exact in zip(query_ids, queries, truth, strict=True):
+        started = time.perf_counter()
+        found = nearest(dataset, query, k + 1, ["_rowid"], **knobs).column("_rowid").to_numpy()
+        seconds.append(time.perf_counter() - started)
+        hits += len(exact.intersection(found[found != row_id][:k].tolist()))
+    return min(1.0, hits / (k * len(queries))), seconds
+
+
+def tune_search(
+    table: Any, partitions: int, target: float, queries: int = 200, seed: int = 0
+) -> SearchSettings | None:
+    """Measure recall@10 on rows drawn from the table (their own rows excluded, truth by brute force) and
+    store the cheapest (nprobes, refine_factor) that reaches `target`; None when there is no vector index.
+
+    For each refine factor, nprobes grows until the target is reached (recall only grows with nprobes);
+    of those settings the one with the lowest median latency wins. Like autofaiss, on the index's own data."""
+    dataset = table.to_lance()
+    indexes = [i for i in table.list_indices() if i.columns == ["vector"]]
+    if not indexes or dataset.count_rows() <= K + 1:
+        return None  # no index, or so few rows that any search is exact
+    query_ids, vectors = _sample_queries(dataset, queries, seed)
+    truth = exact_neighbours(dataset, query_ids, vectors)
+    for query in vectors[:5]:
+        nearest(dataset, query, K, ["_rowid"], **UNTUNED_SEARCH)  # warm-up: index into cache
+    tried: list[tuple[float, float, int, int]] = []  # (recall, p50 s, nprobes, refine)
+    for refine in REFINE_FACTORS:
+        previous = 0.0
+        for nprobes in [n for n in NPROBES if n < partitions] + [partitions]:
+            knobs = {"nprobes": nprobes, "refine_factor": refine or None}
+            recall, seconds = measure_search(dataset, query_ids, vectors, truth, knobs)
+            tried.append((recall, statistics.median(seconds), nprobes, refine))
+            fastest = min((t[1] for t in tried if t[0] >= target), default=math.inf)
+            # stop at the target, once slower than a setting that reached it, or when more probes no
+            # longer help (PQ's own error caps recall without a refine step)
+            if recall >= target or tried[-1][1] > fastest or (nprobes >= 8 and recall < previous + 0.002):
+                break
+            previous = recall
+    reached = [t for t in tried if t[0] >= target]
+    recall, p50, nprobes, refine = min(reached, key=lambda t: t[1]) if reached else max(tried)
+    rows, found = dataset.count_rows(), bool(reached)
+    settings = SearchSettings(
+        nprobes, refine, recall, 1e3 * p50, target, len(vectors), rows, partitions, found
+    )
+    dataset.update_schema_metadata({SETTINGS_KEY.decode(): json.dumps(asdict(settings))})
+    table.checkout_latest()
+    return settings
 
 
 def build_indexes(
     cfg: IndexConfig, partitions: int | None = None, sub_vectors: int | None = None, table: Any = None
 ) -> dict:
-    """IVF_PQ on the vectors (cosine) plus scalar indexes for id lookups and common filters, on `table`
-    (default: the one `output.table` names now)."""
-    from lancedb.index import BTree, IvfPq  # here: importing lancedb before Ray forks makes it warn
+    """IVF_PQ on the vectors (cosine), tuned search settings for it (`tune_search`), a full-text index on
+    the captions and scalar indexes for id lookups and common filters, on `table` (default: the one
+    `output.table` names now)."""
+    from lancedb.index import FTS, BTree, IvfPq  # here: importing lancedb before Ray forks makes it warn
 
     if table is None:
         output = resolve(cfg.output)
@@ -224,7 +402,12 @@ def build_indexes(
     params["num_partitions"] = partitions or params["num_partitions"]
     params["num_sub_vectors"] = sub_vectors or params["num_sub_vectors"]
     config = IvfPq(distance_type="cosine", max_iterations=KMEANS_ITERATIONS, **params)
+    started = time.perf_counter()
     table.create_index("vector", config=config, replace=True)
+    build_s = time.perf_counter() - started
+    table.create_index(TEXT_COLUMN, config=FTS(), replace=True)
     for column in ("id", "shard", "route"):
         table.create_index(column, config=BTree(), replace=True)
-    return {"rows": rows, **params}
+    settings = tune_search(table, params["num_partitions"], cfg.query.target_recall, cfg.query.tuning_queries)
+    search = asdict(settings) if settings else None
+    return {"rows": rows, **params, "vector_index_s": build_s, "search": search}

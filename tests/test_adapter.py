@@ -15,6 +15,8 @@ from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError, token_path_key
 from pipeline.encode.model import normalize_uint8
+from pipeline.encode.regroup import TokenGroup
+from pipeline.lab.training.heads import exit_tokens
 
 TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings (observed: ~2e-7)
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
@@ -131,7 +133,7 @@ def test_exit_tokens_through_project_equal_the_forward_on_a_merging_route(family
     vit = AdaptiveViT(model.visual, ExitHeads(model.visual, [1]), model_name=family)
     x = _images(model.visual)
     with torch.no_grad():
-        tokens = vit.exit_tokens(x, RouteSpec(name="t", merge="tome", merge_r=2), [1, 2])
+        tokens = exit_tokens(vit, x, RouteSpec(name="t", merge="tome", merge_r=2), [1, 2])
     for j, depth in enumerate([1, 2]):
         route = RouteSpec(name="t", merge="tome", merge_r=2, exit_depth=depth)
         with torch.no_grad():
@@ -186,9 +188,11 @@ def test_a_tuned_route_runs_its_tail_and_an_untouched_tail_changes_nothing(famil
         tail.proj.mul_(-1)  # and the tail's projection
         assert (vit(x, TUNED).embeddings + moved).abs().max() < TOLERANCE
     assert torch.equal(vit(x, untuned).embeddings, before)
-    x_in, size = vit.tokens_entering(x, untuned, 1)
-    with torch.no_grad():
-        assert (vit.embed_from(x_in, size, TUNED, 1) - vit(x, TUNED).embeddings).abs().max() < TOLERANCE
+    with torch.no_grad():  # the tail trains on the tokens entering its first block, run from there on
+        (entering,) = vit.run_blocks(vit.stem(x), 0, 1, untuned)
+        groups = vit.run_blocks([TokenGroup.whole(entering.x, entering.size)], 1, 2, TUNED)
+        resumed = F.normalize(vit.project(vit.pool(groups, 2, TUNED), 2, TUNED), dim=-1)
+    assert (resumed - vit(x, TUNED).embeddings).abs().max() < TOLERANCE
 
 
 def test_tails_survive_a_save_and_load_at_half_precision_and_stay_bound_to_their_model(tmp_path):

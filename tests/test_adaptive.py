@@ -14,6 +14,7 @@ from pipeline.encode.flops import block_gflops, full_depth_gflops, head_gflops, 
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model, register_embedded_models
 from pipeline.encode.routed import RoutedEncoder
+from pipeline.lab.training.heads import exit_tokens
 
 TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings
 
@@ -148,8 +149,8 @@ def test_late_schedule_merges_gently_first_then_harder(embedded):
     assert vit(x, late).tokens.tolist() == [8, 8]
     full = vit(x, RouteSpec(name="full"))
     with torch.no_grad():
-        state = vit._run_blocks(vit._embed(x), 0, 12, gentle, want_cls=False)
-    assert state.x.shape[1] == 8  # the gentle schedule reaches its floor too, but later: it spends more
+        (group,) = vit.run_blocks(vit.stem(x), 0, 12, gentle)
+    assert group.x.shape[1] == 8  # the gentle schedule reaches its floor too, but later: it spends more
     assert vit(x, late).gflops[0] < vit(x, gentle).gflops[0] < full.gflops[0]
 
 
@@ -188,9 +189,10 @@ def test_split_route_trains_heads_on_the_tokens_each_image_reads(embedded):
         late_after=3,
         late_similarity=0.95,
     )
-    tokens = vit.exit_tokens(x, split, [6, 12])
+    tokens = exit_tokens(vit, x, split, [6, 12])  # one pass: the split happens once, at block 3
     for j, depth in enumerate([6, 12]):
-        assert torch.allclose(tokens[:, j], vit.pooled_tokens(x, split, depth)[0], atol=1e-6)
+        alone = vit.pool(vit.run_blocks(vit.stem(x), 0, depth, split), depth, split)
+        assert torch.allclose(tokens[:, j], alone, atol=1e-6)
 
 
 def test_routed_encoder_matches_one_route_at_a_time(embedded):

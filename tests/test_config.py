@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, RouteSpec, load_config
+from pipeline.config import (
+    ConfigError,
+    ExitRoute,
+    MergeRoute,
+    PruneRoute,
+    RouterConfig,
+    RouteSpec,
+    TwoPhaseRoute,
+    load_config,
+)
 
 
 def test_yaml_and_overrides_combine(tmp_path):
@@ -47,15 +56,18 @@ def test_route_cannot_have_two_budgets():
         ("{name: a, merge: tome}", "merge_r > 0 or merge_keep"),
         ("{name: a, merge: tome, merge_r: 4, merge_keep: 0.7}", "merge_r > 0 or merge_keep"),
         ("{name: a, merge: tome, merge_keep: 0.3}", "merge_keep"),
-        # a late schedule needs a keep schedule to follow and a block to start from
-        ("{name: a, merge: tome, merge_keep: 0.8, late_keep: 0.7}", "late_after >= 1"),
-        ("{name: a, merge: tome, merge_r: 4, late_keep: 0.7, late_after: 2}", "needs a merge_keep"),
-        ("{name: a, merge: tome, merge_keep: 0.8, late_after: 2}", "need late_keep"),
-        ("{name: a, merge: tome, merge_keep: 0.8, late_similarity: 0.9}", "need late_keep"),
+        # a two-phase route needs a keep schedule to follow and a block to start from
+        ("{name: a, merge: tome, merge_keep: 0.8, late_keep: 0.7}", "two-phase.late_after: Field required"),
+        ("{name: a, merge: tome, merge_r: 4, late_keep: 0.7, late_after: 2}", "merge_keep: Field required"),
+        ("{name: a, merge: tome, merge_keep: 0.8, late_after: 2}", "late_keep: Field required"),
+        ("{name: a, merge: tome, merge_keep: 0.8, late_similarity: 0.9}", "late_keep: Field required"),
+        ("{name: a, merge_keep: 0.8}", "merge.merge: Field required"),
+        # the kinds do not combine: a two-phase route cannot prune, a pruning one cannot merge
         (
             "{name: a, merge: tome, merge_keep: 0.8, late_keep: 0.7, late_after: 2, keep_tokens: 16}",
-            "late_keep and pruning",
+            "two-phase.keep_tokens: Extra inputs are not permitted",
         ),
+        ("{name: a, energy_tau: 0.9, merge: tome, merge_r: 2}", "prune.merge: Extra inputs"),
     ],
 )
 def test_merging_needs_exactly_one_valid_schedule(route, message):
@@ -72,7 +84,7 @@ def test_merge_schedules_count_tokens_per_block():
         schedule.append(r)
         tokens -= r
     assert schedule == [19, 13, 9, 7, 1] and tokens == 16  # ceil(0.7 n) kept, never below the floor
-    assert RouteSpec(name="n", merge_keep=0.7).merge_count(65) == 0  # merge: none ignores the schedule
+    assert RouteSpec(name="n", merge="none", merge_r=0).merge_count(65) == 0  # 'none' and 0 mean off
 
 
 def test_late_schedule_takes_over_only_for_late_blocks():
@@ -101,3 +113,16 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
 def test_cli_reports_config_errors_with_exit_status_2(capsys):
     assert main(["index", "--input", "x.parquet", "--set", "encoder.actors=0"]) == 2
     assert "encoder.actors" in capsys.readouterr().err
+
+
+def test_a_route_is_the_kind_its_fields_name_and_dumps_back_flat():
+    fields = {
+        ExitRoute: {"exit_depth": 6},
+        MergeRoute: {"merge": "crossget", "merge_keep": 0.8, "merge_floor": 8, "tuned": True},
+        TwoPhaseRoute: {"merge": "tome", "merge_keep": 0.8, "late_keep": 0.65, "late_after": 3},
+        PruneRoute: {"exit_depth": 8, "energy_tau": 0.99, "prune_after": 2},
+    }
+    for kind, spec in fields.items():
+        route = RouteSpec(name="r", **spec)
+        assert type(route) is kind and route.model_dump(exclude_defaults=True) == {"name": "r", **spec}
+        assert type(RouterConfig(routes=[{"name": "r", **spec}]).routes[0]) is kind

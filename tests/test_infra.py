@@ -198,3 +198,36 @@ def test_the_rayservice_deploys_the_search_app_with_the_jobs_index_config():
         assert {"name": "config", "configMap": {"name": "icar-index-config"}} in pod["spec"]["volumes"]
         assert {"name": "serve", "containerPort": 8000} in ray["ports"]
         assert "readinessProbe" not in ray  # KubeRay injects one that includes the Serve proxy's health
+
+
+def _secrets(pod: dict) -> set[str]:
+    """The Secrets a pod's Ray container takes its whole environment from (envFrom)."""
+    (ray,) = pod["spec"]["containers"]
+    return {source["secretRef"]["name"] for source in ray.get("envFrom", [])}
+
+
+def test_the_rayservice_takes_its_token_from_a_secret_and_reads_with_a_read_only_credential():
+    """Replicas are reachable from the network: they hold the API token (never in a manifest or ConfigMap)
+    and a storage credential of their own, not the one the indexing jobs write with."""
+    (service,) = _docs("rayservice.yaml")
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    (rayjob,) = _docs("rayjob.yaml")
+    job_cluster = rayjob["spec"]["rayClusterSpec"]
+    job_pods = [job_cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in job_cluster["workerGroupSpecs"]
+    ]
+    writer = set.union(*(_secrets(pod) for pod in job_pods))
+    assert writer == {"icar-s3-credentials"}
+    for pod in pods:
+        (ray,) = pod["spec"]["containers"]
+        assert _secrets(pod) == {"icar-s3-readonly"} and not _secrets(pod) & writer
+        token = {
+            "name": "ICAR_SERVE_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "icar-serve-token", "key": "token"}},
+        }
+        assert token in ray["env"]
+    assert "ICAR_SERVE_TOKEN" not in service["spec"]["serveConfigV2"]  # the token is never in the manifest
+    serve = load_config(INFRA / "index-s3.yaml").serve
+    assert serve.token is None  # the config is a ConfigMap: no secret in it
+    assert "icar-search-serve-svc" in serve.allowed_hosts and "localhost" not in serve.allowed_hosts

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lancedb
 import pyarrow.parquet as pq
 import pytest
 from conftest import index_config, input_ids, lance_table
 
 from pipeline.config import ConfigError
 from pipeline.lab.scenes.shards import write_corpus
-from pipeline.query import build_indexes
+from pipeline.query import build_indexes, stored_settings
 from pipeline.reindex import run_reindex
 
 
@@ -66,6 +67,11 @@ def test_reindex_adds_replaces_and_removes_shards_then_maintains_and_reports(ray
     third = run_reindex(cfg)  # nothing changed: nothing written, the index is whole
     assert third.summary["shards_committed"] == 0 and third.shards_removed == []
     assert third.maintenance.vector_index == "folded in" and third.maintenance.unindexed_rows_before == 0
+    images = lancedb.connect(cfg.output.uri).open_table("images")
+    tuned = stored_settings(images.to_lance())
+    assert tuned is not None and tuned.rows == 290  # retuned when the second night rebuilt the index
+    (fts,) = [i for i in images.list_indices() if i.columns == ["caption"]]
+    assert fts.index_type == "FTS" and fts.num_unindexed_rows == 0
 
 
 def test_a_mass_removal_is_refused_and_nothing_is_deleted(ray_local, bucket, tmp_path):

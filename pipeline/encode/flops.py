@@ -34,3 +34,18 @@ def full_depth_gflops(model_cfg: dict) -> float:
     blocks = vision["layers"] * block_gflops(width, mlp, num_patches + 1)
     stem = stem_gflops(width, 3 * patch[0] * patch[1], num_patches)
     return stem + blocks + head_gflops(width, model_cfg["embed_dim"])
+
+
+def similarity_gflops(tokens: int, dim: int) -> float:
+    """The token-similarity matrix a merge matches on (`tokens` keys of width `dim`)."""
+    return 2.0 * tokens * tokens * dim / 1e9
+
+
+def svd_gflops(tokens: int, width: int) -> float:
+    """The singular values an energy budget reads (a dense SVD of the token matrix)."""
+    return 4.0 * tokens * width * min(tokens, width) / 1e9
+
+
+def split_gflops(tokens: int, width: int, dim: int) -> float:
+    """A per-image schedule choice: one block's key projection and a bipartite match of the keys."""
+    return (2.0 * tokens * width * width + 0.5 * tokens * tokens * dim) / 1e9

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import RouterConfig, RouteSpec
+from pipeline.config import MergeRoute, PruneRoute, RouterConfig, RouteSpec, TwoPhaseRoute
 
 if TYPE_CHECKING:
     from pipeline.encode.heads import ExitHeads
@@ -63,19 +63,18 @@ def route_name(spec: RouteSpec) -> str:
     `exit8-energy99`, …: every field that differs from the defaults, in a fixed order (prune_after only
     when it differs from the family's convention)."""
     parts = [f"exit{spec.exit_depth}"] if spec.exit_depth is not None else []
-    if spec.merge != "none":
+    if isinstance(spec, MergeRoute):
         amount = f"{spec.merge_r}" if spec.merge_keep is None else f"-keep{spec.merge_keep * 100:g}"
         parts.append(spec.merge + amount + (f"-floor{spec.merge_floor}" if spec.merge_floor else ""))
-    if spec.late_keep is not None:
+    if isinstance(spec, TwoPhaseRoute):
         parts.append(f"then{spec.late_keep * 100:g}-after{spec.late_after}")
-    if spec.late_similarity is not None:
-        parts.append(f"alike{spec.late_similarity * 100:g}")
-    if spec.energy_tau is not None:
-        parts.append(f"energy{spec.energy_tau * 100:g}")
-    if spec.keep_tokens is not None:
-        parts.append(f"tokens{spec.keep_tokens}")
-    if spec.prune_after != (PRUNE_AFTER if spec.prunes else 1):
-        parts.append(f"after{spec.prune_after}")
+        if spec.late_similarity is not None:
+            parts.append(f"alike{spec.late_similarity * 100:g}")
+    if isinstance(spec, PruneRoute):
+        energy = spec.energy_tau
+        parts.append(f"tokens{spec.keep_tokens}" if energy is None else f"energy{energy * 100:g}")
+        if spec.prune_after != PRUNE_AFTER:
+            parts.append(f"after{spec.prune_after}")
     if spec.tuned:
         parts.append("tuned")
     return "-".join(parts) or "full"

@@ -84,12 +84,21 @@ def scale_block(results: Path) -> str:
     return text.split("\n", 2)[2].replace("## Projection", "#### Projection")
 
 
+def ann_block(results: Path) -> str:
+    """Every results/bench/ann-<rows>.md (`make bench-ann`), smallest table first."""
+    from pipeline.lab.bench.ann import markdown
+
+    paths = sorted((results / "bench").glob("ann-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return "\n".join(markdown(_json(path)) for path in paths) or "Not measured yet: run `make bench-ann`.\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "quality": quality_block,
     "frontier": frontier_block,
     "headroom": headroom_block,
     "bench": bench_block,
     "scale": scale_block,
+    "ann": ann_block,
 }
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: requests by route and status, and a latency histogram by route."""
+"""Prometheus metrics of one app: requests by route and status, a latency histogram by route, and the
+requests the guard refused before any route saw them, by reason."""
 
 from __future__ import annotations
 
@@ -28,12 +29,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "icar_refused_requests",
+            "requests refused before reaching a route (host, token, busy, size, timeout)",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
         if status >= 500:
             self.errors.labels(route).inc()
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,7 +28,7 @@ def frontier_quality(path: Path | None, heads_file: str | None) -> dict[str, Any
         p["key"]: {"t2i_R@10": p.get("t2i_R@10"), "mean_cosine_to_full": p.get("mean_cosine_to_full")}
         for p in keyed
     }
-    routes = [RouteSpec.model_validate(p["route"]) for p in keyed if p.get("route")]
+    routes = [RouteSpec(**p["route"]) for p in keyed if p.get("route")]
     stale = heads_file is not None and Path(heads_file).stat().st_mtime > path.stat().st_mtime
     notes = ["exit heads are newer than the frontier: exit quality may be stale"] if stale else []
     if not keyed:

@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.query import KMEANS_ITERATIONS, SEARCH, index_params, nearest
+from pipeline.query import KMEANS_ITERATIONS, index_params, nearest, tune_search
 
 K = 10
 CLUSTER_RANK = 16  # intrinsic dimension of each cluster (real CLIP embeddings: tens of dimensions)
 NOISE = 0.1  # isotropic noise norm next to a within-cluster offset of norm ~1
+TARGET_RECALL = 0.95  # `query.target_recall`'s default
 APPENDED_FRACTION = 0.02  # rows appended after the index is built, as a night's new shards are
 LANCEDB_SETTINGS = {"default": {}, "nprobes=50, refine_factor=10": {"nprobes": 50, "refine_factor": 10}}
 
@@ -77,7 +79,7 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _table(stored: np.ndarray, first_id: int = 0) -> pa.Table:
+def vector_table(stored: np.ndarray, first_id: int = 0) -> pa.Table:
     """id + fixed-size-list vector column over `stored` (float16 or float32) without copying it."""
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), stored.shape[1])
     ids = np.arange(first_id, first_id + len(stored), dtype=np.int64)
@@ -103,7 +105,7 @@ def _search(table, query: np.ndarray, nprobes: int | None = None, refine_factor:
     return q.to_arrow().column("id").to_numpy()
 
 
-def _latency_ms(seconds: list[float]) -> dict[str, float]:
+def latency_ms(seconds: list[float]) -> dict[str, float]:
     ms = sorted(1e3 * s for s in seconds)
     p99 = ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
     return {"p50": statistics.median(ms), "p99": p99, "mean": statistics.fmean(ms), "queries": len(ms)}
@@ -123,7 +125,7 @@ def _time_settings(
             found = search(q)
             seconds.append(time.perf_counter() - t)
             recalls.append(len(set(found.tolist()) & set(exact.tolist())) / K)
-        measured[name] = {"latency_ms": _latency_ms(seconds), "recall@10": statistics.fmean(recalls)}
+        measured[name] = {"latency_ms": latency_ms(seconds), "recall@10": statistics.fmean(recalls)}
     return measured
 
 
@@ -142,7 +144,7 @@ def measure_dtype(
     neighbours = stored[truth].astype(np.float32)
     exact_cosine = np.einsum("qd,qkd->qk", queries, neighbours)  # the contrast the index must resolve
     t0 = time.perf_counter()
-    table = db.create_table(f"vectors_{dtype}", _table(stored), mode="overwrite")
+    table = db.create_table(f"vectors_{dtype}", vector_table(stored), mode="overwrite")
     write_s = time.perf_counter() - t0
     path = workdir / f"vectors_{dtype}.lance"
     data_bytes = _dir_bytes(path)
@@ -151,6 +153,7 @@ def measure_dtype(
     table.create_index("vector", config=IvfPq(distance_type="cosine", **params), replace=True)
     build_s = time.perf_counter() - t0
     index_bytes = _dir_bytes(path) - data_bytes
+    tuned = tune_search(table, params["num_partitions"], TARGET_RECALL)  # as `icar build-index` does
 
     searches = {"shipped": _shipped(table)}
     searches |= {name: _lancedb(table, **knobs) for name, knobs in LANCEDB_SETTINGS.items()}
@@ -161,7 +164,7 @@ def measure_dtype(
         table.search(q.tolist()).distance_type("cosine").limit(K).bypass_vector_index().to_arrow()
         flat.append(time.perf_counter() - t)
     extra = appended.astype(stored.dtype)
-    table.add(_table(extra, first_id=len(stored)))
+    table.add(vector_table(extra, first_id=len(stored)))
     truth = exact_top_k(np.concatenate([stored, extra]), queries)
     unindexed = _time_settings({"shipped": _shipped(table)}, queries, truth)["shipped"]
     return {
@@ -169,11 +172,12 @@ def measure_dtype(
         "write_s": write_s,
         "index_build_s": build_s,
         "index": {"type": "IVF_PQ", "distance_type": "cosine", **params},
-        "shipped_search": SEARCH,
+        "shipped_search": {"nprobes": tuned.nprobes, "refine_factor": tuned.refine_factor},
+        "tuning": asdict(tuned),
         "data_bytes": data_bytes,
         "index_bytes": index_bytes,
         "settings": settings,
-        "flat_scan_latency_ms": _latency_ms(flat) if flat else None,
+        "flat_scan_latency_ms": latency_ms(flat) if flat else None,
         "with_unindexed_rows": {"rows": len(extra), **unindexed},
         "exact_cosine": {
             "top1": float(exact_cosine[:, 0].mean()),

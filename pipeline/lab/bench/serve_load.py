@@ -55,9 +55,11 @@ def _png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunks
 
 
-def abuse_cases(max_upload_bytes: int) -> list[AbuseCase]:
-    """Injection in every filter field, bad bodies, and uploads that must not reach the model."""
+def abuse_cases(limits: ServeConfig) -> list[AbuseCase]:
+    """Injection in every filter field, bad and oversized bodies, a foreign Host (DNS rebinding), and
+    uploads that must not reach the model; for a server with `limits` and no token."""
     raw = {"Content-Type": "application/octet-stream"}
+    rebound = {"Content-Type": "application/json", "Host": "attacker.example"}
     attacks = ["x' OR '1'='1", "') OR true --", "a'; DROP TABLE images; --"]
     cases = [
         AbuseCase(f"injection in {name}", "/api/search", _json({"text": "a", "filters": {name: value}}), 200)
@@ -82,7 +84,9 @@ def abuse_cases(max_upload_bytes: int) -> list[AbuseCase]:
         AbuseCase("image URL", "/api/search", _json({"image_url": "http://169.254.169.254/latest/"}), 422),
         AbuseCase("huge k", "/api/search", _json({"text": "a", "k": 10**9}), 422),
         AbuseCase("bad JSON", "/api/search", b"{not json", 422),
-        AbuseCase("oversized upload", "/api/search/image", b"\xff" * (max_upload_bytes + 1), 413, raw),
+        AbuseCase("oversized JSON body", "/api/search", b" " * limits.max_body_bytes + b"{}", 413),
+        AbuseCase("foreign Host", "/api/search", _json({"text": "a"}), 400, rebound),
+        AbuseCase("oversized upload", "/api/search/image", b"\xff" * (limits.max_upload_bytes + 1), 413, raw),
         AbuseCase("not an image", "/api/search/image", b"<html>hello</html>", 400, raw),
         AbuseCase("empty upload", "/api/search/image", b"", 400, raw),
         AbuseCase("decompression bomb", "/api/search/image", _png_claiming(40_000, 40_000), 400, raw),
@@ -192,7 +196,7 @@ def send(url: str, case: AbuseCase, large: int = 2**16) -> tuple[int, str]:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        conn.putrequest("POST", case.path)
+        conn.putrequest("POST", case.path, skip_host="Host" in case.headers)
         for name, value in {**case.headers, "Content-Length": str(len(case.body))}.items():
             conn.putheader(name, value)
         conn.endheaders()
@@ -235,5 +239,5 @@ def measure_serve(workdir: Path, clients: int, seconds: float) -> dict[str, Any]
     with serve_process(output_uri, free_port()) as url:
         measure_load(url, texts, 1, min(2.0, seconds))  # warm-up: model, table and caches
         load = measure_load(url, texts, clients, seconds)
-        abuse = run_abuse(url, abuse_cases(ServeConfig().max_upload_bytes), [output_uri, str(Path.cwd())])
+        abuse = run_abuse(url, abuse_cases(ServeConfig()), [output_uri, str(Path.cwd())])
     return {"rows": len(texts), "load": load, "abuse": abuse, "cpu_count": os.cpu_count()}

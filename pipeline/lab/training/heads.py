@@ -77,6 +77,17 @@ def _token_paths(settings: HeadSettings) -> list[RouteSpec]:
     return [RouteSpec(name="plain"), *settings.reduced_routes]
 
 
+def exit_tokens(vit: AdaptiveViT, pixels: torch.Tensor, route: RouteSpec, depths: list[int]) -> torch.Tensor:
+    """[B, len(depths), C]: the token each exit in `depths` (ascending) reads under `route`, in one pass
+    through the deepest of them."""
+    groups, done, pooled = vit.stem(pixels), 0, []
+    for depth in depths:
+        groups = vit.run_blocks(groups, done, depth, route)
+        pooled.append(vit.pool(groups, depth, route))
+        done = depth
+    return torch.stack(pooled, dim=1)
+
+
 def dual_path_loss(emb: torch.Tensor, t: Targets, rows: torch.Tensor, scale: torch.Tensor, weight: float):
     """InfoNCE against the captions + distillation toward the original full-depth embedding."""
     contrastive = multi_positive_infonce(emb, t.text[rows], t.key_ids[rows], scale)
@@ -138,7 +149,7 @@ def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple
         loss = torch.zeros(())
         pixels = None if cached else normalized_pixels(loaded, t, rows)
         for p, route in enumerate(paths):
-            tokens = cached[p][rows] if cached else vit.exit_tokens(pixels, route, depths)
+            tokens = cached[p][rows] if cached else exit_tokens(vit, pixels, route, depths)
             for j, depth in enumerate(depths):
                 emb = F.normalize(vit.project(tokens[:, j], depth, route), dim=-1)
                 loss = loss + dual_path_loss(emb, t, rows, scale, settings.distill_weight)
@@ -170,6 +181,6 @@ def _cache_exit_tokens(
 ) -> list[torch.Tensor]:
     """Per token path, [N, len(depths), width]: the token each exit reads."""
     return [
-        torch.cat([vit.exit_tokens(normalized_pixels(loaded, t, r), route, depths) for r in t.rows(256)])
+        torch.cat([exit_tokens(vit, normalized_pixels(loaded, t, r), route, depths) for r in t.rows(256)])
         for route in paths
     ]

@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, token_path_key
 from pipeline.encode.model import LoadedModel
+from pipeline.encode.regroup import TokenGroup
 from pipeline.lab.scenes.splits import HEADS
 from pipeline.lab.training.heads import Targets, dual_path_loss, fit, load_targets, normalized_pixels
 
@@ -38,9 +40,11 @@ class TailSettings:
 
 @torch.no_grad()
 def _tail_inputs(loaded: LoadedModel, vit: AdaptiveViT, t: Targets, route: RouteSpec, start: int):
-    """Tokens and sizes entering block `start` on `route`'s (untuned) token path, for every image."""
-    entering = [vit.tokens_entering(normalized_pixels(loaded, t, r), route, start) for r in t.rows(256)]
-    return torch.cat([x for x, _ in entering]), torch.cat([size for _, size in entering])
+    """Tokens and sizes entering block `start` on `route`'s (untuned) token path, for every image: one
+    group per batch, as a route that neither prunes nor splits keeps every image's token count equal."""
+    pixels = (normalized_pixels(loaded, t, rows) for rows in t.rows(256))
+    entering = [vit.run_blocks(vit.stem(batch), 0, start, route) for batch in pixels]
+    return torch.cat([g.x for (g,) in entering]), torch.cat([g.size for (g,) in entering])
 
 
 def train_tail(
@@ -58,7 +62,8 @@ def train_tail(
     tuned = untuned.model_copy(update={"tuned": True})
 
     def embed(rows: torch.Tensor) -> torch.Tensor:
-        return vit.embed_from(x[rows], size[rows], tuned, start)
+        groups = vit.run_blocks([TokenGroup.whole(x[rows], size[rows])], start, vit.depth, tuned)
+        return F.normalize(vit.project(vit.pool(groups, vit.depth, tuned), vit.depth, tuned), dim=-1)
 
     optimizer = torch.optim.AdamW(
         [
