@@ -20,7 +20,7 @@ from pipeline.config import IndexConfig
 from pipeline.decode import Preprocess
 from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.model import model_preprocess
-from pipeline.lease import TableLease
+from pipeline.lease import LeaseLost, TableLease
 from pipeline.prepare import work_unit
 from pipeline.progress import Progress
 from pipeline.read import Shard, inspect_shard, list_shards
@@ -82,9 +82,17 @@ def open_run(
             lease.check()
             Aliases(cfg.output).switch(generation)
         summary = RunSummary(gflops_full=full_depth_gflops(model_cfg))
-        yield Run(
+        run = Run(
             cfg, shards, tables, manifest, lease, summary, preprocess, started, generation, live or generation
         )
+        try:
+            yield run
+        except Exception as exc:
+            if not isinstance(exc, LeaseLost):
+                # a job that took the table over may have removed this run's uncommitted files under it
+                # (its orphan cleanup): whatever failed then is the takeover's doing, reported as such
+                lease.check()
+            raise
         summary.seconds = time.time() - started
 
 
