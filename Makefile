@@ -6,17 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick bench-scale bench-ann browser serve clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test]' -e ./lab
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
 test: $(STAMP) browser
-	$(BIN)/ruff check pipeline jobs tests
+	$(BIN)/ruff check pipeline lab jobs tests
 	$(BIN)/python -m pytest -q
 
 # Debian's Chromium for the search page's browser test (Playwright drives it; it downloads no browser).
@@ -41,13 +41,13 @@ bench-scale: $(STAMP)
 # (results/bench/ann-<rows>.*); ROWS=10000000 for the largest float16 table this machine holds
 ROWS ?= 1000000
 bench-ann: $(STAMP)
-	$(BIN)/python -m pipeline.lab.bench.ann --rows $(ROWS)
+	$(BIN)/python -m icar_lab.bench.ann --rows $(ROWS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python jobs/bench.py --quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline jobs tests
+	$(BIN)/ruff check pipeline lab jobs tests
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.lab.bench.suite import run_suite
+from icar_lab.bench.suite import run_suite
 
 
 def main() -> None:

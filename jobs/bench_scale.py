@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small sizes, seconds (tests)")
     parser.add_argument("--out", default="results/bench", help="output directory")
     args = parser.parse_args()
-    from pipeline.lab.bench import scale
+    from icar_lab.bench import scale
 
     commit, manifest_shards, small, nodes, routed = SIZES["tiny" if args.tiny else "full"]
     out = Path(args.out)

@@ -5,7 +5,7 @@
     python jobs/bound_coverage.py --split test-bimodal --images 2000     # and --split test
 
 Embeds the split's scenes on every catalogue route at full depth (or at --exits) with the embedded
-model, then halves the set by scene key --splits times (pipeline/lab/bound_coverage.py). Prints the
+model, then halves the set by scene key --splits times (lab/icar_lab/bound_coverage.py). Prints the
 share of (split, route) pairs whose other-half ratio stays at or above the bound, for the prediction
 bound calibration uses and for the plain confidence bound, and each route's ratio and bound on the whole
 sample (what calibration would judge it by), and writes <out>/bound-coverage-<split>.json.
@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
+from icar_lab.bound_coverage import bound_coverage
+from icar_lab.calibrate import embed_routes
+from icar_lab.catalogue import FULL_KEY, calibration_routes, spec_key
+from icar_lab.heldout import load_heldout
+from icar_lab.outputs import output_path
+from icar_lab.quality import embed_texts
+from icar_lab.router_search import RouteMeasurement
+from icar_lab.targets import QualityFloor
 from pipeline.config import load_config
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.bound_coverage import bound_coverage
-from pipeline.lab.calibrate import embed_routes
-from pipeline.lab.catalogue import FULL_KEY, calibration_routes, spec_key
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.outputs import output_path
-from pipeline.lab.quality import embed_texts
-from pipeline.lab.router_search import RouteMeasurement
-from pipeline.lab.targets import QualityFloor
 
 
 def main() -> None:

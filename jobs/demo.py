@@ -13,10 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
+from icar_lab.scenes.shards import write_corpus
 from pipeline.alias import resolve
 from pipeline.config import ConfigError, IndexConfig, load_config
 from pipeline.job import run_index
-from pipeline.lab.scenes.shards import write_corpus
 from pipeline.progress import Progress, StderrFilter
 from pipeline.query import Searcher
 from pipeline.summary import RunSummary

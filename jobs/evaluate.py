@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RouteSpec, load_config
-from pipeline.encode.model import load_model
-from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.quality import (
+from icar_lab.heldout import load_heldout
+from icar_lab.quality import (
     QualityReport,
     evaluate_encoder,
     evaluate_table,
     reports_markdown,
 )
-from pipeline.lab.scenes.splits import TEST
+from icar_lab.scenes.splits import TEST
+from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RouteSpec, load_config
+from pipeline.encode.model import load_model
+from pipeline.encode.routed import RoutedEncoder
 
 
 def _write(out_dir: Path, stem: str, payload: dict, markdown: str) -> None:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--count", type=int, default=2000, help="held-out scenes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default=TEST, help="scene stream (pipeline/lab/scenes/splits.py)")
+    parser.add_argument("--split", default=TEST, help="scene stream (lab/icar_lab/scenes/splits.py)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")

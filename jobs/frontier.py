@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from icar_lab import plots
+from icar_lab.frontier import frontier_markdown, measure_frontier
+from icar_lab.heldout import load_heldout
+from icar_lab.outputs import output_path
+from icar_lab.scenes.splits import TEST
 from pipeline.config import load_config
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab import plots
-from pipeline.lab.frontier import frontier_markdown, measure_frontier
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.outputs import output_path
-from pipeline.lab.scenes.splits import TEST
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ on other scenes, so that the gains reported are not the ones the selection's tim
 Writes <out>/headroom-<split>.json, .md and .png (headroom-<split>-<images>.* for another number of
 scenes than the default 2,000).
 
-Report on `test`; choose on `calib` (pipeline/lab/scenes/splits.py).
+Report on `test`; choose on `calib` (lab/icar_lab/scenes/splits.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
+from icar_lab import plots
+from icar_lab.catalogue import calibration_routes, unique
+from icar_lab.headroom import headroom_markdown, measure_headroom
+from icar_lab.heldout import load_heldout
+from icar_lab.outputs import output_path
+from icar_lab.scenes.splits import TEST
+from icar_lab.targets import QualityFloor
 from pipeline.config import load_config
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab import plots
-from pipeline.lab.catalogue import calibration_routes, unique
-from pipeline.lab.headroom import headroom_markdown, measure_headroom
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.outputs import output_path
-from pipeline.lab.scenes.splits import TEST
-from pipeline.lab.targets import QualityFloor
 
 
 def main() -> None:

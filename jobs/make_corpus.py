@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.lab.scenes.shards import write_corpus
+from icar_lab.scenes.shards import write_corpus
 
 
 def summarize(paths: list[Path]) -> str:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split",
         default="demo",
-        help="scene stream: train, heads, calib, test (see pipeline/lab/scenes/splits.py) or any name",
+        help="scene stream: train, heads, calib, test (see lab/icar_lab/scenes/splits.py) or any name",
     )
     parser.add_argument("--images", type=int, default=1000, help="number of scenes")
     parser.add_argument("--shard-size", type=int, default=250, help="scenes per shard")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.lab.readme import update
+from icar_lab.readme import update
 
 ROOT = Path(__file__).resolve().parent.parent
 

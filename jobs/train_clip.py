@@ -14,9 +14,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from icar_lab import plots
+from icar_lab.training.clip import TrainSettings, train
 from pipeline.config import ConfigError
-from pipeline.lab import plots
-from pipeline.lab.training.clip import TrainSettings, train
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ import json
 
 import torch
 
+from icar_lab.outputs import output_path
+from icar_lab.training.clip import save_checkpoint
+from icar_lab.training.heads import HeadSettings, train_heads
 from pipeline.config import ConfigError, ModelConfig, RouteSpec
 from pipeline.encode.model import load_model
-from pipeline.lab.outputs import output_path
-from pipeline.lab.training.clip import save_checkpoint
-from pipeline.lab.training.heads import HeadSettings, train_heads
 
 
 def main() -> None:

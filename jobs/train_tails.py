@@ -17,12 +17,12 @@ import json
 
 import torch
 
+from icar_lab.catalogue import route
+from icar_lab.outputs import output_path
+from icar_lab.training.tails import TailSettings, train_tails
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
-from pipeline.lab.catalogue import route
-from pipeline.lab.outputs import output_path
-from pipeline.lab.training.tails import TailSettings, train_tails
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def scene_shards(tmp_path_factory) -> Path:
     """Three img2dataset-style shards of 24 rendered scenes each (two row groups per shard)."""
-    from pipeline.lab.scenes.shards import write_corpus
+    from icar_lab.scenes.shards import write_corpus
 
     out = tmp_path_factory.mktemp("scenes")
     write_corpus(out, seed=7, split="fixture", num_images=72, shard_size=24)

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 
+from icar_lab.training.heads import exit_tokens
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError, token_path_key
 from pipeline.encode.model import normalize_uint8
 from pipeline.encode.regroup import TokenGroup
-from pipeline.lab.training.heads import exit_tokens
 
 TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings (observed: ~2e-7)
 TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from icar_lab.training.heads import exit_tokens
 from pipeline.config import ModelConfig, RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.flops import block_gflops, full_depth_gflops, head_gflops, stem_gflops
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model, register_embedded_models
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.training.heads import exit_tokens
 
 TOLERANCE = 1e-5  # absolute, on L2-normalised float32 embeddings
 

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from icar_lab.bench.encoder import attach_quality, frontier_quality
+from icar_lab.bench.pipeline_run import steady_rate
+from icar_lab.bench.projection import FULL_IMAGES_PER_GPU_SECOND, IMAGES, project
+from icar_lab.bench.suite import run_suite
+from icar_lab.catalogue import FULL, FULL_KEY, frontier_routes, route, router_key, spec_key
+from icar_lab.frontier import frontier_markdown, measure_frontier
+from icar_lab.heldout import load_heldout
+from icar_lab.scenes.splits import TEST
+from icar_lab.speed import BASELINE, ROUTED
 from pipeline.config import load_config
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.bench.encoder import attach_quality, frontier_quality
-from pipeline.lab.bench.pipeline_run import steady_rate
-from pipeline.lab.bench.projection import FULL_IMAGES_PER_GPU_SECOND, IMAGES, project
-from pipeline.lab.bench.suite import run_suite
-from pipeline.lab.catalogue import FULL, FULL_KEY, frontier_routes, route, router_key, spec_key
-from pipeline.lab.frontier import frontier_markdown, measure_frontier
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.scenes.splits import TEST
-from pipeline.lab.speed import BASELINE, ROUTED
 from pipeline.summary import RunSummary
 
 STAGES = {"read", "decode", "score", "encode", "write", "commit"}  # write: the workers; commit: the driver

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig, RouteSpec, load_config
-from pipeline.lab.calibrate import (
+from icar_lab.calibrate import (
     Calibration,
     ScorerTrial,
     cheapest_route_labels,
@@ -21,7 +20,7 @@ from pipeline.lab.calibrate import (
     fit_test_split,
     verdict,
 )
-from pipeline.lab.router_search import (
+from icar_lab.router_search import (
     PlanQuality,
     RouteMeasurement,
     RouterPlan,
@@ -31,8 +30,9 @@ from pipeline.lab.router_search import (
     search_router,
     split_galleries,
 )
-from pipeline.lab.routes_file import write_calibration
-from pipeline.lab.targets import ComputeBudget, QualityFloor
+from icar_lab.routes_file import write_calibration
+from icar_lab.targets import ComputeBudget, QualityFloor
+from pipeline.config import ModelConfig, RouteSpec, load_config
 from pipeline.route import assign_routes
 from pipeline.score import LearnedScorer, load_scorer
 

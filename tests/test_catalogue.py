@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 
-from pipeline.config import MODELS_DIR, ModelConfig, RouterConfig, RouteSpec, load_config
-from pipeline.lab.catalogue import (
+from icar_lab.catalogue import (
     FULL,
     FULL_KEY,
     bench_routes,
@@ -19,7 +18,8 @@ from pipeline.lab.catalogue import (
     spec_key,
     unique,
 )
-from pipeline.lab.timing import alternate, best_of, paired_speedup, throughput
+from icar_lab.timing import alternate, best_of, paired_speedup, throughput
+from pipeline.config import MODELS_DIR, ModelConfig, RouterConfig, RouteSpec, load_config
 
 EXITS = [4, 6, 8, 10]
 

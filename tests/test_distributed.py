@@ -120,7 +120,7 @@ KILL_RUN_SETTINGS = ("model.name=ViT-B-32", "encoder.batch_size=4", "ray.decode_
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> Path:
-    from pipeline.lab.scenes.shards import write_corpus
+    from icar_lab.scenes.shards import write_corpus
 
     out = tmp_path_factory.mktemp("small")
     write_corpus(

@@ -14,12 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, RouteSpec, load_config
-from pipeline.decode import decode_image
-from pipeline.encode.model import load_model
-from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.heldout import HeldoutSet, load_heldout
-from pipeline.lab.quality import (
+from icar_lab.heldout import HeldoutSet, load_heldout
+from icar_lab.quality import (
     LEVELS,
     embed_texts,
     evaluate_embeddings,
@@ -27,9 +23,13 @@ from pipeline.lab.quality import (
     evaluate_table,
     reports_markdown,
 )
-from pipeline.lab.scenes.render import make_example
-from pipeline.lab.scenes.shards import SHARD_SCHEMA
-from pipeline.lab.scenes.splits import CALIB, TEST
+from icar_lab.scenes.render import make_example
+from icar_lab.scenes.shards import SHARD_SCHEMA
+from icar_lab.scenes.splits import CALIB, TEST
+from pipeline.config import ModelConfig, RouteSpec, load_config
+from pipeline.decode import decode_image
+from pipeline.encode.model import load_model
+from pipeline.encode.routed import RoutedEncoder
 from pipeline.write.schema import images_schema
 
 HELDOUT_IMAGES = 300

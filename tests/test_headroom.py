@@ -8,21 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import RouteSpec, load_config
-from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.bound_coverage import bound_coverage, halves_by_key
-from pipeline.lab.catalogue import route, unique
-from pipeline.lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.router_search import (
+from icar_lab.bound_coverage import bound_coverage, halves_by_key
+from icar_lab.catalogue import route, unique
+from icar_lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
+from icar_lab.heldout import load_heldout
+from icar_lab.router_search import (
     NEW_SAMPLE_WIDTH,
     PlanEvaluator,
     RouteMeasurement,
     ratio_lower_bound,
     search_router,
 )
-from pipeline.lab.scenes.splits import TEST
-from pipeline.lab.targets import QualityFloor
+from icar_lab.scenes.splits import TEST
+from icar_lab.targets import QualityFloor
+from pipeline.config import RouteSpec, load_config
+from pipeline.encode.routed import RoutedEncoder
 from pipeline.score import patch_redundancy
 
 N = 100

@@ -17,16 +17,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from icar_lab.calibrate import fit_test_split
+from icar_lab.catalogue import FULL, calibration_routes, spec_key
+from icar_lab.outputs import PACKAGE_DIR
+from icar_lab.sample import read_captioned
+from icar_lab.scenes.shards import write_corpus
+from icar_lab.scenes.splits import CALIB, TEST
+from icar_lab.speed import route_images
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.calibrate import fit_test_split
-from pipeline.lab.catalogue import FULL, calibration_routes, spec_key
-from pipeline.lab.outputs import PACKAGE_DIR
-from pipeline.lab.sample import read_captioned
-from pipeline.lab.scenes.shards import write_corpus
-from pipeline.lab.scenes.splits import CALIB, TEST
-from pipeline.lab.speed import route_images
 from pipeline.score import load_scorer
 
 TOY = ["--images", "24", "--timing-images", "8", "--rounds", "1", "--batch-size", "24", "--threads", "2"]

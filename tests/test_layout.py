@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
-LAB_ONLY = ("pipeline.lab", "matplotlib")
+LAB_ONLY = ("icar_lab", "matplotlib")
 
 
 def runtime_modules() -> list[Path]:
@@ -41,3 +41,19 @@ def test_loading_every_runtime_entry_point_loads_nothing_from_the_lab():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_runtime_wheel_ships_no_lab_module(tmp_path):
+    """`pip install .` installs the runtime only; the lab is its own distribution (lab/pyproject.toml)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the working tree
+    skip = shutil.ignore_patterns(".*", "results", "*.egg-info", "build")
+    shutil.copytree(PACKAGE.parent, source, ignore=skip)
+    build = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)]
+    subprocess.run([sys.executable, "-m", *build], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("icar_pipeline-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert [n for n in names if "lab" in n.split("/")[0]] == []
+    assert "pipeline/encode/adaptive.py" in names and "pipeline/models/icar-tiny-vit.routes.yaml" in names

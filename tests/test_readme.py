@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lab.readme import BLOCKS, bench_block, frontier_block, update
+from icar_lab.readme import BLOCKS, bench_block, frontier_block, update
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import index_config, input_ids, lance_table
 
+from icar_lab.scenes.shards import write_corpus
 from pipeline.config import ConfigError
-from pipeline.lab.scenes.shards import write_corpus
 from pipeline.query import build_indexes, stored_settings
 from pipeline.reindex import run_reindex
 

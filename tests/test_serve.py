@@ -27,10 +27,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from icar_lab.bench.serve_load import abuse_cases, answered_as_expected, leaks, run_abuse
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, ServeConfig
 from pipeline.job import run_index
-from pipeline.lab.bench.serve_load import abuse_cases, answered_as_expected, leaks, run_abuse
 from pipeline.query import DUPLICATE_COSINE, RRF_K, _drop_near_duplicates
 from pipeline.serve.app import create_app
 from pipeline.serve.filters import Filters

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.scenes.shards import write_corpus
-from pipeline.lab.scenes.splits import CALIB, SPLIT_COLUMN, TEST, ReportingSplitRead, refuse_test, role
+from icar_lab.heldout import load_heldout
+from icar_lab.scenes.shards import write_corpus
+from icar_lab.scenes.splits import CALIB, SPLIT_COLUMN, TEST, ReportingSplitRead, refuse_test, role
 
 
 def test_roles_and_the_refusal():

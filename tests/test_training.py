@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from icar_lab.catalogue import route
+from icar_lab.heldout import load_heldout
+from icar_lab.outputs import PACKAGE_DIR
+from icar_lab.training.clip import TrainSettings, train
+from icar_lab.training.heads import HeadSettings, train_heads
 from pipeline.config import ConfigError, ModelConfig, RouteSpec
 from pipeline.encode.heads import ExitHeads, HeadsMismatchError
 from pipeline.encode.model import load_model
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.catalogue import route
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.outputs import PACKAGE_DIR
-from pipeline.lab.training.clip import TrainSettings, train
-from pipeline.lab.training.heads import HeadSettings, train_heads
 
 
 def test_clip_training_writes_a_checkpoint_open_clip_loads(tmp_path):

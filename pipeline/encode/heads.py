@@ -4,7 +4,7 @@
 - Tuned tails: for a token path (a merge schedule at full depth), copies of the tower's last blocks plus
   its final LayerNorm and projection, trained (distilled to the untouched full depth, and contrastive to
   the captions) on the tokens that path leaves. Merging shifts what the last blocks see; a tail trained on
-  that shift takes back part of the loss at no cost in FLOPs (pipeline/lab/training/tails.py).
+  that shift takes back part of the loss at no cost in FLOPs (lab/icar_lab/training/tails.py).
 
 Saved as one safetensors file stamped with the base model's identity, so heads trained for one model can
 never be applied to another. Tails are stored in float16 (half the size; they load as float32).

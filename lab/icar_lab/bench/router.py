@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from icar_lab.timing import best_of
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.timing import best_of
 from pipeline.score import Scorer, complexity_features
 
 

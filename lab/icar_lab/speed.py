@@ -13,13 +13,13 @@ import numpy as np
 import open_clip
 import torch
 
+from icar_lab.catalogue import FULL_KEY, router_key, spec_key
+from icar_lab.timing import alternate, paired_speedup, throughput
 from pipeline.config import RouterConfig, RouteSpec
 from pipeline.encode.flops import full_depth_gflops
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import LoadedModel, normalize_uint8
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.catalogue import FULL_KEY, router_key, spec_key
-from pipeline.lab.timing import alternate, paired_speedup, throughput
 from pipeline.route import assign_routes
 from pipeline.score import complexity_features, load_scorer
 

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from icar_lab.heldout import HeldoutSet
+from icar_lab.metrics import neighbour_overlap, recall_at_k
 from pipeline.config import IndexConfig, InputConfig
 from pipeline.encode.model import LoadedModel, load_model
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.heldout import HeldoutSet
-from pipeline.lab.metrics import neighbour_overlap, recall_at_k
 
 LEVELS = ("low", "medium", "high")
 KS = (1, 5, 10)

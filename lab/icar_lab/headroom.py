@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from icar_lab.calibrate import measure_routes, scorer_seconds
+from icar_lab.catalogue import FULL_KEY, spec_key
+from icar_lab.heldout import HeldoutSet
+from icar_lab.quality import embed_texts
+from icar_lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement, split_galleries
+from icar_lab.speed import BASELINE, EncoderCase, measure_encoder, route_images
+from icar_lab.targets import QualityFloor
+from icar_lab.timing import paired_speedup
 from pipeline.config import RouterConfig
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.calibrate import measure_routes, scorer_seconds
-from pipeline.lab.catalogue import FULL_KEY, spec_key
-from pipeline.lab.heldout import HeldoutSet
-from pipeline.lab.quality import embed_texts
-from pipeline.lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement, split_galleries
-from pipeline.lab.speed import BASELINE, EncoderCase, measure_encoder, route_images
-from pipeline.lab.targets import QualityFloor
-from pipeline.lab.timing import paired_speedup
 from pipeline.score import load_scorer
 
 TAUS = np.round(np.arange(0.900, 1.0, 0.001), 3)  # per-image cosine floors the oracle tries

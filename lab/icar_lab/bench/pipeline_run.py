@@ -22,13 +22,13 @@ import numpy as np
 import ray
 import torch
 
+from icar_lab.scenes.shards import write_corpus
+from icar_lab.timing import alternate
 from pipeline.cluster import init_ray
 from pipeline.config import IndexConfig, load_config
 from pipeline.encode.model import model_preprocess
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.job import run_index
-from pipeline.lab.scenes.shards import write_corpus
-from pipeline.lab.timing import alternate
 from pipeline.prepare import OK, prepare_unit, work_unit
 from pipeline.read import inspect_shard, list_shards
 from pipeline.stream import encoder_actors

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.lab.plots import pyplot
+from icar_lab.plots import pyplot
 
 
 def _fmt(value: float | None, spec: str = ".2f", none: str = "n/a") -> str:
@@ -250,7 +250,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"| {sl['p50_ms']:.1f} | {sl['p99_ms']:.1f} | {sl['errors']} |",
         "",
         f"Abuse: {sv['abuse']['as_expected']} of {sv['abuse']['cases']} cases answered as expected "
-        "(`abuse_cases` in pipeline/lab/bench/serve_load.py: filter injection in every field, filter text, "
+        "(`abuse_cases` in lab/icar_lab/bench/serve_load.py: filter injection in every field, filter text, "
         "bad JSON, image URLs, oversized JSON bodies and uploads, non-image uploads, a decompression bomb, "
         "a foreign Host)"
         + "".join(f"; FAILED {f['case']}: {f['status']}, expected {f['expected']}" for f in failures)

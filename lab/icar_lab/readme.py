@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.lab.frontier import frontier_markdown
+from icar_lab.frontier import frontier_markdown
 
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n).*?(<!-- /generated:\2 -->)", re.S)
 
@@ -78,7 +78,7 @@ def bench_block(results: Path) -> str:
 
 def scale_block(results: Path) -> str:
     """results/bench/scale.json as `make bench-scale` reports it."""
-    from pipeline.lab.bench.scale import markdown
+    from icar_lab.bench.scale import markdown
 
     text = markdown(_json(results / "bench" / "scale.json"))
     return text.split("\n", 2)[2].replace("## Projection", "#### Projection")
@@ -86,7 +86,7 @@ def scale_block(results: Path) -> str:
 
 def ann_block(results: Path) -> str:
     """Every results/bench/ann-<rows>.md (`make bench-ann`), smallest table first."""
-    from pipeline.lab.bench.ann import markdown
+    from icar_lab.bench.ann import markdown
 
     paths = sorted((results / "bench").glob("ann-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     return "\n".join(markdown(_json(path)) for path in paths) or "Not measured yet: run `make bench-ann`.\n"

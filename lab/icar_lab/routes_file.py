@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
+from icar_lab.calibrate import Calibration
+from icar_lab.outputs import output_path
 from pipeline.config import ModelConfig, RouterConfig, load_config
-from pipeline.lab.calibrate import Calibration
-from pipeline.lab.outputs import output_path
 
 
 def absolute_if_local(value: str | None) -> str | None:

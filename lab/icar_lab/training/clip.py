@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from icar_lab.heldout import HeldoutSet, load_heldout
+from icar_lab.metrics import multi_positive_infonce, recall_at_k
+from icar_lab.outputs import output_path
+from icar_lab.quality import embed_texts
+from icar_lab.scenes.render import make_example
+from icar_lab.scenes.splits import CALIB
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
 from pipeline.decode import decode_image
 from pipeline.encode.model import load_model, normalize_uint8
-from pipeline.lab.heldout import HeldoutSet, load_heldout
-from pipeline.lab.metrics import multi_positive_infonce, recall_at_k
-from pipeline.lab.outputs import output_path
-from pipeline.lab.quality import embed_texts
-from pipeline.lab.scenes.render import make_example
-from pipeline.lab.scenes.splits import CALIB
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Held-out scene sets: rendered, decoded exactly as the pipeline decodes, cached as .npz.
 
 Training, calibration, evaluation and benchmarks all read their scenes here, so a split means the same
-images everywhere; which split may be used for what is in `pipeline/lab/scenes/splits.py`.
+images everywhere; which split may be used for what is in `lab/icar_lab/scenes/splits.py`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from icar_lab.scenes import render as _render_module
+from icar_lab.scenes.render import make_example
 from pipeline import decode as _decode_module
 from pipeline.decode import decode_image
-from pipeline.lab.scenes import render as _render_module
-from pipeline.lab.scenes.render import make_example
 
 
 @dataclass

@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from icar_lab.bench import encoder as enc
+from icar_lab.bench import machine, pipeline_run, projection, report, router, serve_load
+from icar_lab.catalogue import bench_routes, route, router_key, spec_key, unique
+from icar_lab.heldout import load_heldout
+from icar_lab.scenes.splits import TEST
+from icar_lab.speed import BASELINE, ROUTED, EncoderCase, measure_encoder, route_images
 from pipeline.config import ModelConfig, RouterConfig, RouteSpec, load_config
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.bench import encoder as enc
-from pipeline.lab.bench import machine, pipeline_run, projection, report, router, serve_load
-from pipeline.lab.catalogue import bench_routes, route, router_key, spec_key, unique
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.scenes.splits import TEST
-from pipeline.lab.speed import BASELINE, ROUTED, EncoderCase, measure_encoder, route_images
 from pipeline.score import load_scorer
 
 SPEED_EXITS = [6, 8]  # exits timed on every model (untrained heads stand in where none are shipped)
@@ -157,7 +157,7 @@ def projection_input(embedded: dict[str, Any]) -> tuple[float | None, str, float
 def isolated_query(workdir: Path, sizes: Sizes) -> dict[str, Any]:
     """The query section in a fresh interpreter (see `query.main` for why), its JSON read back."""
     out = workdir / "query.json"
-    command = [sys.executable, "-m", "pipeline.lab.bench.query", "--workdir", str(workdir)]
+    command = [sys.executable, "-m", "icar_lab.bench.query", "--workdir", str(workdir)]
     command += ["--rows", str(sizes.query_rows), "--queries", str(sizes.query_count)]
     command += ["--flat-queries", str(sizes.flat_queries), "--out", str(out)]
     subprocess.run(command, check=True)

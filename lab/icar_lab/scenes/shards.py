@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.lab.scenes.render import make_example
-from pipeline.lab.scenes.splits import SPLIT_COLUMN
+from icar_lab.scenes.render import make_example
+from icar_lab.scenes.splits import SPLIT_COLUMN
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from icar_lab.scenes.splits import HEADS
+from icar_lab.training.heads import Targets, dual_path_loss, fit, load_targets, normalized_pixels
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, token_path_key
 from pipeline.encode.model import LoadedModel
 from pipeline.encode.regroup import TokenGroup
-from pipeline.lab.scenes.splits import HEADS
-from pipeline.lab.training.heads import Targets, dual_path_loss, fit, load_targets, normalized_pixels
 
 
 @dataclass

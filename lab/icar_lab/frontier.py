@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from icar_lab.catalogue import FULL_KEY, frontier_routes, router_key, spec_key
+from icar_lab.heldout import HeldoutSet
+from icar_lab.quality import embed_texts, evaluate_embeddings
+from icar_lab.speed import EncoderCase, measure_encoder, route_images
 from pipeline.config import RouterConfig
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.catalogue import FULL_KEY, frontier_routes, router_key, spec_key
-from pipeline.lab.heldout import HeldoutSet
-from pipeline.lab.quality import embed_texts, evaluate_embeddings
-from pipeline.lab.speed import EncoderCase, measure_encoder, route_images
 
 
 def _encode_all(

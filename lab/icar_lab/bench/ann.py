@@ -6,7 +6,7 @@ distribution's cluster structure is independent of the partition count (sqrt(row
 - `few_large`: 10 clusters of rank 64, each cut by ~100 partitions at 1M rows;
 - `many_small`: rows/50 clusters of rank 16 (20,000 at 1M: ~20 per partition);
 - `high_dim`: 64 clusters of rank 256 and more noise: neighbours barely nearer than the rest;
-- `scenes`: the embedded model's own embeddings of rendered scenes (`pipeline.lab.scenes`), grown to
+- `scenes`: the embedded model's own embeddings of rendered scenes (`icar_lab.scenes`), grown to
   `rows` along the real data: each row lies on the segment between a real embedding and one of its 10
   nearest real neighbours (uniform position), plus noise of 0.05x their distance, normalised.
 Queries are fresh draws from the same distribution, not table rows; truth is exact brute force over the
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lab.bench.query import clustered_vectors, exact_top_k, latency_ms, vector_table
+from icar_lab.bench.query import clustered_vectors, exact_top_k, latency_ms, vector_table
 from pipeline.query import KMEANS_ITERATIONS, K, index_params, nearest, tune_search
 
 TARGET_RECALL = 0.95  # `query.target_recall`'s default
@@ -69,10 +69,10 @@ def scene_embeddings(count: int, seed: int = 11) -> tuple[np.ndarray, list[str]]
     """The embedded model's unit embeddings (full depth, as the job decodes) of `count` rendered scenes."""
     import torch
 
+    from icar_lab.scenes.render import make_example
     from pipeline.config import ModelConfig
     from pipeline.decode import decode_image
     from pipeline.encode.model import load_model, normalize_uint8
-    from pipeline.lab.scenes.render import make_example
 
     loaded = load_model(ModelConfig())
     vectors, captions = [], []

@@ -17,9 +17,9 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from icar_lab.scenes.splits import SPLIT_COLUMN
 from pipeline.config import ConfigError, DecodeConfig, InputConfig
 from pipeline.decode import DecodeError, decode_image
-from pipeline.lab.scenes.splits import SPLIT_COLUMN
 from pipeline.read import ShardPlan, inspect_shard, list_shards, read_chunks
 
 MATCH_COLUMN = "scene_key"

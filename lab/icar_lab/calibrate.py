@@ -9,7 +9,7 @@ R@10 depends on how many images a caption searches, so a claim is about a galler
 A sample three times the reported gallery size then gives three times the queries at the same R@10
 regime, and the distance from the R@10 ratio to its lower bound shrinks by about sqrt(3).
 
-Route costs come from the shared harness (pipeline/lab/speed.py): each route's seconds per image is the
+Route costs come from the shared harness (lab/icar_lab/speed.py): each route's seconds per image is the
 full-depth route's, divided by the route's median same-round speedup over it.
 """
 
@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.encode.routed import RoutedEncoder
-from pipeline.lab.catalogue import FULL_KEY, spec_key
-from pipeline.lab.quality import embed_texts
-from pipeline.lab.router_search import (
+from icar_lab.catalogue import FULL_KEY, spec_key
+from icar_lab.quality import embed_texts
+from icar_lab.router_search import (
     PlanQuality,
     RouteMeasurement,
     RouterPlan,
@@ -36,11 +35,12 @@ from pipeline.lab.router_search import (
     split_galleries,
     subset,
 )
-from pipeline.lab.sample import CaptionedSample
-from pipeline.lab.scenes.splits import refuse_test
-from pipeline.lab.speed import EncoderCase, measure_encoder
-from pipeline.lab.targets import QualityFloor, Target
-from pipeline.lab.timing import best_of
+from icar_lab.sample import CaptionedSample
+from icar_lab.scenes.splits import refuse_test
+from icar_lab.speed import EncoderCase, measure_encoder
+from icar_lab.targets import QualityFloor, Target
+from icar_lab.timing import best_of
+from pipeline.encode.routed import RoutedEncoder
 from pipeline.score import HandcraftedScorer, LearnedScorer, Scorer, complexity_features
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from icar_lab.catalogue import spec_key
+from icar_lab.targets import QualityFloor, Target
 from pipeline.config import RouterConfig, RouteSpec
-from pipeline.lab.catalogue import spec_key
-from pipeline.lab.targets import QualityFloor, Target
 from pipeline.route import assign_routes
 
 K = 10  # quality is text->image R@K

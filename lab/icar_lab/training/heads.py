@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from icar_lab.heldout import load_heldout
+from icar_lab.metrics import multi_positive_infonce
+from icar_lab.scenes.splits import HEADS
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, model_fingerprint
 from pipeline.encode.model import LoadedModel, normalize_uint8
-from pipeline.lab.heldout import load_heldout
-from pipeline.lab.metrics import multi_positive_infonce
-from pipeline.lab.scenes.splits import HEADS
 
 
 @dataclass

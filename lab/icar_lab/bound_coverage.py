@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.lab.router_search import (
+from icar_lab.router_search import (
     NEW_SAMPLE_WIDTH,
     PlanEvaluator,
     RouteMeasurement,

@@ -1,4 +1,4 @@
-"""The bench's encoder section: the shared speed harness (pipeline/lab/speed.py) on each model, plus the
+"""The bench's encoder section: the shared speed harness (lab/icar_lab/speed.py) on each model, plus the
 embedded model's quality per point read from a frontier file written by jobs/frontier.py on the test
 split (never recomputed here) and matched by spec key, which says whether the shipped router -- chosen on
 the calib split -- keeps equal quality on scenes it never saw, and at what speed."""
@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from icar_lab.catalogue import FULL_KEY
+from icar_lab.speed import ROUTED
 from pipeline.config import RouteSpec
-from pipeline.lab.catalogue import FULL_KEY
-from pipeline.lab.speed import ROUTED
 
 EQUAL_QUALITY_RATIO = 0.99  # "equal quality": text->image R@10 at least 99% of full depth's (1% relative)
 

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from icar_lab.targets import QualityFloor
 from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig  # loaded by `icar` already
-from pipeline.lab.targets import QualityFloor
 
 if TYPE_CHECKING:
     from pipeline.encode.routed import RoutedEncoder
@@ -94,7 +94,7 @@ def _log(message: str) -> None:
 
 def _model(args: argparse.Namespace, configured: ModelConfig) -> ModelConfig:
     """The model to calibrate: the flags, else the config's; local paths made absolute for the YAML."""
-    from pipeline.lab.routes_file import absolute_if_local
+    from icar_lab.routes_file import absolute_if_local
 
     if args.model or args.pretrained or args.heads:
         name = args.model or EMBEDDED_MODEL
@@ -110,10 +110,10 @@ def _model(args: argparse.Namespace, configured: ModelConfig) -> ModelConfig:
 
 def _encoder(model: ModelConfig, exits: list[int] | None) -> RoutedEncoder:
     """The model with its heads, serving every catalogue route at the requested exits."""
+    from icar_lab.catalogue import calibration_routes
     from pipeline.encode.heads import ExitHeads
     from pipeline.encode.model import load_model, resolve_heads
     from pipeline.encode.routed import RoutedEncoder
-    from pipeline.lab.catalogue import calibration_routes
 
     try:
         loaded = load_model(model)
@@ -132,12 +132,12 @@ def _encoder(model: ModelConfig, exits: list[int] | None) -> RoutedEncoder:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
+    from icar_lab.calibrate import CalibrationError, CalibrationSettings, calibrate
+    from icar_lab.outputs import output_path
+    from icar_lab.routes_file import write_calibration
+    from icar_lab.sample import read_captioned
+    from icar_lab.targets import ComputeBudget
     from pipeline.cli import config_from_args
-    from pipeline.lab.calibrate import CalibrationError, CalibrationSettings, calibrate
-    from pipeline.lab.outputs import output_path
-    from pipeline.lab.routes_file import write_calibration
-    from pipeline.lab.sample import read_captioned
-    from pipeline.lab.targets import ComputeBudget
 
     cfg = config_from_args(args)
     if args.gallery_size is not None and args.gallery_size < MIN_IMAGES:

@@ -214,7 +214,7 @@ def measure_query(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The section on its own: `python -m pipeline.lab.bench.query --workdir D --rows N --out R.json`.
+    """The section on its own: `python -m icar_lab.bench.query --workdir D --rows N --out R.json`.
 
     The bench runs it this way, in a fresh interpreter, so nothing the earlier sections leave behind
     (thread pools, Ray, memory) can tax it. A precaution, not a measured fix: one bench timed it inside

@@ -157,7 +157,7 @@ def many_small_shards(
 ) -> dict[str, Any]:
     """(c): `icar index` images/s on `small`-image shards as a share of the rate on `large`-image shards
     (the same scene images, runs alternated, each in its own process with its own Ray)."""
-    from pipeline.lab.scenes.shards import write_corpus
+    from icar_lab.scenes.shards import write_corpus
 
     corpora = {}
     for size in (large, small):
@@ -203,7 +203,7 @@ def many_small_shards(
 def routed_vs_full(workdir: Path, images: int, shard_size: int, pairs: int, log=print) -> dict[str, Any]:
     """(e): `icar index` end to end with the shipped routes against the same job at full depth, on the same
     scene images, runs alternated, each a process of its own (Ray start-up and model loads included)."""
-    from pipeline.lab.scenes.shards import write_corpus
+    from icar_lab.scenes.shards import write_corpus
 
     corpus = workdir / "corpus"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -250,7 +250,7 @@ def two_nodes_on_s3(workdir: Path, images: int, shard_size: int, log=print) -> d
     import lancedb
     from moto.server import ThreadedMotoServer
 
-    from pipeline.lab.scenes.shards import write_corpus
+    from icar_lab.scenes.shards import write_corpus
 
     def free_port() -> int:
         with socket.socket() as s:
