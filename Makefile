@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-scale bench-ann browser serve clean
+.PHONY: demo test lint bench bench-quick bench-scale bench-ann docs browser serve clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-ann: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python jobs/bench.py --quick
+
+# README.md and docs/ from the latest results/ and pipeline/config.py's field descriptions (run after a bench)
+docs: $(STAMP)
+	$(BIN)/python lab/studies/readme.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline lab jobs tests
