@@ -158,40 +158,41 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="icar", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    index = sub.add_parser(
-        "index", help="index parquet shards into LanceDB (embedded Ray unless ray.address)"
-    )
-    _config_args(index)
-    index.add_argument(
+def _job_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run the indexing job (index, reindex)."""
+    _config_args(parser)
+    parser.add_argument(
         "--verbose", action="store_true", help="a line per shard plus Ray's and Ray Data's own logs"
     )
-    index.add_argument(
+    parser.add_argument(
         "--wait",
         action="store_true",
         help="if another job is writing the table, wait for it (default: exit 3)",
     )
-    index.add_argument(
+    parser.add_argument(
         "--no-thumbnails", action="store_true", help="store no thumbnails (output.thumbnail_side=0)"
     )
+
+
+def _add_job_commands(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser(
+        "index", help="index parquet shards into LanceDB (embedded Ray unless ray.address)"
+    )
+    _job_args(index)
     index.set_defaults(func=cmd_index)
 
     reindex = sub.add_parser(
         "reindex",
         help="the nightly run: index new and changed shards, delete removed ones, maintain, report",
     )
-    _config_args(reindex)
-    reindex.add_argument("--verbose", action="store_true", help="as for index")
-    reindex.add_argument("--wait", action="store_true", help="as for index")
+    _job_args(reindex)
     reindex.add_argument(
         "--keep-removed", action="store_true", help="keep the rows of shards no longer in the input"
     )
-    reindex.add_argument("--no-thumbnails", action="store_true", help="as for index")
     reindex.set_defaults(func=cmd_reindex)
 
+
+def _add_query_command(sub: argparse._SubParsersAction) -> None:
     query = sub.add_parser("query", help="search the table by text or by an image file")
     _config_args(query)
     query.add_argument("text", nargs="?", help="text query, e.g. 'a red circle on a plain background'")
@@ -207,6 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--json", action="store_true", help="print JSON rows")
     query.set_defaults(func=cmd_query)
 
+
+def _check_query_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error for a query whose text, image and mode do not fit together."""
+    if not (args.text or args.image):
+        parser.error("query needs a text or --image PATH")
+    if args.mode != "vector" and not args.text:
+        parser.error(f"--mode {args.mode} needs a text (its words search the captions)")
+    if args.mode == "text" and args.image:
+        parser.error("--mode text searches the captions only: drop --image, or use --mode hybrid")
+
+
+def _add_table_commands(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="the HTTP search API and page over the table (serve extra)")
     _config_args(serve)
     serve.add_argument("--host", help="shorthand for serve.host (default 127.0.0.1)")
@@ -222,16 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--sub-vectors", type=int, help="PQ sub-vectors (default dim/8)")
     build.set_defaults(func=cmd_build_index)
 
+
+def _parser() -> argparse.ArgumentParser:
+    """`icar` and its commands, those of the `icar.commands` entry points included."""
+    parser = argparse.ArgumentParser(prog="icar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_job_commands(sub)
+    _add_query_command(sub)
+    _add_table_commands(sub)
     for plugin in entry_points(group="icar.commands"):
         plugin.load()(sub)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "query" and not (args.text or args.image):
-        parser.error("query needs a text or --image PATH")
-    if args.command == "query" and args.mode != "vector" and not args.text:
-        parser.error(f"--mode {args.mode} needs a text (its words search the captions)")
-    if args.command == "query" and args.mode == "text" and args.image:
-        parser.error("--mode text searches the captions only: drop --image, or use --mode hybrid")
+    if args.command == "query":
+        _check_query_args(parser, args)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -41,7 +41,8 @@ class InputConfig(_Section):
         pattern=DATASET_NAME,
         description="name of the collection the shards belong to; a shard is identified by this name plus "
         "its path relative to the input root, never by where it is read from. None: the input is the "
-        "table's one unnamed collection (ids as before); set it when several collections share a table",
+        "table's one unnamed collection (a shard is named by its relative path alone); set it when several "
+        "collections share a table",
     )
     image_column: str | None = Field(
         None, description="image bytes column; None = first of jpg/png/webp/image"

@@ -23,7 +23,7 @@ from pipeline.encode.model import model_preprocess
 from pipeline.lease import LeaseLost, TableLease
 from pipeline.prepare import work_unit
 from pipeline.progress import Progress
-from pipeline.read import Shard, inspect_shard, list_shards
+from pipeline.read import Shard, ShardPlan, inspect_shard, list_shards
 from pipeline.score import load_scorer
 from pipeline.stream import DroppedBatches, stream
 from pipeline.summary import RunSummary
@@ -113,6 +113,20 @@ def run_index(
 
 def index_pending(run: Run, progress: Progress) -> None:
     """Skip the committed shards, stream the rest through Ray, commit whole shards in rounds."""
+    plans = _inspect_pending(run, progress)
+    committer = Committer(run.tables, run.manifest, run.tables.cfg, on_commit=_reporter(run, progress))
+    collector = ShardCollector({p.shard.name: p for p in plans}, committer)
+    progress.start(len(plans), sum(p.num_rows for p in plans if not p.error))
+    units, rows = _work_units(plans, collector)
+    if units:
+        _stream_into(collector, units, rows, run, progress)
+    committer.flush()
+    _summarise(run.summary, collector, committer)
+
+
+def _inspect_pending(run: Run, progress: Progress) -> list[ShardPlan]:
+    """The plans of the shards not yet committed with their current contents; the committed ones are
+    recorded where they are read from now."""
     cfg, shards, summary, manifest = run.cfg, run.shards, run.summary, run.manifest
     done = manifest.committed()
     pending = [s for s in shards if done.get(s.name) != s.fingerprint]
@@ -123,12 +137,14 @@ def index_pending(run: Run, progress: Progress) -> None:
         f"routes: {', '.join(r.name for r in cfg.router.routes)}"
     )
     with ThreadPoolExecutor(max_workers=16) as pool:
-        plans = list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
+        return list(pool.map(lambda s: inspect_shard(s, cfg.input), pending))
 
-    committer = Committer(run.tables, manifest, run.tables.cfg, on_commit=_reporter(run, progress))
-    collector = ShardCollector({p.shard.name: p for p in plans}, committer)
-    progress.start(len(plans), sum(p.num_rows for p in plans if not p.error))
-    units, rows = [], []
+
+def _work_units(plans: list[ShardPlan], collector: ShardCollector) -> tuple[list[dict], list[float]]:
+    """The row groups to stream and the rows each holds; a shard that cannot be read fails and an empty
+    one is recorded right away, without Ray."""
+    units: list[dict] = []
+    rows: list[float] = []
     for plan in plans:
         if plan.error:
             collector.fail(plan.shard.name, plan.error)
@@ -137,24 +153,33 @@ def index_pending(run: Run, progress: Progress) -> None:
         else:
             units += [work_unit(plan, rg) for rg in range(plan.row_groups)]
             rows += [plan.num_rows / plan.row_groups] * plan.row_groups
+    return units, rows
 
-    if units:
-        parts = stream(units, rows, cfg, run.preprocess, run.tables.target()).iter_batches(
-            batch_size=None, batch_format="numpy"
-        )
-        # closing: a commit error (S3 down, the table lost) shuts the stream down before it propagates
-        with DroppedBatches() as dropped, contextlib.closing(iter(parts)) as batches:
-            while (batch := dropped.next(batches)) is not None:
-                if collector.add(batch):
-                    summary.written.append((time.time() - run.started, collector.received.rows.total()))
-                progress.advance(int(batch["rows"].sum()))
-        # Rows that never came back (a batch dropped after its retries, a stream that stopped): the shard
-        # fails, like an unreadable one, and the next run retries it; nothing of it was committed.
-        for name, lost in collector.incomplete().items():
-            plan = collector.plans[name]
-            why = f"{lost} of its {plan.num_rows} rows never came back from Ray: {dropped.reason(cfg)}"
-            collector.fail(name, f"{plan.shard.uri}: {why}")
-    committer.flush()
+
+def _stream_into(
+    collector: ShardCollector, units: list[dict], rows: list[float], run: Run, progress: Progress
+) -> None:
+    """Stream the row groups through Ray into `collector`, which commits each shard once all of it is
+    back; a shard whose rows never came back (a batch dropped after its retries, a stream that stopped)
+    fails, like an unreadable one, and the next run retries it: nothing of it was committed."""
+    cfg, summary = run.cfg, run.summary
+    parts = stream(units, rows, cfg, run.preprocess, run.tables.target()).iter_batches(
+        batch_size=None, batch_format="numpy"
+    )
+    # closing: a commit error (S3 down, the table lost) shuts the stream down before it propagates
+    with DroppedBatches() as dropped, contextlib.closing(iter(parts)) as batches:
+        while (batch := dropped.next(batches)) is not None:
+            if collector.add(batch):
+                summary.written.append((time.time() - run.started, collector.received.rows.total()))
+            progress.advance(int(batch["rows"].sum()))
+    for name, lost in collector.incomplete().items():
+        plan = collector.plans[name]
+        why = f"{lost} of its {plan.num_rows} rows never came back from Ray: {dropped.reason(cfg)}"
+        collector.fail(name, f"{plan.shard.uri}: {why}")
+
+
+def _summarise(summary: RunSummary, collector: ShardCollector, committer: Committer) -> None:
+    """Add what the workers reported and what the commits cost to the run's summary."""
     received = collector.received
     summary.routes.update(received.routes)
     summary.gflops_sum += received.gflops

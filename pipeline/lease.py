@@ -89,7 +89,7 @@ class LeaseRecord:
     generation: int
     scope: str = ""  # `_process_scope()` of the holder
     beat: int = 0  # renewals so far: a record that stops changing has a dead (or stalled) holder
-    seconds: float = 0.0  # the holder's lease length (it renews every quarter of it); 0 in old records
+    seconds: float = 0.0  # holder's lease length (renewed every quarter of it); 0: unknown, ours applies
     released: bool = False  # released by its holder, or taken over: the table is free at the next generation
 
     @classmethod

@@ -89,26 +89,69 @@ def _plan_from_unit(unit: dict[str, Any]) -> ShardPlan:
 
 
 def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> Batch:
-    """Decode, score and route one chunk of rows; each row gets an outcome and, if not ok, a reason.
-
-    A row whose id an earlier row of the shard holds (`repeat_of`, from `read_chunks`) is skipped before
-    any decode and takes its positional id, so that ids stay unique whichever worker writes the row."""
+    """Decode, score and route one chunk of rows; each row gets an outcome and, if not ok, a reason."""
     n = table.num_rows
     started = time.perf_counter()
-    images = np.zeros((n, *preprocess.size, 3), np.uint8)
     outcome = np.full(n, OK, dtype=object)
     reason = np.full(n, "", dtype=object)
+    ids, repeat = _skip_repeats(table, outcome, reason)
+    images, bytes_per_pixel, thumbnails = _decode_rows(table, repeat, outcome, reason, cfg, preprocess)
+    decoded = time.perf_counter()
+    complexity, route = _score_and_route(images, bytes_per_pixel, outcome == OK, cfg)
+    scored = time.perf_counter()
+    batch: Batch = {
+        name: np.asarray(table.column(name).to_pylist(), dtype=object)
+        for name in ("shard", "key", "url", "caption")
+    }
+    batch.update(
+        id=ids,
+        row=table.column("row").to_numpy(),
+        outcome=outcome,
+        reason=reason,
+        image=images,
+        thumbnail=thumbnails,
+        complexity=complexity,
+        route=route,
+        t_decode=np.full(n, (decoded - started) / max(n, 1), np.float32),
+        t_score=np.full(n, (scored - decoded) / max(n, 1), np.float32),
+    )
+    # Rows leave grouped by route (stable). The encoder's batches are runs of consecutive rows, so most
+    # of them then hold a single route and run as one dense forward instead of several small ones.
+    order = np.argsort(route, kind="stable")
+    return {name: column[order] for name, column in batch.items()}
+
+
+def _skip_repeats(table: pa.Table, outcome: np.ndarray, reason: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's ids, and which rows repeat a key: a row whose id an earlier row of the shard holds
+    (`repeat_of`, from `read_chunks`) is skipped before any decode and takes its positional id, so that
+    ids stay unique whichever worker writes the row. Marks those rows in `outcome` and `reason`."""
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    rows = table.column("row").to_numpy()
     repeat_of = table.column("repeat_of").to_numpy()
     repeat = repeat_of >= 0
     if repeat.any():
         shard = table.column("shard")[0].as_py()
+        rows = table.column("row").to_numpy()
         outcome[repeat] = SKIPPED
         reason[repeat] = [
             f"duplicate key: row {r} of the shard has it and was kept" for r in repeat_of[repeat]
         ]
         ids[repeat] = [row_id(shard, None, int(r)) for r in rows[repeat]]
+    return ids, repeat
+
+
+def _decode_rows(
+    table: pa.Table,
+    repeat: np.ndarray,
+    outcome: np.ndarray,
+    reason: np.ndarray,
+    cfg: IndexConfig,
+    preprocess: Preprocess,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels, compressed bytes per pixel and thumbnail of every row that decodes; a row that does
+    not (a caption that failed to read, a source failure, no image, a bad image) gets its outcome and
+    reason in `outcome` and `reason` instead."""
+    n = table.num_rows
+    images = np.zeros((n, *preprocess.size, 3), np.uint8)
     bytes_per_pixel = np.zeros(n, np.float32)
     thumbnails = np.full(n, None, dtype=object)
     statuses = table.column("status").to_pylist()
@@ -133,35 +176,19 @@ def prepare_rows(table: pa.Table, cfg: IndexConfig, preprocess: Preprocess) -> B
             bytes_per_pixel[i] = len(data) / (w * h)
         except DecodeError as exc:
             outcome[i], reason[i] = FAILED, str(exc)
-    decoded = time.perf_counter()
-    ok = outcome == OK
-    complexity = np.full(n, np.nan, np.float32)
+    return images, bytes_per_pixel, thumbnails
+
+
+def _score_and_route(
+    images: np.ndarray, bytes_per_pixel: np.ndarray, ok: np.ndarray, cfg: IndexConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Complexity (NaN where not `ok`) and route index (0 where not `ok`) of each row."""
+    complexity = np.full(len(ok), np.nan, np.float32)
+    route = np.zeros(len(ok), np.int32)
     if ok.any():  # a chunk where no image decoded has nothing to score
         complexity[ok] = scorer_for(cfg.router.scorer)(complexity_features(images[ok], bytes_per_pixel[ok]))
-    route = np.zeros(n, np.int32)
-    if ok.any():
         route[ok] = assign_routes(complexity[ok], cfg.router)
-    scored = time.perf_counter()
-    batch: Batch = {
-        name: np.asarray(table.column(name).to_pylist(), dtype=object)
-        for name in ("shard", "key", "url", "caption")
-    }
-    batch.update(
-        id=ids,
-        row=rows,
-        outcome=outcome,
-        reason=reason,
-        image=images,
-        thumbnail=thumbnails,
-        complexity=complexity,
-        route=route,
-        t_decode=np.full(n, (decoded - started) / max(n, 1), np.float32),
-        t_score=np.full(n, (scored - decoded) / max(n, 1), np.float32),
-    )
-    # Rows leave grouped by route (stable). The encoder's batches are runs of consecutive rows, so most
-    # of them then hold a single route and run as one dense forward instead of several small ones.
-    order = np.argsort(route, kind="stable")
-    return {name: column[order] for name, column in batch.items()}
+    return complexity, route
 
 
 def failed_unit(unit: dict[str, Any], reason: str, preprocess: Preprocess) -> Batch:

@@ -47,49 +47,65 @@ def stream(
     the pool and, once every actor is gone, stall the job (ray-project/ray#62746). The tasks queued on an
     actor die with it and spend a retry each, so a CPU actor (row groups in, no pixels to prefetch) takes
     one task at a time; a GPU actor keeps Ray Data's two, the next batch's pixels travelling meanwhile."""
-    cfg_dict = cfg.model_dump()
-    retries = cfg.encoder.max_restarts
     actors = encoder_actors(cfg)
     bundles = bundle_units(work, rows, cfg.ray.task_rows, actors)
     units = ray.data.from_items(bundles, override_num_blocks=len(bundles))
-    cpu_plan = cfg.encoder.gpus_per_actor == 0
-    encoder_args = {
-        # never more actors than tasks: an idle actor costs a model load and Ray warns about it
-        "compute": ray.data.ActorPoolStrategy(
-            size=min(actors, len(bundles)), max_tasks_in_flight_per_actor=1 if cpu_plan else None
-        ),
-        "num_cpus": cfg.encoder.cpus_per_actor,
-        "max_restarts": -1,
-        "max_task_retries": retries,
-    }
+    pool_size = min(actors, len(bundles))  # never more actors than tasks: an idle one costs a model load
+    plan = (
+        _decode_and_encode_on_actors if cfg.encoder.gpus_per_actor == 0 else _decode_on_tasks_encode_on_actors
+    )
     # Ray 2.60 deprecates passing actor options as keyword arguments but has no named parameter for these
     # two (ray-project/ray#65227 names the ones it adds): the warning is for Ray 2.64, not for the user.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-        if cpu_plan:
-            dataset = units.map_batches(
-                DecodeEncodeStage,
-                fn_constructor_kwargs={"cfg": cfg_dict, "target": target, "preprocess": preprocess},
-                batch_size=1,
-                **encoder_args,
-            )
-        else:
-            dataset = units.map_batches(
-                prepare_bundle,
-                batch_size=1,
-                fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
-                num_cpus=cfg.ray.decode_cpus,
-                memory=PREPARE_TASK_MEMORY,
-                max_retries=retries,  # the decoding happens here on this plan: the same bound
-            ).map_batches(
-                EncodeStage,
-                fn_constructor_kwargs={"cfg": cfg_dict, "target": target},
-                batch_size=cfg.encoder.batch_size,
-                num_gpus=cfg.encoder.gpus_per_actor,
-                **encoder_args,
-            )
+        dataset = plan(units, cfg, preprocess, target, pool_size)
     dataset.context.max_errored_blocks = -1
     return dataset
+
+
+def _encoder_pool(cfg: IndexConfig, size: int, cpu_plan: bool) -> dict:
+    """The encoder actors' pool of `size` and their options (see `stream` for the restarts and retries)."""
+    return {
+        "compute": ray.data.ActorPoolStrategy(
+            size=size, max_tasks_in_flight_per_actor=1 if cpu_plan else None
+        ),
+        "num_cpus": cfg.encoder.cpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": cfg.encoder.max_restarts,
+    }
+
+
+def _decode_and_encode_on_actors(
+    units: ray.data.Dataset, cfg: IndexConfig, preprocess: Preprocess, target: FragmentTarget, size: int
+) -> ray.data.Dataset:
+    """CPU plan: each actor decodes, scores, encodes and writes its own bundles."""
+    return units.map_batches(
+        DecodeEncodeStage,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(), "target": target, "preprocess": preprocess},
+        batch_size=1,
+        **_encoder_pool(cfg, size, cpu_plan=True),
+    )
+
+
+def _decode_on_tasks_encode_on_actors(
+    units: ray.data.Dataset, cfg: IndexConfig, preprocess: Preprocess, target: FragmentTarget, size: int
+) -> ray.data.Dataset:
+    """GPU plan: CPU tasks decode and score, GPU actors encode and write."""
+    cfg_dict = cfg.model_dump()
+    return units.map_batches(
+        prepare_bundle,
+        batch_size=1,
+        fn_kwargs={"cfg": cfg_dict, "preprocess": preprocess},
+        num_cpus=cfg.ray.decode_cpus,
+        memory=PREPARE_TASK_MEMORY,
+        max_retries=cfg.encoder.max_restarts,  # the decoding happens here on this plan: the same bound
+    ).map_batches(
+        EncodeStage,
+        fn_constructor_kwargs={"cfg": cfg_dict, "target": target},
+        batch_size=cfg.encoder.batch_size,
+        num_gpus=cfg.encoder.gpus_per_actor,
+        **_encoder_pool(cfg, size, cpu_plan=False),
+    )
 
 
 def prepare_bundle(items: dict[str, np.ndarray], cfg: dict, preprocess: Preprocess) -> Iterator[dict]:

@@ -140,77 +140,87 @@ class FaultProxy:
             return fate
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
+        return type("Handler", (_ProxyHandler,), {"proxy": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args: object) -> None:  # quiet
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """One request through `proxy` (each `FaultProxy` gets a subclass naming itself): failed, delayed
+    or forwarded to S3 as the proxy decides."""
+
+    protocol_version = "HTTP/1.1"
+    proxy: FaultProxy
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    def _any(self) -> None:
+        body = self._body()
+        proxy = self.proxy
+        fate = "fail" if proxy._refused(self.command, self.path) else proxy._decide()
+        if fate == "fail":
+            code = proxy._rng.choice((500, 503))
+            self._reply_error(code, b"InternalError" if code == 500 else b"SlowDown", b"injected")
+            return
+        if fate == "delay":
+            time.sleep(proxy.pause)
+        proxy._before_forward(self.command, self.path)
+        answer = self._forward(body)
+        if answer is None:  # S3 itself is down: what a load balancer in front of it answers
+            with proxy._lock:
+                proxy.counts["upstream down"] += 1
+            self._reply_error(503, b"SlowDown")
+        elif answer[0] < 300 and proxy._answer_lost(self.command, self.path):
+            self._reply_error(503, b"SlowDown")
+        else:
+            self._reply(*answer)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            data = b""
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                 pass
+            return data
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def _body(self) -> bytes:
-                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                    data = b""
-                    while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                        data += self.rfile.read(size)
-                        self.rfile.readline()
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return data
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """S3's answer to this request (status, headers, body), or None when S3 cannot be reached."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Content-Length"] = str(len(body))
+        upstream = http.client.HTTPConnection(
+            self.proxy.upstream.hostname, self.proxy.upstream.port, timeout=60
+        )
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            return response.status, response.getheaders(), response.read()
+        except OSError:
+            return None
+        finally:
+            upstream.close()
 
-            def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-                self.send_response(status)
-                for name, value in headers:
-                    if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
-                        self.send_header(name, value)
-                length = dict((k.lower(), v) for k, v in headers).get("content-length", str(len(body)))
-                self.send_header("Content-Length", length if self.command == "HEAD" else str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+    def _reply_error(self, status: int, code: bytes, message: bytes | None = None) -> None:
+        detail = b"" if message is None else b"<Message>%s</Message>" % message
+        self._reply(
+            status,
+            [("Content-Type", "application/xml")],
+            b"<Error><Code>%s</Code>%s</Error>" % (code, detail),
+        )
 
-            def _any(self) -> None:
-                body = self._body()
-                fate = "fail" if proxy._refused(self.command, self.path) else proxy._decide()
-                if fate == "fail":
-                    code = proxy._rng.choice((500, 503))
-                    error = b"<Error><Code>%s</Code><Message>injected</Message></Error>" % (
-                        b"InternalError" if code == 500 else b"SlowDown"
-                    )
-                    self._reply(code, [("Content-Type", "application/xml")], error)
-                    return
-                if fate == "delay":
-                    time.sleep(proxy.pause)
-                proxy._before_forward(self.command, self.path)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                headers["Content-Length"] = str(len(body))
-                upstream = http.client.HTTPConnection(
-                    proxy.upstream.hostname, proxy.upstream.port, timeout=60
-                )
-                try:
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    response = upstream.getresponse()
-                    data = response.read()
-                except OSError:  # S3 itself is down: what a load balancer in front of it answers
-                    with proxy._lock:
-                        proxy.counts["upstream down"] += 1
-                    self._reply(
-                        503, [("Content-Type", "application/xml")], b"<Error><Code>SlowDown</Code></Error>"
-                    )
-                    return
-                finally:
-                    upstream.close()
-                if response.status < 300 and proxy._answer_lost(self.command, self.path):
-                    self._reply(
-                        503, [("Content-Type", "application/xml")], b"<Error><Code>SlowDown</Code></Error>"
-                    )
-                    return
-                self._reply(response.status, response.getheaders(), data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
-
-        return Handler
+    def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        length = dict((k.lower(), v) for k, v in headers).get("content-length", str(len(body)))
+        self.send_header("Content-Length", length if self.command == "HEAD" else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
 
 # --- hooks run inside the processes under test ---------------------------------------------------------

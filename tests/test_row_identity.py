@@ -1,9 +1,9 @@
 """Ids unique by construction, errors kept per shard, and a manifest that never forgets a partial write.
 
-Each test here failed before the change it guards: a null key could take a real key's id, one non-UTF-8
-caption or one corrupt page aborted the whole job, one huge key cost every row its bytes, and a `failed`
-record replaced `writing` (so the shard was later appended twice). A shard that several workers write in
-parts becomes visible whole, once. Repeated keys are marked by the reader: tests/test_shard_reading.py.
+A null key never takes a real key's id; a non-UTF-8 caption or a corrupt page stays inside its row or
+shard, never failing the job; a huge key costs its own bytes, not every row's; a `failed` record never
+replaces `writing` (the shard would be appended twice). A shard that several workers write in parts
+becomes visible whole, once. Repeated keys are marked by the reader: tests/test_shard_reading.py.
 """
 
 from __future__ import annotations

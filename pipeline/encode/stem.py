@@ -4,7 +4,7 @@ open_clip's stem takes float pixels normalised as (x / 255 - mean) / std (three 
 and runs `conv1`, a convolution whose stride equals its kernel: a matmul over non-overlapping patches.
 Folding the affine normalisation into that matmul's weight and bias gives the same embeddings (within
 float rounding) from one reshape of the uint8 batch and one matmul: on the embedded model, batch 64 on
-2 cores, 10 ms instead of 20-24 ms for normalising and the convolution (prototype timing, alternated).
+2 cores, 10 ms instead of 20-24 ms for normalising and the convolution (the two timed alternately).
 The folded weight is recomputed per call (it is the size of `conv1`), so it never goes stale if the tower
 is trained.
 """

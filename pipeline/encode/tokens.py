@@ -150,37 +150,18 @@ def complete_graph_soft_matching(metric: Tensor, r: int) -> MergePlan:
     r = min(r, max(n - 2, 0))
     if r <= 0:
         return MergePlan.identity(batch, n, metric.device)
-    device = metric.device
-    sim = _cosine_similarity(metric, metric)
-    eye = torch.eye(n, dtype=torch.bool, device=device)
-    sim = sim.masked_fill(eye, -torch.inf)
-    sim[:, 0, :] = -torch.inf  # CLS is never a source
-    sim[:, :, 0] = -torch.inf  # nor a destination (its value must stay untouched)
-
-    positions = torch.arange(n, device=device).expand(batch, n)
-    is_patch = positions > 0
-    is_src = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    sim = _patch_similarity(metric)
+    positions = torch.arange(n, device=metric.device).expand(batch, n)
+    is_src = torch.zeros(batch, n, dtype=torch.bool, device=metric.device)
     is_dst = torch.zeros_like(is_src)
     dst_of = positions.clone()
-    accept_key = torch.full((batch, n), n * (r + 1), dtype=torch.long, device=device)  # round-major order
+    accept_key = torch.full((batch, n), n * (r + 1), dtype=torch.long, device=metric.device)  # round-major
 
     for it in range(r):  # every round accepts at least one source per row still in need
         need = r - is_src.sum(dim=1)  # [B]
         if not bool((need > 0).any()):
             break
-        score, best = sim.masked_fill(is_src[:, None, :], -torch.inf).max(dim=-1)  # sources can't receive
-        cand = is_patch & ~is_src & ~is_dst & torch.isfinite(score) & (need > 0)[:, None]
-        score = score.masked_fill(~cand, -torch.inf)
-        order = score.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, positions)
-        cand_rank = rank.masked_fill(~cand, n)  # non-candidates never outrank anyone
-        # best rank among candidates pointing at each token
-        ptr_rank = torch.full_like(rank, n).scatter_reduce(1, best, cand_rank, reduce="amin")
-        accept = cand & (ptr_rank > rank) & (cand_rank.gather(1, best) > rank)
-        # cap each row at the number still needed, preferring better ranks
-        acc_sorted = accept.gather(1, order)
-        acc_sorted &= acc_sorted.cumsum(dim=1) <= need[:, None]
-        accept = torch.zeros_like(accept).scatter(1, order, acc_sorted)
+        accept, best, rank = _greedy_round(sim, is_src, is_dst, need, positions)
         if not bool(accept.any()):
             break
         is_src |= accept
@@ -191,12 +172,44 @@ def complete_graph_soft_matching(metric: Tensor, r: int) -> MergePlan:
 
     r_eff = int(is_src.sum(dim=1).min())
     if r_eff == 0:
-        return MergePlan.identity(batch, n, device)
+        return MergePlan.identity(batch, n, metric.device)
     # rows that found more sources than the poorest row drop their latest/worst ones; dropping a source
     # never creates a conflict because destinations are never sources
     src = accept_key.argsort(dim=1, stable=True)[:, :r_eff]
     dst = dst_of.gather(1, src)
     return MergePlan.from_pairs(src, dst, n)
+
+
+def _patch_similarity(metric: Tensor) -> Tensor:
+    """Cosine similarity of every token pair `[B, N, N]`, -inf where a merge is not allowed: a token with
+    itself, and CLS on either side (its value must stay untouched)."""
+    n = metric.shape[1]
+    sim = _cosine_similarity(metric, metric)
+    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=metric.device), -torch.inf)
+    sim[:, 0, :] = -torch.inf  # CLS is never a source
+    sim[:, :, 0] = -torch.inf  # nor a destination
+    return sim
+
+
+def _greedy_round(
+    sim: Tensor, is_src: Tensor, is_dst: Tensor, need: Tensor, positions: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One round of `complete_graph_soft_matching`'s greedy rule: the sources it accepts `[B, N]` bool (at
+    most `need` per row, best-ranked first), each token's best match and each token's rank this round."""
+    n = sim.shape[1]
+    score, best = sim.masked_fill(is_src[:, None, :], -torch.inf).max(dim=-1)  # sources can't receive
+    cand = (positions > 0) & ~is_src & ~is_dst & torch.isfinite(score) & (need > 0)[:, None]
+    score = score.masked_fill(~cand, -torch.inf)
+    order = score.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    cand_rank = rank.masked_fill(~cand, n)  # non-candidates never outrank anyone
+    # best rank among candidates pointing at each token
+    ptr_rank = torch.full_like(rank, n).scatter_reduce(1, best, cand_rank, reduce="amin")
+    accept = cand & (ptr_rank > rank) & (cand_rank.gather(1, best) > rank)
+    # cap each row at the number still needed, preferring better ranks
+    acc_sorted = accept.gather(1, order)
+    acc_sorted &= acc_sorted.cumsum(dim=1) <= need[:, None]
+    return torch.zeros_like(accept).scatter(1, order, acc_sorted), best, rank
 
 
 def energy_token_budget(x: Tensor, tau: float) -> Tensor:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import quote
 
 import numpy as np
@@ -31,6 +31,9 @@ from pipeline.query import Searcher, SearchMode
 from pipeline.serve.filters import Filters
 from pipeline.serve.guard import Guard, serve_token
 from pipeline.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    import torch
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("icar.serve")
@@ -146,42 +149,11 @@ def _json_errors(app: FastAPI) -> None:
 def _search_routes(app: FastAPI, searcher: Searcher, limits: ServeConfig) -> None:
     """POST /api/search (text, id or vector as JSON) and POST /api/search/image (the image's bytes)."""
 
-    def check_page(k: int, offset: int) -> None:
-        if k + offset > limits.max_k:
-            raise HTTPException(422, f"k + offset must be at most {limits.max_k}")
-
-    def respond(kind: str, k: int, offset: int, dedup: bool, filters: Filters, **query) -> dict:
-        """Search (`query`: the vector, and exclude, text or mode where given) and answer."""
-        started = time.perf_counter()
-        rows = searcher.search(k=k, where=filters.where(), offset=offset, dedup=dedup, **query)
-        return {
-            "query": kind,
-            "k": k,
-            "offset": offset,
-            "results": [_result(r) for r in rows],
-            "took_ms": round(1e3 * (time.perf_counter() - started), 2),
-        }
-
-    def query_of(request: SearchRequest) -> tuple[str, dict]:
-        """The request's kind and what `Searcher.search` needs for it: a vector, a text and mode, or both."""
-        if request.text is not None:
-            vector = searcher.embed_text([request.text]) if request.mode != "text" else None
-            return "text", {"vector": vector, "text": request.text, "mode": request.mode}
-        if request.id is not None:
-            vector = searcher.vector_of(request.id)
-            if vector is None:
-                raise HTTPException(404, "no row has that id")
-            return "id", {"vector": vector, "exclude": request.id}
-        vector = np.asarray(request.vector, np.float32)
-        if len(vector) != searcher.dim:
-            raise HTTPException(422, f"vector must have {searcher.dim} dimensions, got {len(vector)}")
-        return "vector", {"vector": vector}
-
     @app.post("/api/search")
     def search(request: SearchRequest):
-        check_page(request.k, request.offset)
-        kind, query = query_of(request)
-        return respond(kind, request.k, request.offset, request.dedup, request.filters, **query)
+        _check_page(request.k, request.offset, limits)
+        kind, query = _query_of(searcher, request)
+        return _answer(searcher, kind, request.k, request.offset, request.dedup, request.filters, **query)
 
     @app.post("/api/search/image")
     async def search_image(
@@ -193,19 +165,61 @@ def _search_routes(app: FastAPI, searcher: Searcher, limits: ServeConfig) -> Non
     ):
         """The image's bytes are the request body (any Content-Type); the guard caps it at
         serve.max_upload_bytes."""
-        check_page(k, offset)
+        _check_page(k, offset, limits)
         try:
             parsed = Filters.model_validate_json(filters) if filters else Filters()
         except ValidationError as exc:
             return _error(422, "invalid filters", details=_validation_details(exc.errors()))
-        body = await request.body()
-        if not body:
-            raise HTTPException(400, "the request body must hold the image's bytes")
-        try:  # off the event loop: decoding and the forward pass take milliseconds of CPU
-            vector = await run_in_threadpool(searcher.embed_image_bytes, body, limits.max_query_pixels)
-        except DecodeError as exc:
-            raise HTTPException(400, f"not a usable image: {exc}") from None
-        return await run_in_threadpool(respond, "image", k, offset, dedup, parsed, vector=vector)
+        vector = await _embed_upload(searcher, request, limits)
+        return await run_in_threadpool(_answer, searcher, "image", k, offset, dedup, parsed, vector=vector)
+
+
+def _check_page(k: int, offset: int, limits: ServeConfig) -> None:
+    if k + offset > limits.max_k:
+        raise HTTPException(422, f"k + offset must be at most {limits.max_k}")
+
+
+def _query_of(searcher: Searcher, request: SearchRequest) -> tuple[str, dict]:
+    """The request's kind and what `Searcher.search` needs for it: a vector, a text and mode, or both."""
+    if request.text is not None:
+        vector = searcher.embed_text([request.text]) if request.mode != "text" else None
+        return "text", {"vector": vector, "text": request.text, "mode": request.mode}
+    if request.id is not None:
+        vector = searcher.vector_of(request.id)
+        if vector is None:
+            raise HTTPException(404, "no row has that id")
+        return "id", {"vector": vector, "exclude": request.id}
+    vector = np.asarray(request.vector, np.float32)
+    if len(vector) != searcher.dim:
+        raise HTTPException(422, f"vector must have {searcher.dim} dimensions, got {len(vector)}")
+    return "vector", {"vector": vector}
+
+
+async def _embed_upload(searcher: Searcher, request: Request, limits: ServeConfig) -> torch.Tensor:
+    """The embedding of the image in the request's body, computed off the event loop: decoding and the
+    forward pass take milliseconds of CPU."""
+    body = await request.body()
+    if not body:
+        raise HTTPException(400, "the request body must hold the image's bytes")
+    try:
+        return await run_in_threadpool(searcher.embed_image_bytes, body, limits.max_query_pixels)
+    except DecodeError as exc:
+        raise HTTPException(400, f"not a usable image: {exc}") from None
+
+
+def _answer(
+    searcher: Searcher, kind: str, k: int, offset: int, dedup: bool, filters: Filters, **query
+) -> dict:
+    """Search (`query`: the vector, and exclude, text or mode where given) and answer."""
+    started = time.perf_counter()
+    rows = searcher.search(k=k, where=filters.where(), offset=offset, dedup=dedup, **query)
+    return {
+        "query": kind,
+        "k": k,
+        "offset": offset,
+        "results": [_result(r) for r in rows],
+        "took_ms": round(1e3 * (time.perf_counter() - started), 2),
+    }
 
 
 def _table_routes(app: FastAPI, searcher: Searcher, cfg: IndexConfig, metrics: Metrics) -> None:
