@@ -55,7 +55,7 @@ def main() -> None:
     cfg = load_config(None, overrides)  # the embedded model with its shipped calibrated routes
     try:
         summary = index(cfg)
-    except ConfigError as exc:  # a demo table an older icar (or another router) wrote: it is disposable
+    except ConfigError as exc:  # a demo table of another model or router identity: it is disposable
         print(f"{cfg.output.uri}: {exc}\nthe demo table is rebuilt from scratch")
         shutil.rmtree(cfg.output.uri)
         summary = index(cfg)

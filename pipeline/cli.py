@@ -22,7 +22,7 @@ EXIT_BUSY = 3  # another job holds the output table (or took it over): nothing o
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see the README's configuration table)")
+    parser.add_argument("--config", help="YAML config file (fields: docs/configuration.md)")
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -47,10 +47,12 @@ class InputConfig(_Section):
     image_column: str | None = Field(
         None, description="image bytes column; None = first of jpg/png/webp/image"
     )
-    key_column: str = "key"
-    url_column: str = "url"
-    caption_column: str = "caption"
-    status_column: str = "status"
+    key_column: str = Field("key", description="column with each row's key (unique within its shard)")
+    url_column: str = Field("url", description="column with the image's source URL, stored with the row")
+    caption_column: str = Field("caption", description="column with the caption (text search, page)")
+    status_column: str = Field(
+        "status", description="img2dataset download status; rows not `success` are rejected as skipped"
+    )
     aliases: dict[str, str] = Field(
         default_factory=lambda: {"URL": "url", "TEXT": "caption", "SAMPLE_ID": "key"},
         description="source column -> pipeline column, applied when the pipeline's own name is absent",
@@ -62,6 +64,8 @@ class InputConfig(_Section):
 
 
 class DecodeConfig(_Section):
+    """How CPU workers turn image bytes into the model's input pixels."""
+
     max_pixels: int = Field(64_000_000, gt=0, description="refuse images whose header claims more pixels")
     use_draft: bool = Field(True, description="let libjpeg decode at a reduced scale when the image is large")
 
@@ -74,7 +78,7 @@ class RouteSpec(_Section):
     (`merge: none`, `merge_r: 0`, `late_after: 0`, null, …) is ignored."""
 
     kind: ClassVar[str]
-    name: str
+    name: str = Field(description="the route's name in summaries, rows (`route` column) and reports")
     exit_depth: int | None = Field(None, ge=1, description="blocks to run; None = full depth")
     tuned: bool = Field(
         False,
@@ -261,8 +265,14 @@ class RouterConfig(_Section):
     """Complexity thresholds (ascending) split images over routes: score < thresholds[i] -> routes[i]."""
 
     scorer: str = Field("handcrafted", description="'handcrafted' or a learned scorer JSON from calibration")
-    thresholds: list[float] = Field(default_factory=list)
-    routes: list[Route] = Field(default_factory=_default_routes)
+    thresholds: list[float] = Field(
+        default_factory=list, description="ascending complexity scores between consecutive routes"
+    )
+    routes: list[Route] = Field(
+        default_factory=_default_routes,
+        description="one more than thresholds; with no router section, the model's shipped routes "
+        "(pipeline/models/<name>.routes.yaml) or one full-depth route",
+    )
 
     @model_validator(mode="after")
     def _routes_match_thresholds(self) -> RouterConfig:
@@ -282,7 +292,7 @@ class RouterConfig(_Section):
 class ModelConfig(_Section):
     """Any open_clip model: a registered name plus a pretrained tag or a local checkpoint path."""
 
-    name: str = EMBEDDED_MODEL
+    name: str = Field(EMBEDDED_MODEL, description="open_clip model name (ViT towers only)")
     pretrained: str | None = Field(None, description="open_clip tag or checkpoint path; None = embedded")
     heads: str | None = Field(None, description="exit-heads file trained for this model")
 
@@ -293,6 +303,8 @@ class ModelConfig(_Section):
 
 
 class EncoderConfig(_Section):
+    """The encoder actors: how many, on what, with what batches."""
+
     batch_size: int = Field(64, gt=0, description="rows per encoder batch (split by route inside)")
     actors: int | None = Field(
         None,
@@ -301,7 +313,7 @@ class EncoderConfig(_Section):
         "cpus_per_actor CPUs",
     )
     gpus_per_actor: float = Field(0.0, ge=0, description="0 on CPU clusters, 1 per actor on GPU clusters")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each encoder actor")
     torch_threads: int = Field(0, ge=0, description="torch threads per actor; 0 = cpus_per_actor")
     max_restarts: int = Field(
         3,
@@ -312,6 +324,8 @@ class EncoderConfig(_Section):
 
 
 class OutputConfig(_Section):
+    """Where the vectors go and how the writer commits them."""
+
     uri: str = Field(".demo/lancedb", description="LanceDB directory or s3:// URI")
     table: str = Field(
         "images",
@@ -319,7 +333,9 @@ class OutputConfig(_Section):
         description="the alias queries use; its rows, rejected rows and manifest live in tables named "
         "after it",
     )
-    vector_dtype: Literal["float16", "float32"] = "float32"
+    vector_dtype: Literal["float16", "float32"] = Field(
+        "float32", description="stored embedding type; float16 halves the vectors (recall: docs/search.md)"
+    )
     storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB object-store options")
     commit_shards: int = Field(
         64, gt=0, description="written shards made visible per commit round (one Lance commit per table)"
@@ -368,9 +384,11 @@ class OutputConfig(_Section):
 
 
 class RayConfig(_Section):
+    """Which Ray runs the job and how work is cut into tasks."""
+
     address: str | None = Field(None, description="Ray cluster address; None = start an embedded local Ray")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded Ray (ignored with address)")
-    decode_batch_size: int = Field(256, gt=0)
+    decode_batch_size: int = Field(256, gt=0, description="rows per decode/score batch")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode/score task")
     task_rows: int = Field(
         1024,
@@ -417,7 +435,7 @@ class ServeConfig(_Section):
     """`icar serve`: the HTTP search API and page over the output table."""
 
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 to listen on every interface")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
     max_upload_bytes: int = Field(10 * 2**20, gt=0, description="larger query images get 413")
     max_query_pixels: int = Field(
         25_000_000, gt=0, description="query images whose header claims more pixels are refused"
