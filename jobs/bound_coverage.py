@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from icar_lab.bound_coverage import bound_coverage
-from icar_lab.calibrate import embed_routes
 from icar_lab.catalogue import FULL_KEY, calibration_routes, spec_key
+from icar_lab.embed import embed_routes, embed_texts
 from icar_lab.heldout import load_heldout
 from icar_lab.outputs import output_path
-from icar_lab.quality import embed_texts
 from icar_lab.router_search import RouteMeasurement
 from icar_lab.targets import QualityFloor
 from pipeline.config import load_config
@@ -54,7 +53,7 @@ def main() -> None:
     probe = RoutedEncoder.from_config(model, [])
     encoder = RoutedEncoder(probe.loaded, calibration_routes(args.exits, probe.vit.heads), probe.vit.heads)
     heldout = load_heldout(args.split, args.images, probe.loaded.image_size, cache_dir=args.cache_dir)
-    embedded = embed_routes(encoder, heldout.images)
+    embedded = embed_routes(encoder, heldout.images, batch_size=64)
     full = next(emb for r, (emb, _) in zip(encoder.routes, embedded, strict=True) if spec_key(r) == FULL_KEY)
     measurements = [
         RouteMeasurement(route, emb, gflops, 0.0)

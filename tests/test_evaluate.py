@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from icar_lab.embed import embed_texts
 from icar_lab.heldout import HeldoutSet, load_heldout
 from icar_lab.quality import (
     LEVELS,
-    embed_texts,
     evaluate_embeddings,
     evaluate_encoder,
     evaluate_table,
@@ -150,7 +150,7 @@ def test_report_serialises_to_json_and_markdown():
     report = evaluate_embeddings(
         emb, emb, fake_heldout([f"k{i}" for i in range(n)], ["low"] * n), reference=emb, name="x"
     )
-    report.gflops_per_image, report.seconds_per_image = 0.75, 0.002
+    report.gflops_per_image = 0.75
     data = json.loads(json.dumps(report.to_dict()))
     assert data["t2i_R@10"] == 1.0 and data["by_level"]["low"]["count"] == n
     assert data["by_level"]["high"] == {
@@ -209,7 +209,7 @@ def test_trained_model_retrieves_well_and_random_init_does_not(heldout, trained)
     assert report.t2i[10] >= 0.9 and report.i2t[10] >= 0.9  # measured 0.956 / 0.925 on 2000 scenes
     assert baseline.t2i[10] < 0.3 and baseline.i2t[10] < 0.3
     assert report.gflops_per_image == pytest.approx(baseline.gflops_per_image) and report.gflops_per_image > 0
-    assert report.seconds_per_image > 0 and report.extra["routes"] == {"full": HELDOUT_IMAGES}
+    assert report.extra["routes"] == {"full": HELDOUT_IMAGES}
 
 
 def test_route_ids_split_the_batch_and_reference_is_compared(trained):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from icar_lab.catalogue import FULL_KEY, spec_key
-from icar_lab.quality import embed_texts
+from icar_lab.embed import embed_routes, embed_texts
 from icar_lab.router_search import (
     PlanQuality,
     RouteMeasurement,
@@ -56,19 +56,6 @@ class CalibrationSettings:
     seed: int = 0  # the fit/test split and the galleries
     test_fraction: float = 0.5
     gallery_size: int | None = None  # judge R@10 in galleries of this many images (None: the whole sample)
-
-
-def embed_routes(
-    encoder: RoutedEncoder, images: np.ndarray, batch_size: int = 64
-) -> list[tuple[torch.Tensor, np.ndarray]]:
-    """Every image on every route of `encoder`: per route, the embeddings [N, D] and GFLOPs [N]."""
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    embedded = []
-    for i in range(len(encoder.routes)):
-        out = [encoder.encode(b, np.full(len(b), i, np.int32)) for b in batches]
-        vectors = torch.from_numpy(np.concatenate([o.vectors for o in out]))
-        embedded.append((vectors, np.concatenate([o.gflops for o in out])))
-    return embedded
 
 
 def measure_routes(

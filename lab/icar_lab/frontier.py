@@ -10,22 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
-
 from icar_lab.catalogue import FULL_KEY, frontier_routes, router_key, spec_key
+from icar_lab.embed import embed_images, embed_routes, embed_texts
 from icar_lab.heldout import HeldoutSet
-from icar_lab.quality import embed_texts, evaluate_embeddings
+from icar_lab.quality import evaluate_embeddings
 from icar_lab.speed import EncoderCase, measure_encoder, route_images
 from pipeline.config import RouterConfig
 from pipeline.encode.routed import RoutedEncoder
-
-
-def _encode_all(
-    encoder: RoutedEncoder, images: np.ndarray, ids: np.ndarray, batch: int = 256
-) -> torch.Tensor:
-    out = [encoder.encode(images[i : i + batch], ids[i : i + batch]) for i in range(0, len(ids), batch)]
-    return torch.from_numpy(np.concatenate([o.vectors for o in out]))
 
 
 def measure_frontier(
@@ -62,11 +53,10 @@ def measure_frontier(
     result = measure_encoder(case, rounds)
 
     fixed = RoutedEncoder(loaded, routes, heads)
-    embeddings = {
-        spec_key(r): _encode_all(fixed, heldout.images, np.full(n, i, np.int32)) for i, r in enumerate(routes)
-    }
+    embedded = embed_routes(fixed, heldout.images)
+    embeddings = {spec_key(r): emb for r, (emb, _) in zip(routes, embedded, strict=True)}
     route_ids = route_images(router, heldout.images, heldout.bytes_per_pixel)
-    embeddings[router_key(router)] = _encode_all(probe, heldout.images, route_ids)
+    embeddings[router_key(router)] = embed_images(probe, heldout.images, route_ids)[0]
     text = embed_texts(loaded, heldout.captions)
     full = embeddings[FULL_KEY]
     for p in result["points"]:

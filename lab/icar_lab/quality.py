@@ -11,7 +11,6 @@ so they are exactly the pixels the indexing pipeline would feed the encoder.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from icar_lab.embed import embed_images, embed_texts
 from icar_lab.heldout import HeldoutSet
 from icar_lab.metrics import neighbour_overlap, recall_at_k
 from pipeline.config import IndexConfig, InputConfig
@@ -64,7 +64,6 @@ class QualityReport:
     by_level: dict[str, SliceQuality]
     name: str = ""
     gflops_per_image: float | None = None  # mean analytic GFLOPs of the image encoder, when known
-    seconds_per_image: float | None = None  # wall-clock image-encode seconds per image, when measured
     extra: dict[str, Any] = field(default_factory=dict)  # caller's context (model id, routes, …)
 
     @property
@@ -81,7 +80,6 @@ class QualityReport:
             "name": self.name,
             **self.overall.to_dict(),
             "gflops_per_image": self.gflops_per_image,
-            "seconds_per_image": self.seconds_per_image,
             "by_level": {level: s.to_dict() for level, s in self.by_level.items()},
             "extra": self.extra,
         }
@@ -100,18 +98,13 @@ class QualityReport:
             if has_ref:
                 cells += [_fmt(s.ref_cosine), _fmt(s.neighbour_overlap)]
             lines.append(_md_row(cells))
-        compute = []
         if self.gflops_per_image is not None:
-            compute.append(f"{self.gflops_per_image:.3f} GFLOPs/image")
-        if self.seconds_per_image is not None:
-            compute.append(f"{self.seconds_per_image * 1e3:.2f} ms/image")
-        if compute:
-            lines += ["", "compute: " + ", ".join(compute)]
+            lines += ["", f"compute: {self.gflops_per_image:.3f} GFLOPs/image"]
         return "\n".join(lines)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -121,7 +114,7 @@ def _md_row(cells: Sequence[str]) -> str:
 def reports_markdown(reports: Sequence[QualityReport]) -> str:
     """Side-by-side comparison: one row per report (all scenes), T→I R@10 per level, compute."""
     head = ["model", "n", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@10"]
-    head += [f"T→I R@10 {level}" for level in LEVELS] + ["ref cos", "nbr overlap", "GFLOPs/img", "ms/img"]
+    head += [f"T→I R@10 {level}" for level in LEVELS] + ["ref cos", "nbr overlap", "GFLOPs/img"]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
     for r in reports:
         o = r.overall
@@ -129,7 +122,6 @@ def reports_markdown(reports: Sequence[QualityReport]) -> str:
         cells += [_fmt(o.t2i.get(k)) for k in (1, 5, 10)] + [_fmt(o.i2t.get(k)) for k in (1, 10)]
         cells += [_fmt(r.by_level[lv].t2i.get(10)) if lv in r.by_level else "–" for lv in LEVELS]
         cells += [_fmt(o.ref_cosine), _fmt(o.neighbour_overlap), _fmt(r.gflops_per_image)]
-        cells.append(_fmt(None if r.seconds_per_image is None else r.seconds_per_image * 1e3, 2))
         lines.append(_md_row(cells))
     return "\n".join(lines)
 
@@ -198,17 +190,6 @@ def evaluate_embeddings(
 
 
 # -- encoders and written tables ----------------------------------------------------------------------
-@torch.inference_mode()
-def embed_texts(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Captions -> L2-normalised [N, D] with the model's own text tower (what a query would use)."""
-    model = loaded.model
-    out = [
-        model.encode_text(loaded.tokenizer(list(captions[i : i + batch_size])), normalize=True)
-        for i in range(0, len(captions), batch_size)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, int(model.text_projection.shape[-1]))
-
-
 def evaluate_encoder(
     encoder: RoutedEncoder,
     heldout: HeldoutSet,
@@ -219,25 +200,17 @@ def evaluate_encoder(
 ) -> QualityReport:
     """Encode the held-out images through the routed encoder (route 0 for all unless `route_ids`) and score.
 
-    Records the encoder's mean analytic GFLOPs and the measured image-encode seconds per image, so a
-    route's quality and cost come out of one call.
+    Records the encoder's mean analytic GFLOPs, so a route's quality and compute come out of one call;
+    its speed is the timing harness's (speed.py), measured against a baseline in alternating rounds.
     """
     n = len(heldout)
     routes = np.zeros(n, np.int64) if route_ids is None else np.asarray(route_ids, dtype=np.int64)
     if routes.shape != (n,):
         raise ValueError(f"route_ids must have shape ({n},), got {routes.shape}")
-    vectors, gflops = [], []
-    seconds = 0.0
-    for i in range(0, n, batch_size):
-        started = time.perf_counter()
-        out = encoder.encode(heldout.images[i : i + batch_size], routes[i : i + batch_size])
-        seconds += time.perf_counter() - started
-        vectors.append(out.vectors)
-        gflops.append(out.gflops)
+    vectors, gflops = embed_images(encoder, heldout.images, routes, batch_size)
     texts = embed_texts(encoder.loaded, heldout.captions, batch_size)
-    report = evaluate_embeddings(np.concatenate(vectors), texts, heldout, reference, name=name)
-    report.gflops_per_image = float(np.concatenate(gflops).mean())
-    report.seconds_per_image = seconds / max(n, 1)
+    report = evaluate_embeddings(vectors, texts, heldout, reference, name=name)
+    report.gflops_per_image = float(gflops.mean())
     report.extra["model_id"] = encoder.loaded.model_id
     report.extra["routes"] = {r.name: int((routes == j).sum()) for j, r in enumerate(encoder.routes)}
     return report

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from icar_lab.embed import embed_texts
 from icar_lab.heldout import HeldoutSet, load_heldout
 from icar_lab.metrics import multi_positive_infonce, recall_at_k
 from icar_lab.outputs import output_path
-from icar_lab.quality import embed_texts
 from icar_lab.scenes.render import make_example
 from icar_lab.scenes.splits import CALIB
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
