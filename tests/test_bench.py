@@ -115,7 +115,7 @@ def test_pipeline_section_reports_the_bound_and_the_share_of_it(tiny):
 def test_router_and_query_sections_are_sane(tiny):
     _, result = tiny
     router = result["router"]
-    assert router["router"]["cpu_s_per_image"] > 0 and router["router_share_of_encoder_cpu"] > 0
+    assert router["router_cpu_s_per_image"] > 0 and router["router_share_of_encoder_cpu"] > 0
     query = result["query"]
     assert query["rows"] == 2000 and [t["dtype"] for t in query["tables"]] == ["float32", "float16"]
     for table in query["tables"]:

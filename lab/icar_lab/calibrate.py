@@ -24,6 +24,7 @@ import torch
 
 from icar_lab.catalogue import FULL_KEY, spec_key
 from icar_lab.embed import embed_routes, embed_texts
+from icar_lab.router_cost import router_seconds
 from icar_lab.router_search import (
     PlanQuality,
     RouteMeasurement,
@@ -39,7 +40,6 @@ from icar_lab.sample import CaptionedSample
 from icar_lab.scenes.splits import refuse_test
 from icar_lab.speed import EncoderCase, measure_encoder
 from icar_lab.targets import QualityFloor, Target
-from icar_lab.timing import best_of
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.score import HandcraftedScorer, LearnedScorer, Scorer, complexity_features
 
@@ -220,13 +220,6 @@ class Calibration:
         }
 
 
-def scorer_seconds(scorer: Scorer, images: np.ndarray, bytes_per_pixel: np.ndarray) -> float:
-    """Seconds per image of complexity features + score, best of 3: what routing adds to each image."""
-    return best_of(lambda: scorer(complexity_features(images, bytes_per_pixel)), len(images), 3)[
-        "wall_s_per_image"
-    ]
-
-
 def calibrate(
     encoder: RoutedEncoder,
     model_name: str,
@@ -262,7 +255,7 @@ def calibrate(
     trials = []
     for name, scorer in scorers.items():
         scores = scorer(features)
-        cpu = scorer_seconds(scorer, sample.images, sample.bytes_per_pixel)
+        cpu = router_seconds(scorer, sample.images, sample.bytes_per_pixel)
         plan = search_router(scores[fit], *on(fit), target, router_seconds=cpu, galleries=galleries_of(fit))
         held_out = (
             apply_plan(plan, scores[test], *on(test), router_seconds=cpu, galleries=galleries_of(test))

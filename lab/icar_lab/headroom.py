@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from icar_lab.calibrate import measure_routes, scorer_seconds
+from icar_lab.calibrate import measure_routes
 from icar_lab.catalogue import FULL_KEY, spec_key
 from icar_lab.heldout import HeldoutSet
 from icar_lab.quality import embed_texts
+from icar_lab.router_cost import router_seconds
 from icar_lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement, split_galleries
 from icar_lab.speed import BASELINE, EncoderCase, measure_encoder, route_images
 from icar_lab.targets import QualityFloor
@@ -199,7 +200,7 @@ def measure_headroom(
     encode_image_seconds = full_m.seconds_per_image * full_m.speedup["median"]
     full, keys = full_m.embeddings, heldout.scene_keys
     text = embed_texts(encoder.loaded, heldout.captions)
-    router_seconds = 0.0
+    scorer_cpu = 0.0
     if router is not None:
         index = {spec_key(m.route): i for i, m in enumerate(measurements)}
         missing = [r.name for r in router.routes if spec_key(r) not in index]
@@ -208,10 +209,10 @@ def measure_headroom(
         ids = route_images(router, heldout.images, heldout.bytes_per_pixel)
         if len(router.routes) > 1:
             scorer = load_scorer(router.scorer)
-            router_seconds = scorer_seconds(scorer, heldout.images, heldout.bytes_per_pixel)
+            scorer_cpu = router_seconds(scorer, heldout.images, heldout.bytes_per_pixel)
         assign = np.asarray([index[spec_key(r)] for r in router.routes])[ids]
     galleries = split_galleries(len(heldout), gallery_size)
-    ev = PlanEvaluator(measurements, full, text, keys, router_seconds, target.confidence, galleries)
+    ev = PlanEvaluator(measurements, full, text, keys, scorer_cpu, target.confidence, galleries)
     found = find_headroom(ev, measurements, target)
     plans = {"best static route": found.static, "best in-ViT split": found.split, "oracle": found.oracle}
     if router is not None:
