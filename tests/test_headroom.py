@@ -244,7 +244,8 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     alone = next(
         r for r in report["routes"] if r["route"] == cfg.router.routes[0].model_dump(exclude_defaults=True)
     )
-    assert router["share"] == {cfg.router.routes[0].name: 1.0} and router["t2i_R@10"] == alone["t2i_R@10"]
+    assert router["share"] == {cfg.router.routes[0].name: 1.0}
+    assert router["t2i_R@10_in_gallery"] == alone["t2i_R@10_in_gallery"]
     for plan in report["plans"].values():
         assert plan is None or sum(level["images"] for level in plan["per_level"].values()) == 24
     retimed = report["retimed"]
