@@ -62,7 +62,7 @@ def main() -> None:
     ]
     text = embed_texts(encoder.loaded, heldout.captions)
     report = bound_coverage(
-        measurements, full, text, heldout.scene_keys, QualityFloor.confidence, args.splits
+        measurements, full, text, heldout.keys, QualityFloor.confidence, args.splits
     )
     report |= {"split": args.split, "images": len(heldout), "args": vars(args)}
     out = output_path(Path(args.out) / f"bound-coverage-{args.split}.json")

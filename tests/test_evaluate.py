@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from icar_lab.embed import embed_texts
-from icar_lab.heldout import HeldoutSet, load_heldout
+from icar_lab.heldout import load_heldout
 from icar_lab.quality import (
     LEVELS,
     evaluate_embeddings,
@@ -23,6 +23,7 @@ from icar_lab.quality import (
     evaluate_table,
     reports_markdown,
 )
+from icar_lab.sample import CaptionedSample
 from icar_lab.scenes.render import make_example
 from icar_lab.scenes.shards import SHARD_SCHEMA
 from icar_lab.scenes.splits import CALIB, TEST
@@ -53,18 +54,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def fake_heldout(keys: list[str], levels: list[str]) -> HeldoutSet:
+def fake_heldout(keys: list[str], levels: list[str]) -> CaptionedSample:
     """Ground truth without pixels: the metric functions only read keys and levels."""
     n = len(keys)
-    return HeldoutSet(
+    return CaptionedSample(
         images=np.zeros((n, 1, 1, 3), np.uint8),
         captions=[f"caption {k}" for k in keys],
-        scene_keys=list(keys),
-        complexity_level=np.asarray(levels),
-        object_count=np.ones(n, np.int32),
-        background=np.asarray(["plain"] * n),
+        keys=list(keys),
         bytes_per_pixel=np.zeros(n, np.float32),
-        split="fake",
+        key_source="scene_key",
+        complexity_level=np.asarray(levels),
     )
 
 
@@ -176,13 +175,13 @@ def test_heldout_is_the_pipeline_pixels_and_the_cache_round_trips(tmp_path):
     assert rendered.images.shape == (12, 64, 64, 3) and rendered.images.dtype == np.uint8
     scene, data, _ = make_example(0, TEST, 5)
     np.testing.assert_array_equal(rendered.images[5], decode_image(data, 64)[0])
-    assert rendered.captions[5] == scene.caption and rendered.scene_keys[5] == scene.scene_key
+    assert rendered.captions[5] == scene.caption and rendered.keys[5] == scene.scene_key
     assert rendered.complexity_level[5] == scene.complexity_level
     assert rendered.object_count[5] == scene.object_count and rendered.background[5] == scene.background
     assert len(list(tmp_path.glob("*.npz"))) == 1
     cached = load_heldout(TEST, count=12, image_size=64, cache_dir=tmp_path)
     np.testing.assert_array_equal(cached.images, rendered.images)
-    assert cached.captions == rendered.captions and cached.scene_keys == rendered.scene_keys
+    assert cached.captions == rendered.captions and cached.keys == rendered.keys
     assert cached.split == rendered.split == TEST
     np.testing.assert_array_equal(cached.complexity_level, rendered.complexity_level)
     other_split = load_heldout(CALIB, count=12, image_size=64, cache_dir=tmp_path)
@@ -191,7 +190,7 @@ def test_heldout_is_the_pipeline_pixels_and_the_cache_round_trips(tmp_path):
 
 # -- real models ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def heldout() -> HeldoutSet:
+def heldout() -> CaptionedSample:
     return load_heldout(TEST, count=HELDOUT_IMAGES, image_size=128)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from icar_lab.catalogue import FULL_KEY, frontier_routes, router_key, spec_key
 from icar_lab.embed import embed_images, embed_routes, embed_texts
-from icar_lab.heldout import HeldoutSet
 from icar_lab.quality import evaluate_embeddings
+from icar_lab.sample import CaptionedSample
 from icar_lab.speed import EncoderCase, measure_encoder, route_images
 from pipeline.config import RouterConfig
 from pipeline.encode.routed import RoutedEncoder
@@ -23,7 +23,7 @@ def measure_frontier(
     probe: RoutedEncoder,
     model_name: str,
     router: RouterConfig,
-    heldout: HeldoutSet,
+    heldout: CaptionedSample,
     exits: list[int] | None = None,
     timing_images: int = 512,
     batch_size: int = 64,

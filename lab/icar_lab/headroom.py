@@ -26,10 +26,10 @@ import torch
 
 from icar_lab.calibrate import measure_routes
 from icar_lab.catalogue import FULL_KEY, spec_key
-from icar_lab.heldout import HeldoutSet
 from icar_lab.quality import embed_texts
 from icar_lab.router_cost import router_seconds
 from icar_lab.router_search import PlanEvaluator, PlanQuality, RouteMeasurement, split_galleries
+from icar_lab.sample import CaptionedSample
 from icar_lab.speed import BASELINE, EncoderCase, measure_encoder, route_images
 from icar_lab.targets import QualityFloor
 from icar_lab.timing import paired_speedup
@@ -182,7 +182,7 @@ def per_level(ev: PlanEvaluator, plan: Plan, levels: np.ndarray) -> dict[str, di
 def measure_headroom(
     encoder: RoutedEncoder,
     model_name: str,
-    heldout: HeldoutSet,
+    heldout: CaptionedSample,
     target: QualityFloor,
     router: RouterConfig | None = None,
     timing_images: int = 512,
@@ -198,7 +198,7 @@ def measure_headroom(
     measurements = measure_routes(encoder, model_name, heldout.images, batch_size, timing_images, rounds)
     full_m = next(m for m in measurements if spec_key(m.route) == FULL_KEY)
     encode_image_seconds = full_m.seconds_per_image * full_m.speedup["median"]
-    full, keys = full_m.embeddings, heldout.scene_keys
+    full, keys = full_m.embeddings, heldout.keys
     text = embed_texts(encoder.loaded, heldout.captions)
     scorer_cpu = 0.0
     if router is not None:

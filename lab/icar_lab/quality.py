@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from icar_lab.embed import embed_images, embed_texts
-from icar_lab.heldout import HeldoutSet
 from icar_lab.metrics import neighbour_overlap, recall_at_k
+from icar_lab.sample import MATCH_COLUMN, CaptionedSample
 from pipeline.config import IndexConfig, InputConfig
 from pipeline.encode.model import LoadedModel, load_model
 from pipeline.encode.routed import RoutedEncoder
@@ -147,20 +147,21 @@ def _recall(
 def evaluate_embeddings(
     image_emb: Embeddings,
     text_emb: Embeddings,
-    heldout: HeldoutSet,
+    sample: CaptionedSample,
     reference: Embeddings | None = None,
     name: str = "",
 ) -> QualityReport:
-    """Score row-aligned image and caption embeddings of `heldout` (and optionally a reference set).
+    """Score row-aligned image and caption embeddings of `sample` (and optionally a reference set).
 
-    Per level, only the queries are restricted (to that level's scenes); the gallery stays every image
-    (or caption), so a level's recall is comparable to the overall one and to other levels'.
+    Per complexity level (where the sample knows them), only the queries are restricted (to that level's
+    scenes); the gallery stays every image (or caption), so a level's recall is comparable to the overall
+    one and to other levels'.
     """
     images, texts = _as_unit_tensor(image_emb, "image_emb"), _as_unit_tensor(text_emb, "text_emb")
-    n = len(heldout)
+    n = len(sample)
     if len(images) != n or len(texts) != n:
         raise ValueError(f"{len(images)} image / {len(texts)} text embeddings for {n} held-out scenes")
-    keys = list(heldout.scene_keys)
+    keys = list(sample.keys)
     ref_cos = overlap = None
     if reference is not None:
         ref = _as_unit_tensor(reference, "reference")
@@ -180,8 +181,8 @@ def evaluate_embeddings(
             neighbour_overlap=float(overlap[idx].mean()) if overlap is not None and len(rows) else None,
         )
 
-    levels = np.asarray(heldout.complexity_level).astype(str)
-    names = list(LEVELS) + sorted(set(levels.tolist()) - set(LEVELS))
+    levels = None if sample.complexity_level is None else np.asarray(sample.complexity_level).astype(str)
+    names = [] if levels is None else list(LEVELS) + sorted(set(levels.tolist()) - set(LEVELS))
     return QualityReport(
         overall=slice_quality(np.arange(n)),
         by_level={level: slice_quality(np.flatnonzero(levels == level)) for level in names},
@@ -192,7 +193,7 @@ def evaluate_embeddings(
 # -- encoders and written tables ----------------------------------------------------------------------
 def evaluate_encoder(
     encoder: RoutedEncoder,
-    heldout: HeldoutSet,
+    heldout: CaptionedSample,
     route_ids: np.ndarray | None = None,
     reference: Embeddings | None = None,
     batch_size: int = 256,
@@ -274,18 +275,18 @@ def evaluate_table(
         raise ValueError(f"none of the {data.num_rows} table rows match a row of the shards {paths}")
     data = data.take(keep)
     vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
-    heldout = HeldoutSet(
+    written = CaptionedSample(
         images=np.zeros((len(rows), 0, 0, 3), np.uint8),  # the table holds vectors, not pixels
         captions=[r["caption"] for r in rows],
-        scene_keys=[r["scene_key"] for r in rows],
+        keys=[r["scene_key"] for r in rows],
+        bytes_per_pixel=np.zeros(len(rows), np.float32),  # not needed to score written vectors
+        key_source=MATCH_COLUMN,
         complexity_level=np.asarray([r["complexity_level"] for r in rows], dtype=str),
         object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
         background=np.asarray([r["background"] for r in rows], dtype=str),
-        bytes_per_pixel=np.zeros(len(rows), np.float32),  # not needed to score written vectors
-        split="table",  # the rows of a written table, whatever streams its shards were drawn from
     )
     loaded = loaded or load_model(cfg.model)
-    report = evaluate_embeddings(vectors, embed_texts(loaded, heldout.captions), heldout, name=name)
+    report = evaluate_embeddings(vectors, embed_texts(loaded, written.captions), written, name=name)
     report.gflops_per_image = float(np.asarray(data.column("gflops").to_numpy(), np.float64).mean())
     report.extra.update(
         model_id=cfg.model.model_id,

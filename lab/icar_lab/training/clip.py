@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from icar_lab.embed import embed_texts
-from icar_lab.heldout import HeldoutSet, load_heldout
+from icar_lab.heldout import load_heldout
 from icar_lab.metrics import multi_positive_infonce, recall_at_k
 from icar_lab.outputs import output_path
+from icar_lab.sample import CaptionedSample
 from icar_lab.scenes.render import make_example
 from icar_lab.scenes.splits import CALIB
 from pipeline.config import EMBEDDED_MODEL, ModelConfig
@@ -60,7 +61,7 @@ class SceneStream(IterableDataset):
 
 
 @torch.no_grad()
-def evaluate_recall(loaded, heldout: HeldoutSet, batch: int = 256) -> dict[str, float]:
+def evaluate_recall(loaded, heldout: CaptionedSample, batch: int = 256) -> dict[str, float]:
     """Held-out text->image and image->text recall, scene-key hits (the quality harness's metric)."""
     was_training = loaded.model.training
     loaded.model.eval()
@@ -75,7 +76,7 @@ def evaluate_recall(loaded, heldout: HeldoutSet, batch: int = 256) -> dict[str, 
     )
     txt = embed_texts(loaded, heldout.captions, batch)
     loaded.model.train(was_training)
-    keys = heldout.scene_keys
+    keys = heldout.keys
     t2i, i2t = recall_at_k(txt, img, keys, keys), recall_at_k(img, txt, keys, keys)
     return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
 
