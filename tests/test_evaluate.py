@@ -3,9 +3,7 @@ a written table scored against its corpus, and the corpus writer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -13,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scripts import load_script
 
 from icar_lab.embed import embed_texts
 from icar_lab.heldout import load_heldout
@@ -37,12 +36,7 @@ HELDOUT_IMAGES = 300
 
 
 def make_corpus(argv: list[str]) -> int:
-    """jobs/ is scripts, not a package: load jobs/make_corpus.py by path and run its main."""
-    path = Path(__file__).resolve().parent.parent / "jobs" / "make_corpus.py"
-    spec = importlib.util.spec_from_file_location("make_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("jobs/make_corpus.py").main(argv)
 
 
 @pytest.fixture(scope="module", autouse=True)

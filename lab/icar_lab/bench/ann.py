@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from icar_lab.bench.query import clustered_vectors, fresh_truth, search_quality, vector_table
+from icar_lab.plots import pyplot
 from pipeline.query import KMEANS_ITERATIONS, K, index_params, tune_search
 
 TARGET_RECALL = 0.95  # `query.target_recall`'s default
@@ -239,11 +240,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for setting, marker in (("tuned", "o"), ("lancedb_default", "x")):
         for d in r["distributions"]:
