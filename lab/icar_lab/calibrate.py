@@ -220,6 +220,65 @@ class Calibration:
         }
 
 
+@dataclass
+class Evidence:
+    """What every scorer is judged on: the routes measured on the sample, full depth's and the captions'
+    embeddings, the match keys, the galleries (None: one) and the fit and test rows."""
+
+    measurements: list[RouteMeasurement]
+    full: torch.Tensor
+    text: torch.Tensor
+    keys: np.ndarray
+    galleries: np.ndarray | None
+    fit: np.ndarray
+    test: np.ndarray
+
+    def on(self, rows: np.ndarray) -> tuple:
+        """(measurements, full, text, keys) of `rows`: the positional arguments of a search."""
+        return subset(self.measurements, rows), self.full[rows], self.text[rows], self.keys[rows].tolist()
+
+    def galleries_of(self, rows: np.ndarray) -> np.ndarray | None:
+        return None if self.galleries is None else self.galleries[rows]
+
+
+def try_scorer(
+    name: str,
+    scorer: Scorer,
+    features: np.ndarray,
+    labels: np.ndarray,
+    sample: CaptionedSample,
+    evidence: Evidence,
+    target: Target,
+) -> ScorerTrial:
+    """The router searched with `scorer` on the fit rows, judged on the test rows."""
+    fit, test = evidence.fit, evidence.test
+    scores = scorer(features)
+    cpu = router_seconds(scorer, sample.images, sample.bytes_per_pixel)
+    plan = search_router(
+        scores[fit], *evidence.on(fit), target, router_seconds=cpu, galleries=evidence.galleries_of(fit)
+    )
+    held_out = None
+    if plan:
+        held_out = apply_plan(
+            plan, scores[test], *evidence.on(test), router_seconds=cpu, galleries=evidence.galleries_of(test)
+        )
+    return ScorerTrial(name, rank_correlation(scores[test], labels[test]), cpu, plan, held_out)
+
+
+def sample_info(sample: CaptionedSample, evidence: Evidence, gallery_size: int | None) -> dict[str, Any]:
+    galleries = evidence.galleries
+    return {
+        "images": len(sample),
+        "match_key": sample.key_source,
+        "distinct_keys": len(set(sample.keys)),
+        "skipped": sample.skipped,
+        "fit_rows": len(evidence.fit),
+        "test_rows": len(evidence.test),
+        "galleries": 1 if galleries is None else int(galleries.max()) + 1,
+        "gallery_size": gallery_size,
+    }
+
+
 def calibrate(
     encoder: RoutedEncoder,
     model_name: str,
@@ -235,36 +294,22 @@ def calibrate(
     measurements = measure_routes(encoder, model_name, sample.images, s.batch_size, s.timing_images, s.rounds)
     full = next(m for m in measurements if spec_key(m.route) == FULL_KEY).embeddings
     text = embed_texts(encoder.loaded, sample.captions)
-    keys = np.asarray(sample.keys)
     features = complexity_features(sample.images, sample.bytes_per_pixel)
     label_cosine = target.min_cosine if isinstance(target, QualityFloor) else QualityFloor.min_cosine
     labels = cheapest_route_labels(measurements, full, label_cosine)
     galleries = split_galleries(len(sample), s.gallery_size, s.seed)
     fit, test = fit_test_split(len(sample), s.seed, s.test_fraction, galleries)
+    evidence = Evidence(measurements, full, text, np.asarray(sample.keys), galleries, fit, test)
     scorers: dict[str, Scorer] = {
         "handcrafted": HandcraftedScorer(),
         "learned": LearnedScorer.fit(features[fit], labels[fit]),
     }
-
-    def on(rows: np.ndarray) -> tuple:
-        return subset(measurements, rows), full[rows], text[rows], keys[rows].tolist()
-
-    def galleries_of(rows: np.ndarray) -> np.ndarray | None:
-        return None if galleries is None else galleries[rows]
-
     trials = []
     for name, scorer in scorers.items():
-        scores = scorer(features)
-        cpu = router_seconds(scorer, sample.images, sample.bytes_per_pixel)
-        plan = search_router(scores[fit], *on(fit), target, router_seconds=cpu, galleries=galleries_of(fit))
-        held_out = (
-            apply_plan(plan, scores[test], *on(test), router_seconds=cpu, galleries=galleries_of(test))
-            if plan
-            else None
-        )
-        trials.append(ScorerTrial(name, rank_correlation(scores[test], labels[test]), cpu, plan, held_out))
-        ladder = plan and [r.name for r in plan.routes]
-        log(f"{name}: fit plan {ladder}; held out: {held_out and held_out.to_dict()}")
+        trial = try_scorer(name, scorer, features, labels, sample, evidence, target)
+        ladder = trial.fit_plan and [r.name for r in trial.fit_plan.routes]
+        log(f"{name}: fit plan {ladder}; held out: {trial.test and trial.test.to_dict()}")
+        trials.append(trial)
     winner = choose_winner(trials, target)
     qualities = route_qualities(measurements, full, text, sample.keys, target, galleries)
     plan = final_plan(cheapest_admissible(measurements, qualities, target), winner, target)
@@ -272,14 +317,5 @@ def calibrate(
         raise CalibrationError(f"no router meets {target} on the {len(sample)} calibration images")
     scorer = scorers[winner.name]
     learned = scorer if isinstance(scorer, LearnedScorer) and len(plan.routes) > 1 else None
-    info = {
-        "images": len(sample),
-        "match_key": sample.key_source,
-        "distinct_keys": len(set(sample.keys)),
-        "skipped": sample.skipped,
-        "fit_rows": len(fit),
-        "test_rows": len(test),
-        "galleries": 1 if galleries is None else int(galleries.max()) + 1,
-        "gallery_size": s.gallery_size,
-    }
+    info = sample_info(sample, evidence, s.gallery_size)
     return Calibration(target, measurements, qualities, trials, winner.name, plan, learned, info)

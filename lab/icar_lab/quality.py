@@ -232,51 +232,28 @@ def _read_ground_truth(shard_paths: Sequence[str | Path], cfg: InputConfig) -> d
     return truth
 
 
-def evaluate_table(
-    cfg: IndexConfig,
-    shard_paths: Sequence[str | Path] | None = None,
-    loaded: LoadedModel | None = None,
-    name: str = "",
-) -> QualityReport:
-    """Score a LanceDB table as the pipeline wrote it, against the corpus shards' ground truth.
-
-    `shard_paths` default to `cfg.input.paths` (so ids match the job's exactly); an id whose shard name
-    differs (e.g. the job listed a parent directory) is matched on the shard's file name and key instead.
-    Captions are embedded with `cfg.model`'s text tower; the table must hold that model's vectors.
-    """
-    from pipeline.alias import resolve
-    from pipeline.storage import connect
-
-    paths = list(shard_paths) if shard_paths is not None else list(cfg.input.paths)
-    if not paths:
-        raise ValueError("no shard paths: pass shard_paths or set input.paths")
-    truth = _read_ground_truth(paths, cfg.input)
+def _match_rows(truth: dict[str, dict[str, Any]], ids: list[str]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The ground-truth row of each table id that has one, and those ids' positions. An id whose shard
+    name differs from the shards' (e.g. the job listed a parent directory) matches on the shard's file
+    name and key; a file name two shards share matches nothing."""
     by_file_key: dict[str, dict[str, Any] | None] = {}
     for row_id, row in truth.items():
         short = f"{Path(row_id.rsplit('/', 1)[0]).name}/{row['key']}"
-        by_file_key[short] = None if short in by_file_key else row  # ambiguous file names match nothing
-
-    table = connect(cfg.output).open_table(resolve(cfg.output).table)  # the live generation
-    data = table.to_arrow().select(["id", "vector", "gflops", "model_id"])
-    model_ids = set(data.column("model_id").to_pylist())
-    if model_ids - {cfg.model.model_id}:
-        raise ValueError(
-            f"table {cfg.output.table!r} holds vectors of {sorted(model_ids)}, but the text tower would be "
-            f"{cfg.model.model_id}; pass the matching model config"
-        )
+        by_file_key[short] = None if short in by_file_key else row
     rows, keep = [], []
-    for i, row_id in enumerate(data.column("id").to_pylist()):
+    for i, row_id in enumerate(ids):
         prefix, key = row_id.rsplit("/", 1)
         row = truth.get(row_id) or by_file_key.get(f"{Path(prefix).name}/{key}")
         if row is not None:
             rows.append(row)
             keep.append(i)
-    if not rows:
-        raise ValueError(f"none of the {data.num_rows} table rows match a row of the shards {paths}")
-    data = data.take(keep)
-    vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
-    written = CaptionedSample(
-        images=np.zeros((len(rows), 0, 0, 3), np.uint8),  # the table holds vectors, not pixels
+    return rows, keep
+
+
+def _written_sample(rows: list[dict[str, Any]]) -> CaptionedSample:
+    """Captions, keys and ground truth of the matched rows; the table holds vectors, not pixels."""
+    return CaptionedSample(
+        images=np.zeros((len(rows), 0, 0, 3), np.uint8),
         captions=[r["caption"] for r in rows],
         keys=[r["scene_key"] for r in rows],
         bytes_per_pixel=np.zeros(len(rows), np.float32),  # not needed to score written vectors
@@ -285,6 +262,40 @@ def evaluate_table(
         object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
         background=np.asarray([r["background"] for r in rows], dtype=str),
     )
+
+
+def evaluate_table(
+    cfg: IndexConfig,
+    shard_paths: Sequence[str | Path] | None = None,
+    loaded: LoadedModel | None = None,
+    name: str = "",
+) -> QualityReport:
+    """Score a LanceDB table as the pipeline wrote it, against the corpus shards' ground truth.
+
+    `shard_paths` default to `cfg.input.paths` (so ids match the job's exactly). Captions are embedded
+    with `cfg.model`'s text tower; the table must hold that model's vectors.
+    """
+    from pipeline.alias import resolve
+    from pipeline.storage import connect
+
+    paths = list(shard_paths) if shard_paths is not None else list(cfg.input.paths)
+    if not paths:
+        raise ValueError("no shard paths: pass shard_paths or set input.paths")
+    truth = _read_ground_truth(paths, cfg.input)
+    table = connect(cfg.output).open_table(resolve(cfg.output).table)  # the live generation
+    data = table.to_arrow().select(["id", "vector", "gflops", "model_id"])
+    model_ids = set(data.column("model_id").to_pylist())
+    if model_ids - {cfg.model.model_id}:
+        raise ValueError(
+            f"table {cfg.output.table!r} holds vectors of {sorted(model_ids)}, but the text tower would be "
+            f"{cfg.model.model_id}; pass the matching model config"
+        )
+    rows, keep = _match_rows(truth, data.column("id").to_pylist())
+    if not rows:
+        raise ValueError(f"none of the {data.num_rows} table rows match a row of the shards {paths}")
+    data = data.take(keep)
+    vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    written = _written_sample(rows)
     loaded = loaded or load_model(cfg.model)
     report = evaluate_embeddings(vectors, embed_texts(loaded, written.captions), written, name=name)
     report.gflops_per_image = float(np.asarray(data.column("gflops").to_numpy(), np.float64).mean())
