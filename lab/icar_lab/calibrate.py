@@ -163,8 +163,8 @@ def final_plan(single: RouterPlan | None, winner: ScorerTrial, target: Target) -
 
     A routing plan is never re-searched on the whole sample: the search tries thousands of (ladder,
     thresholds) pairs and the one that passes on the sample is the one the sample flatters (on 6,000 calib
-    scenes it shipped a three-route plan claiming an R@10 ratio of 1.002, while both ladders fitted on half
-    of those scenes had failed on the other half). Only the held-back rows, which the plan never saw, can
+    scenes, the plan searched on all of them claims an R@10 ratio of 1.002, while both ladders fitted on
+    half of those scenes fail on the other half). Only the held-back rows, which the plan never saw, can
     vouch for it; its quality there is what the report shows. A single route has no thresholds to fit and
     is one of a few dozen candidates, so it is chosen on every row, where its bound is tightest."""
     fitted, held_out = winner.fit_plan, winner.test

@@ -115,7 +115,7 @@ def ratio_lower_bound(
     sample's ratio; a new sample (the test split, a user's data) adds its own noise of the same size, so
     the bound sits sqrt(2) times the spread below the point estimate. Checked out of sample by
     lab/studies/bound_coverage.py (each stream halved by scene key 30 times, 29 routes): the other half's
-    ratio stayed at or above this 95% bound in 87-92% of cases on calib, test and their bimodal mixes,
+    ratio stays at or above this 95% bound in 87-92% of cases on calib, test and their bimodal mixes,
     above the unwidened bound in 82-84%. Still short of 95%: the bootstrap keeps the gallery fixed, and a
     new gallery brings distractors of its own (resampling it too overshoots: see the README).
     `clusters` ([Q] ids, e.g. scene keys) resamples whole groups: queries sharing a caption hit or miss

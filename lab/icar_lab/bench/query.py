@@ -201,9 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     """The section on its own: `python -m icar_lab.bench.query --workdir D --rows N --out R.json`.
 
     The bench runs it this way, in a fresh interpreter, so nothing the earlier sections leave behind
-    (thread pools, Ray, memory) can tax it. A precaution, not a measured fix: one bench timed it inside
-    its own process at 5.4 ms p50 (1M rows) with a 623 s float16 index build, and the same code alone in
-    a fresh process took 3.0 ms and 156 s, but on another day and machine, not side by side."""
+    (thread pools, Ray, memory) can tax it. A precaution: the two ways have not been timed side by side,
+    so no gain is claimed for it."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--rows", required=True, type=int)
