@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from icar_lab.embed import embed_images, embed_texts
-from icar_lab.metrics import neighbour_overlap, recall_at_k
+from icar_lab.metrics import K, neighbour_overlap, recall_at_k
 from icar_lab.sample import MATCH_COLUMN, CaptionedSample
 from pipeline.config import IndexConfig, InputConfig
 from pipeline.encode.model import LoadedModel, load_model
 from pipeline.encode.routed import RoutedEncoder
 
 LEVELS = ("low", "medium", "high")
-KS = (1, 5, 10)
+KS = (1, 5, K)
 NEIGHBOURS = 10
 GROUND_TRUTH_COLUMNS = ["key", "caption", "scene_key", "complexity_level", "object_count", "background"]
 

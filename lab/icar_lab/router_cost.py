@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from icar_lab.timing import best_of
+from icar_lab.timing import best_cpu_seconds
 from pipeline.score import Scorer, complexity_features
 
 
@@ -29,4 +29,4 @@ def router_seconds(
             scorer(complexity_features(pixels, bpp))
 
     route()
-    return best_of(route, len(images), repeats)["cpu_s_per_image"]
+    return best_cpu_seconds(route, len(images), repeats)

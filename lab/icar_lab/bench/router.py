@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from icar_lab.router_cost import router_seconds
-from icar_lab.timing import best_of
+from icar_lab.timing import best_cpu_seconds
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.score import Scorer
 
@@ -30,7 +30,7 @@ def measure_router(
 
     router_cpu = router_seconds(scorer, images, bytes_per_pixel, batch_size, repeats)
     embed()  # warm-up
-    encoder_cpu = best_of(embed, n, repeats)["cpu_s_per_image"]
+    encoder_cpu = best_cpu_seconds(embed, n, repeats)
     return {
         "images": n,
         "image_size": int(images.shape[1]),
