@@ -1,6 +1,6 @@
 """`make bench` / `make bench-quick`: encoder speed, machine limit, pipeline efficiency, router cost,
-query latency and a scale projection, written to results/bench/ (<UTC>.json, latest.json, latest.md,
-PNG plots).
+query latency and serving, written to results/bench/ (<UTC>.json, latest.json, latest.md, PNG plots).
+`python lab/studies/projection.py` projects the result to indexing LAION-2B on GPUs.
 
     python jobs/bench.py            # full: about 25 min on 2 cores, 1M-row query table
     python jobs/bench.py --quick    # < 3 min, 100k-row query table

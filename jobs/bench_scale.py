@@ -22,6 +22,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from icar_lab.plots import pyplot
+
 SIZES = {
     # (shards, rows per shard, commit_shards, compact_fragments), manifest shards,
     # (images, small shard, large shard, pairs), (images, shard size) on two nodes,
@@ -32,11 +34,7 @@ SIZES = {
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     a = result["commit_path"]
     per_thousand = a["per_shard_ms_by_thousand"]
     fig, ax = plt.subplots(figsize=(6, 3.2))

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from scripts import load_script
 
 from icar_lab.bench.encoder import attach_quality, frontier_quality
 from icar_lab.bench.pipeline_run import steady_rate
-from icar_lab.bench.projection import FULL_IMAGES_PER_GPU_SECOND, IMAGES, project
 from icar_lab.bench.suite import run_suite
 from icar_lab.catalogue import FULL, FULL_KEY, frontier_routes, route, router_key, spec_key
 from icar_lab.frontier import frontier_markdown, measure_frontier
@@ -63,7 +63,7 @@ def tiny(ray_local, tmp_path_factory):
 
 def test_tiny_run_writes_json_summary_and_plots(tiny):
     out, result = tiny
-    sections = {"encoder", "machine", "pipeline", "router", "query", "serve", "projection", "answers"}
+    sections = {"encoder", "machine", "pipeline", "router", "query", "serve", "answers"}
     assert sections <= set(result)
     for name in ("latest.md", "encoder.png", "pipeline.png", "query.png"):
         assert (out / name).stat().st_size > 0
@@ -115,7 +115,7 @@ def test_pipeline_section_reports_the_bound_and_the_share_of_it(tiny):
 def test_router_and_query_sections_are_sane(tiny):
     _, result = tiny
     router = result["router"]
-    assert router["router"]["cpu_s_per_image"] > 0 and router["router_share_of_encoder_cpu"] > 0
+    assert router["router_cpu_s_per_image"] > 0 and router["router_share_of_encoder_cpu"] > 0
     query = result["query"]
     assert query["rows"] == 2000 and [t["dtype"] for t in query["tables"]] == ["float32", "float16"]
     for table in query["tables"]:
@@ -135,11 +135,12 @@ def test_router_and_query_sections_are_sane(tiny):
 
 
 def test_projection_prints_its_assumptions_and_scales_with_gpus():
-    projection = project(1.5, "test ratio", 0.6)
+    study = load_script("lab/studies/projection.py")
+    projection = study.project(1.5, "test ratio", 0.6)
     assert sum("ASSUMPTION" in a for a in projection["assumptions"]) >= 3
     rows = {(r["encoder"], r["gpus"]): r for r in projection["rows"]}
     full8 = rows[("full depth", 8)]
-    assert full8["hours"] == pytest.approx(IMAGES / FULL_IMAGES_PER_GPU_SECOND / 3600 / 8)
+    assert full8["hours"] == pytest.approx(study.IMAGES / study.FULL_IMAGES_PER_GPU_SECOND / 3600 / 8)
     assert rows[("adaptive", 8)]["hours"] == pytest.approx(full8["hours"] / 1.5)
     assert rows[("full depth", 64)]["usd"] == pytest.approx(full8["usd"])
 

@@ -3,9 +3,7 @@ a written table scored against its corpus, and the corpus writer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -13,16 +11,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scripts import load_script
 
-from icar_lab.heldout import HeldoutSet, load_heldout
+from icar_lab.embed import embed_texts
+from icar_lab.heldout import load_heldout
 from icar_lab.quality import (
     LEVELS,
-    embed_texts,
     evaluate_embeddings,
     evaluate_encoder,
     evaluate_table,
     reports_markdown,
 )
+from icar_lab.sample import CaptionedSample
 from icar_lab.scenes.render import make_example
 from icar_lab.scenes.shards import SHARD_SCHEMA
 from icar_lab.scenes.splits import CALIB, TEST
@@ -36,12 +36,7 @@ HELDOUT_IMAGES = 300
 
 
 def make_corpus(argv: list[str]) -> int:
-    """jobs/ is scripts, not a package: load jobs/make_corpus.py by path and run its main."""
-    path = Path(__file__).resolve().parent.parent / "jobs" / "make_corpus.py"
-    spec = importlib.util.spec_from_file_location("make_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("jobs/make_corpus.py").main(argv)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,18 +48,16 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def fake_heldout(keys: list[str], levels: list[str]) -> HeldoutSet:
+def fake_heldout(keys: list[str], levels: list[str]) -> CaptionedSample:
     """Ground truth without pixels: the metric functions only read keys and levels."""
     n = len(keys)
-    return HeldoutSet(
+    return CaptionedSample(
         images=np.zeros((n, 1, 1, 3), np.uint8),
         captions=[f"caption {k}" for k in keys],
-        scene_keys=list(keys),
-        complexity_level=np.asarray(levels),
-        object_count=np.ones(n, np.int32),
-        background=np.asarray(["plain"] * n),
+        keys=list(keys),
         bytes_per_pixel=np.zeros(n, np.float32),
-        split="fake",
+        key_source="scene_key",
+        complexity_level=np.asarray(levels),
     )
 
 
@@ -150,7 +143,7 @@ def test_report_serialises_to_json_and_markdown():
     report = evaluate_embeddings(
         emb, emb, fake_heldout([f"k{i}" for i in range(n)], ["low"] * n), reference=emb, name="x"
     )
-    report.gflops_per_image, report.seconds_per_image = 0.75, 0.002
+    report.gflops_per_image = 0.75
     data = json.loads(json.dumps(report.to_dict()))
     assert data["t2i_R@10"] == 1.0 and data["by_level"]["low"]["count"] == n
     assert data["by_level"]["high"] == {
@@ -176,13 +169,13 @@ def test_heldout_is_the_pipeline_pixels_and_the_cache_round_trips(tmp_path):
     assert rendered.images.shape == (12, 64, 64, 3) and rendered.images.dtype == np.uint8
     scene, data, _ = make_example(0, TEST, 5)
     np.testing.assert_array_equal(rendered.images[5], decode_image(data, 64)[0])
-    assert rendered.captions[5] == scene.caption and rendered.scene_keys[5] == scene.scene_key
+    assert rendered.captions[5] == scene.caption and rendered.keys[5] == scene.scene_key
     assert rendered.complexity_level[5] == scene.complexity_level
     assert rendered.object_count[5] == scene.object_count and rendered.background[5] == scene.background
     assert len(list(tmp_path.glob("*.npz"))) == 1
     cached = load_heldout(TEST, count=12, image_size=64, cache_dir=tmp_path)
     np.testing.assert_array_equal(cached.images, rendered.images)
-    assert cached.captions == rendered.captions and cached.scene_keys == rendered.scene_keys
+    assert cached.captions == rendered.captions and cached.keys == rendered.keys
     assert cached.split == rendered.split == TEST
     np.testing.assert_array_equal(cached.complexity_level, rendered.complexity_level)
     other_split = load_heldout(CALIB, count=12, image_size=64, cache_dir=tmp_path)
@@ -191,7 +184,7 @@ def test_heldout_is_the_pipeline_pixels_and_the_cache_round_trips(tmp_path):
 
 # -- real models ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def heldout() -> HeldoutSet:
+def heldout() -> CaptionedSample:
     return load_heldout(TEST, count=HELDOUT_IMAGES, image_size=128)
 
 
@@ -209,7 +202,7 @@ def test_trained_model_retrieves_well_and_random_init_does_not(heldout, trained)
     assert report.t2i[10] >= 0.9 and report.i2t[10] >= 0.9  # measured 0.956 / 0.925 on 2000 scenes
     assert baseline.t2i[10] < 0.3 and baseline.i2t[10] < 0.3
     assert report.gflops_per_image == pytest.approx(baseline.gflops_per_image) and report.gflops_per_image > 0
-    assert report.seconds_per_image > 0 and report.extra["routes"] == {"full": HELDOUT_IMAGES}
+    assert report.extra["routes"] == {"full": HELDOUT_IMAGES}
 
 
 def test_route_ids_split_the_batch_and_reference_is_compared(trained):

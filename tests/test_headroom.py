@@ -1,5 +1,5 @@
-"""The headroom oracle, the confidence margin of the quality floor and the patch-redundancy features, on
-constructed cases whose right answers are known."""
+"""The headroom oracle, the confidence margin of the quality floor, its coverage study and the
+patch-redundancy features, on constructed cases whose right answers are known."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scripts import load_script
 
-from icar_lab.bound_coverage import bound_coverage, halves_by_key
 from icar_lab.catalogue import route, unique
-from icar_lab.headroom import find_headroom, headroom_markdown, measure_headroom, oracle_assign
 from icar_lab.heldout import load_heldout
 from icar_lab.router_search import (
     NEW_SAMPLE_WIDTH,
@@ -25,6 +24,8 @@ from pipeline.config import RouteSpec, load_config
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.score import patch_redundancy
 
+headroom = load_script("lab/studies/headroom.py")
+coverage = load_script("lab/studies/bound_coverage.py")
 N = 100
 
 
@@ -43,9 +44,9 @@ def _routes(hard: np.ndarray) -> tuple[list[RouteMeasurement], torch.Tensor]:
 
 def test_oracle_sends_each_image_to_the_cheapest_route_that_keeps_it():
     cos = np.array([[1.0, 0.2, 0.97], [1.0, 1.0, 1.0]])  # cheap route first
-    assert oracle_assign(cos, np.array([0.001, 0.004]), 0.95).tolist() == [0, 1, 0]
-    assert oracle_assign(cos, np.array([0.001, 0.004]), 0.99).tolist() == [0, 1, 1]
-    assert oracle_assign(cos[::-1], np.array([0.004, 0.001]), 0.99).tolist() == [1, 0, 0]
+    assert headroom.oracle_assign(cos, np.array([0.001, 0.004]), 0.95).tolist() == [0, 1, 0]
+    assert headroom.oracle_assign(cos, np.array([0.001, 0.004]), 0.99).tolist() == [0, 1, 1]
+    assert headroom.oracle_assign(cos[::-1], np.array([0.004, 0.001]), 0.99).tolist() == [1, 0, 0]
 
 
 def test_headroom_is_the_oracle_against_the_best_static_route():
@@ -53,7 +54,7 @@ def test_headroom_is_the_oracle_against_the_best_static_route():
     routes, full = _routes(hard)
     keys = [f"scene{i}" for i in range(N)]
     ev = PlanEvaluator(routes, full, full, keys)
-    found = find_headroom(ev, routes, QualityFloor(0.95, 0.99))
+    found = headroom.find_headroom(ev, routes, QualityFloor(0.95, 0.99))
     assert found.static is not None and found.static.name == "full"  # cheap alone loses half the scenes
     assert found.oracle is not None and found.oracle.assign.tolist() == hard.astype(int).tolist()
     assert found.oracle.quality.recall_ratio == 1.0
@@ -71,7 +72,7 @@ def test_an_in_vit_split_is_judged_apart_from_the_static_routes():
     )
     routes.append(RouteMeasurement(split, full, 0.5 * np.ones(N, np.float32), 0.003))
     ev = PlanEvaluator(routes, full, full, [f"scene{i}" for i in range(N)])
-    found = find_headroom(ev, routes, QualityFloor(0.95, 0.99))
+    found = headroom.find_headroom(ev, routes, QualityFloor(0.95, 0.99))
     assert found.static.name == "full" and found.split.name == "split"
     assert found.split_gain == pytest.approx(0.004 / 0.003)
 
@@ -232,7 +233,7 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = measure_headroom(
+        report = headroom.measure_headroom(
             encoder, cfg.model.name, heldout, QualityFloor(), cfg.router, 8, 24, 1, 12, retime_rounds=1
         )
     finally:
@@ -244,7 +245,8 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     alone = next(
         r for r in report["routes"] if r["route"] == cfg.router.routes[0].model_dump(exclude_defaults=True)
     )
-    assert router["share"] == {cfg.router.routes[0].name: 1.0} and router["t2i_R@10"] == alone["t2i_R@10"]
+    assert router["share"] == {cfg.router.routes[0].name: 1.0}
+    assert router["t2i_R@10_in_gallery"] == alone["t2i_R@10_in_gallery"]
     for plan in report["plans"].values():
         assert plan is None or sum(level["images"] for level in plan["per_level"].values()) == 24
     retimed = report["retimed"]
@@ -258,14 +260,14 @@ def test_measure_headroom_reports_the_three_plans_on_a_split():
     static, oracle = report["plans"]["best static route"], report["plans"]["oracle"]
     flops = static["gflops_per_image"] / oracle["gflops_per_image"]
     assert report["oracle_gflops_gain_over_static"] == pytest.approx(flops)
-    markdown = headroom_markdown(report)
+    markdown = headroom.headroom_markdown(report)
     assert "| router |" in markdown and "24 scenes in 2 galleries of 12;" in markdown
     assert f"{gain['median']:.3f}x ({gain['min']:.3f}-{gain['max']:.3f}) in 1 fresh rounds" in markdown
 
 
 def test_bound_coverage_halves_by_key_and_counts_every_split_and_route():
     keys = [f"caption{i // 3}" for i in range(60)]  # 20 captions, 3 scenes each
-    first, second = halves_by_key(keys, seed=0)
+    first, second = coverage.halves_by_key(keys, seed=0)
     assert sorted([*first, *second]) == list(range(60))
     assert not {keys[i] for i in first} & {keys[i] for i in second} and len(first) == 30
     gen = torch.Generator().manual_seed(0)
@@ -274,7 +276,7 @@ def test_bound_coverage_halves_by_key_and_counts_every_split_and_route():
     ones = np.ones(60, np.float32)
     exact = RouteMeasurement(RouteSpec(name="exact", merge="tome", merge_r=1), full.clone(), ones, 0.0)
     lossy = RouteMeasurement(RouteSpec(name="lossy", merge="tome", merge_r=2), noisy, ones, 0.0)
-    report = bound_coverage([exact, lossy], full, full, keys, splits=4)
+    report = coverage.bound_coverage([exact, lossy], full, full, keys, splits=4)
     assert report["pairs"] == 8 and [p["route"] for p in report["per_pair"][:2]] == ["exact", "lossy"]
     exact_pairs = [p for p in report["per_pair"] if p["route"] == "exact"]
     assert all(p["point"] == p["prediction"] == p["new"] == 1.0 for p in exact_pairs)

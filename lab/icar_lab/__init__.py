@@ -1,3 +1,4 @@
 """The lab: how the runtime's numbers are made (scenes, held-out sets, training, quality, calibration,
-benchmarks). It imports the runtime; the runtime (`pipeline.*` outside this package) never imports it,
-and nothing here writes into the installed package: every job takes an output path."""
+benchmarks). It imports the runtime; the runtime (`pipeline`) never imports it, and nothing here writes
+into the installed runtime: every job takes an output path. One-off studies that use it live apart, in
+`lab/studies/`."""

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from icar_lab.catalogue import FULL_KEY, spec_key
-from icar_lab.quality import embed_texts
+from icar_lab.embed import embed_routes, embed_texts
+from icar_lab.router_cost import router_seconds
 from icar_lab.router_search import (
     PlanQuality,
     RouteMeasurement,
@@ -39,7 +40,6 @@ from icar_lab.sample import CaptionedSample
 from icar_lab.scenes.splits import refuse_test
 from icar_lab.speed import EncoderCase, measure_encoder
 from icar_lab.targets import QualityFloor, Target
-from icar_lab.timing import best_of
 from pipeline.encode.routed import RoutedEncoder
 from pipeline.score import HandcraftedScorer, LearnedScorer, Scorer, complexity_features
 
@@ -56,19 +56,6 @@ class CalibrationSettings:
     seed: int = 0  # the fit/test split and the galleries
     test_fraction: float = 0.5
     gallery_size: int | None = None  # judge R@10 in galleries of this many images (None: the whole sample)
-
-
-def embed_routes(
-    encoder: RoutedEncoder, images: np.ndarray, batch_size: int = 64
-) -> list[tuple[torch.Tensor, np.ndarray]]:
-    """Every image on every route of `encoder`: per route, the embeddings [N, D] and GFLOPs [N]."""
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    embedded = []
-    for i in range(len(encoder.routes)):
-        out = [encoder.encode(b, np.full(len(b), i, np.int32)) for b in batches]
-        vectors = torch.from_numpy(np.concatenate([o.vectors for o in out]))
-        embedded.append((vectors, np.concatenate([o.gflops for o in out])))
-    return embedded
 
 
 def measure_routes(
@@ -176,8 +163,8 @@ def final_plan(single: RouterPlan | None, winner: ScorerTrial, target: Target) -
 
     A routing plan is never re-searched on the whole sample: the search tries thousands of (ladder,
     thresholds) pairs and the one that passes on the sample is the one the sample flatters (on 6,000 calib
-    scenes it shipped a three-route plan claiming an R@10 ratio of 1.002, while both ladders fitted on half
-    of those scenes had failed on the other half). Only the held-back rows, which the plan never saw, can
+    scenes, the plan searched on all of them claims an R@10 ratio of 1.002, while both ladders fitted on
+    half of those scenes fail on the other half). Only the held-back rows, which the plan never saw, can
     vouch for it; its quality there is what the report shows. A single route has no thresholds to fit and
     is one of a few dozen candidates, so it is chosen on every row, where its bound is tightest."""
     fitted, held_out = winner.fit_plan, winner.test
@@ -233,11 +220,63 @@ class Calibration:
         }
 
 
-def scorer_seconds(scorer: Scorer, images: np.ndarray, bytes_per_pixel: np.ndarray) -> float:
-    """Seconds per image of complexity features + score, best of 3: what routing adds to each image."""
-    return best_of(lambda: scorer(complexity_features(images, bytes_per_pixel)), len(images), 3)[
-        "wall_s_per_image"
-    ]
+@dataclass
+class Evidence:
+    """What every scorer is judged on: the routes measured on the sample, full depth's and the captions'
+    embeddings, the match keys, the galleries (None: one) and the fit and test rows."""
+
+    measurements: list[RouteMeasurement]
+    full: torch.Tensor
+    text: torch.Tensor
+    keys: np.ndarray
+    galleries: np.ndarray | None
+    fit: np.ndarray
+    test: np.ndarray
+
+    def on(self, rows: np.ndarray) -> tuple:
+        """(measurements, full, text, keys) of `rows`: the positional arguments of a search."""
+        return subset(self.measurements, rows), self.full[rows], self.text[rows], self.keys[rows].tolist()
+
+    def galleries_of(self, rows: np.ndarray) -> np.ndarray | None:
+        return None if self.galleries is None else self.galleries[rows]
+
+
+def try_scorer(
+    name: str,
+    scorer: Scorer,
+    features: np.ndarray,
+    labels: np.ndarray,
+    sample: CaptionedSample,
+    evidence: Evidence,
+    target: Target,
+) -> ScorerTrial:
+    """The router searched with `scorer` on the fit rows, judged on the test rows."""
+    fit, test = evidence.fit, evidence.test
+    scores = scorer(features)
+    cpu = router_seconds(scorer, sample.images, sample.bytes_per_pixel)
+    plan = search_router(
+        scores[fit], *evidence.on(fit), target, router_seconds=cpu, galleries=evidence.galleries_of(fit)
+    )
+    held_out = None
+    if plan:
+        held_out = apply_plan(
+            plan, scores[test], *evidence.on(test), router_seconds=cpu, galleries=evidence.galleries_of(test)
+        )
+    return ScorerTrial(name, rank_correlation(scores[test], labels[test]), cpu, plan, held_out)
+
+
+def sample_info(sample: CaptionedSample, evidence: Evidence, gallery_size: int | None) -> dict[str, Any]:
+    galleries = evidence.galleries
+    return {
+        "images": len(sample),
+        "match_key": sample.key_source,
+        "distinct_keys": len(set(sample.keys)),
+        "skipped": sample.skipped,
+        "fit_rows": len(evidence.fit),
+        "test_rows": len(evidence.test),
+        "galleries": 1 if galleries is None else int(galleries.max()) + 1,
+        "gallery_size": gallery_size,
+    }
 
 
 def calibrate(
@@ -255,36 +294,22 @@ def calibrate(
     measurements = measure_routes(encoder, model_name, sample.images, s.batch_size, s.timing_images, s.rounds)
     full = next(m for m in measurements if spec_key(m.route) == FULL_KEY).embeddings
     text = embed_texts(encoder.loaded, sample.captions)
-    keys = np.asarray(sample.keys)
     features = complexity_features(sample.images, sample.bytes_per_pixel)
     label_cosine = target.min_cosine if isinstance(target, QualityFloor) else QualityFloor.min_cosine
     labels = cheapest_route_labels(measurements, full, label_cosine)
     galleries = split_galleries(len(sample), s.gallery_size, s.seed)
     fit, test = fit_test_split(len(sample), s.seed, s.test_fraction, galleries)
+    evidence = Evidence(measurements, full, text, np.asarray(sample.keys), galleries, fit, test)
     scorers: dict[str, Scorer] = {
         "handcrafted": HandcraftedScorer(),
         "learned": LearnedScorer.fit(features[fit], labels[fit]),
     }
-
-    def on(rows: np.ndarray) -> tuple:
-        return subset(measurements, rows), full[rows], text[rows], keys[rows].tolist()
-
-    def galleries_of(rows: np.ndarray) -> np.ndarray | None:
-        return None if galleries is None else galleries[rows]
-
     trials = []
     for name, scorer in scorers.items():
-        scores = scorer(features)
-        cpu = scorer_seconds(scorer, sample.images, sample.bytes_per_pixel)
-        plan = search_router(scores[fit], *on(fit), target, router_seconds=cpu, galleries=galleries_of(fit))
-        held_out = (
-            apply_plan(plan, scores[test], *on(test), router_seconds=cpu, galleries=galleries_of(test))
-            if plan
-            else None
-        )
-        trials.append(ScorerTrial(name, rank_correlation(scores[test], labels[test]), cpu, plan, held_out))
-        ladder = plan and [r.name for r in plan.routes]
-        log(f"{name}: fit plan {ladder}; held out: {held_out and held_out.to_dict()}")
+        trial = try_scorer(name, scorer, features, labels, sample, evidence, target)
+        ladder = trial.fit_plan and [r.name for r in trial.fit_plan.routes]
+        log(f"{name}: fit plan {ladder}; held out: {trial.test and trial.test.to_dict()}")
+        trials.append(trial)
     winner = choose_winner(trials, target)
     qualities = route_qualities(measurements, full, text, sample.keys, target, galleries)
     plan = final_plan(cheapest_admissible(measurements, qualities, target), winner, target)
@@ -292,14 +317,5 @@ def calibrate(
         raise CalibrationError(f"no router meets {target} on the {len(sample)} calibration images")
     scorer = scorers[winner.name]
     learned = scorer if isinstance(scorer, LearnedScorer) and len(plan.routes) > 1 else None
-    info = {
-        "images": len(sample),
-        "match_key": sample.key_source,
-        "distinct_keys": len(set(sample.keys)),
-        "skipped": sample.skipped,
-        "fit_rows": len(fit),
-        "test_rows": len(test),
-        "galleries": 1 if galleries is None else int(galleries.max()) + 1,
-        "gallery_size": s.gallery_size,
-    }
+    info = sample_info(sample, evidence, s.gallery_size)
     return Calibration(target, measurements, qualities, trials, winner.name, plan, learned, info)

@@ -30,7 +30,7 @@ FAMILIES: dict[str, tuple[dict[str, Any], ...]] = {
         for floor in (8, 16)
     ),
     # two-phase: keep 80% per block for the first blocks, then a harder fraction (on calib the best of
-    # them needed fewer GFLOPs than the best one-phase schedule at equal mean cosine)
+    # them needs fewer GFLOPs than the best one-phase schedule at equal mean cosine)
     "late": tuple(
         {"merge": "tome", "merge_keep": 0.8, "merge_floor": 8, "late_keep": keep, "late_after": after}
         for after in (2, 3)

@@ -6,10 +6,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from icar_lab.targets import QualityFloor
-from pipeline.config import EMBEDDED_MODEL, ConfigError, ModelConfig  # loaded by `icar` already
+from icar_lab.targets import ComputeBudget, QualityFloor, Target
+from pipeline.config import EMBEDDED_MODEL, ConfigError, IndexConfig, ModelConfig  # loaded by `icar` already
 
 if TYPE_CHECKING:
+    from icar_lab.calibrate import Calibration
+    from icar_lab.sample import CaptionedSample
     from pipeline.encode.routed import RoutedEncoder
 
 MIN_IMAGES = 20  # two halves of at least 10 images: R@10 needs a gallery of 10
@@ -129,41 +131,38 @@ def _encoder(model: ModelConfig, exits: list[int] | None) -> RoutedEncoder:
     return RoutedEncoder(loaded, calibration_routes(exits, heads), heads)
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def _target(args: argparse.Namespace) -> Target:
+    if args.max_gflops is not None:
+        return ComputeBudget(args.max_gflops)
+    return QualityFloor(args.min_cosine, args.min_recall_ratio, args.confidence)
+
+
+def _sample(cfg: IndexConfig, image_size: int, images: int) -> CaptionedSample:
+    """The first `images` usable rows of the input shards; a ConfigError below MIN_IMAGES."""
+    from icar_lab.sample import read_captioned
+
+    sample = read_captioned(cfg.input.paths, image_size, images, cfg.input, cfg.decode)
+    if len(sample) < MIN_IMAGES:
+        raise ConfigError(
+            f"{len(sample)} usable captioned images in {cfg.input.paths} (skipped: {sample.skipped}); "
+            f"calibration needs at least {MIN_IMAGES}"
+        )
+    _log(f"{len(sample)} images, match key: {sample.key_source} ({len(set(sample.keys))} distinct)")
+    return sample
+
+
+def _run(args: argparse.Namespace, cfg: IndexConfig, model: ModelConfig, target: Target) -> Calibration:
+    """Calibrate with the flags' torch threads (the caller's thread count restored after)."""
     import torch
 
-    from icar_lab.calibrate import CalibrationError, CalibrationSettings, calibrate
-    from icar_lab.outputs import output_path
-    from icar_lab.routes_file import write_calibration
-    from icar_lab.sample import read_captioned
-    from icar_lab.targets import ComputeBudget
-    from pipeline.cli import config_from_args
+    from icar_lab.calibrate import CalibrationSettings, calibrate
 
-    cfg = config_from_args(args)
-    if args.gallery_size is not None and args.gallery_size < MIN_IMAGES:
-        raise ConfigError(f"--gallery-size {args.gallery_size}: each gallery needs {MIN_IMAGES} images")
-    model = _model(args, cfg.model)
-    for path in (args.out, args.report):  # refuse a path inside the package now, not after the work
-        if path:
-            output_path(path)
-    target = (
-        ComputeBudget(args.max_gflops)
-        if args.max_gflops is not None
-        else QualityFloor(args.min_cosine, args.min_recall_ratio, args.confidence)
-    )
     saved_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         encoder = _encoder(model, args.exits)
-        size = encoder.loaded.image_size
-        sample = read_captioned(cfg.input.paths, size, args.images, cfg.input, cfg.decode)
-        if len(sample) < MIN_IMAGES:
-            raise ConfigError(
-                f"{len(sample)} usable captioned images in {cfg.input.paths} (skipped: {sample.skipped}); "
-                f"calibration needs at least {MIN_IMAGES}"
-            )
-        _log(f"{len(sample)} images, match key: {sample.key_source} ({len(set(sample.keys))} distinct)")
+        sample = _sample(cfg, encoder.loaded.image_size, args.images)
         settings = CalibrationSettings(
             batch_size=args.batch_size,
             timing_images=args.timing_images,
@@ -171,15 +170,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             gallery_size=args.gallery_size,
         )
-        try:
-            result = calibrate(encoder, model.name, sample, target, settings, log=_log)
-        except CalibrationError as exc:
-            print(f"icar calibrate: {exc}", file=sys.stderr)
-            return 1
+        return calibrate(encoder, model.name, sample, target, settings, log=_log)
     finally:
         torch.set_num_threads(saved_threads)
-    options = {k: v for k, v in vars(args).items() if k != "func"}
-    written = write_calibration(result, model, args.out, args.report, options)
+
+
+def _summary(result: Calibration) -> str:
+    """The chosen router and its quality and cost where it was judged."""
     plan, q = result.plan, result.plan.quality
     if len(plan.routes) > 1:
         chosen = (
@@ -189,9 +186,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         chosen, judged = f"one route, {plan.routes[0].name}", "the whole sample"
     bound = f" (lower bound {q.recall_ratio_lower:.3f})" if q.recall_ratio_lower is not None else ""
-    print(
+    return (
         f"{chosen}; on {judged}: mean cosine {q.mean_cosine:.4f}, R@10 ratio {q.recall_ratio:.3f}{bound}, "
         f"{q.gflops_per_image:.3f} GFLOPs/image, {1e3 * q.seconds_per_image:.2f} ms/image"
     )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from icar_lab.calibrate import CalibrationError
+    from icar_lab.outputs import output_path
+    from icar_lab.routes_file import write_calibration
+    from pipeline.cli import config_from_args
+
+    cfg = config_from_args(args)
+    if args.gallery_size is not None and args.gallery_size < MIN_IMAGES:
+        raise ConfigError(f"--gallery-size {args.gallery_size}: each gallery needs {MIN_IMAGES} images")
+    model = _model(args, cfg.model)
+    for path in (args.out, args.report):  # refuse a path inside the package now, not after the work
+        if path:
+            output_path(path)
+    try:
+        result = _run(args, cfg, model, _target(args))
+    except CalibrationError as exc:
+        print(f"icar calibrate: {exc}", file=sys.stderr)
+        return 1
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    written = write_calibration(result, model, args.out, args.report, options)
+    print(_summary(result))
     print("\n".join(f"wrote {kind}: {path}" for kind, path in written.items()))
     return 0

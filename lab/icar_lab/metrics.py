@@ -1,9 +1,17 @@
-"""Retrieval metrics as pure tensor functions, shared by training, calibration and the quality harness."""
+"""Retrieval metrics as pure tensor functions, shared by training, calibration and the quality harness.
+
+Text->image R@K has two settings, reported under two names: `t2i_R@10`, each caption searching every
+image of the set (the quality harness, the frontier, training), and `t2i_R@10_in_gallery`, each caption
+searching its own gallery of a given size (calibration and the headroom, `router_search.PlanEvaluator`).
+Both rank with `hits_at_k`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+K = 10  # retrieval quality is text->image R@K
 
 
 def _key_ids(keys: list[str]) -> torch.Tensor:
@@ -11,18 +19,44 @@ def _key_ids(keys: list[str]) -> torch.Tensor:
     return torch.from_numpy(inverse.astype(np.int64))
 
 
+def relevance(
+    query_ids: torch.Tensor,
+    item_ids: torch.Tensor,
+    query_galleries: torch.Tensor | None = None,
+    item_galleries: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([Q, N] bool: item n answers query q, i.e. same match id and same gallery; [Q, N] bool: item n lies
+    outside q's gallery, or None when every query searches every item)."""
+    relevant = query_ids[:, None] == item_ids[None, :]
+    if query_galleries is None or item_galleries is None:
+        return relevant, None
+    same_gallery = query_galleries[:, None] == item_galleries[None, :]
+    outside = None if bool(same_gallery.all()) else ~same_gallery
+    return relevant & same_gallery, outside
+
+
+def hits_at_k(
+    sims: torch.Tensor, relevant: torch.Tensor, k: int, outside: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[Q, k] bool: whether each of a query's k most similar items is relevant to it; items `outside` its
+    gallery are never ranked. The one ranking behind every R@K the lab reports."""
+    if outside is not None:
+        sims = sims.masked_fill(outside, -torch.inf)
+    return relevant.gather(1, sims.topk(k, dim=1).indices)
+
+
 def recall_at_k(
     queries: torch.Tensor,
     gallery: torch.Tensor,
     query_keys: list[str],
     gallery_keys: list[str],
-    ks: tuple[int, ...] = (1, 5, 10),
+    ks: tuple[int, ...] = (1, 5, K),
 ) -> dict[int, float]:
-    """Fraction of queries with a same-key gallery item among their top k (cosine; inputs L2-normalised)."""
+    """Fraction of queries with a same-key item among their top k of the whole gallery (cosine; inputs
+    L2-normalised)."""
     all_keys = _key_ids(list(query_keys) + list(gallery_keys))
-    qk, gk = all_keys[: len(query_keys)], all_keys[len(query_keys) :]
-    top = (queries @ gallery.T).topk(max(ks), dim=1).indices
-    hits = gk[top] == qk[:, None]
+    relevant, _ = relevance(all_keys[: len(query_keys)], all_keys[len(query_keys) :])
+    hits = hits_at_k(queries @ gallery.T, relevant, max(ks))
     return {k: float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
 
 

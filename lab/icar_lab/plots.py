@@ -1,5 +1,5 @@
-"""The lab's plots. matplotlib is the optional `lab` extra (`pip install .[lab]`), so it is imported only
-here, lazily, through `pyplot` (the bench's report draws its charts with it too)."""
+"""The lab's plots. matplotlib is a dependency of the lab's distribution only and is imported lazily,
+through `pyplot`, which every chart of the lab (the bench's and the studies' too) draws with."""
 
 from __future__ import annotations
 
@@ -54,34 +54,4 @@ def training_curves(log_path: Path, png_path: Path) -> None:
     ax_rec.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-
-
-def headroom(report: dict[str, Any], path: Path, title: str) -> None:
-    """Every measured route (speedup vs encode_image, R@10 ratio to full depth) with the best static
-    route, the best in-ViT split, the oracle and the router marked, and the quality floor drawn."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    routes = report["routes"]
-    ax.scatter(
-        [r["speedup_vs_encode_image"] for r in routes], [r["recall_ratio"] for r in routes], s=14, c="grey"
-    )
-    plans = (("best static route", "s"), ("best in-ViT split", "^"), ("oracle", "*"), ("router", "D"))
-    for name, marker in plans:
-        plan = report["plans"].get(name)
-        if plan:
-            ax.scatter(
-                plan["speedup_vs_encode_image"], plan["recall_ratio"], marker=marker, s=120, label=name
-            )
-    ax.axhline(report["target"]["min_recall_ratio"], ls="--", lw=0.8, c="k")
-    ax.set(
-        xlabel="speedup vs open_clip encode_image (measured)",
-        ylabel="t->i R@10 / full depth",
-        ylim=(0.8, 1.02),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"{title}: catalogue routes (grey) and plans")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,7 +11,6 @@ so they are exactly the pixels the indexing pipeline would feed the encoder.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,15 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from icar_lab.heldout import HeldoutSet
-from icar_lab.metrics import neighbour_overlap, recall_at_k
+from icar_lab.embed import embed_images, embed_texts
+from icar_lab.metrics import K, neighbour_overlap, recall_at_k
+from icar_lab.sample import MATCH_COLUMN, CaptionedSample
 from pipeline.config import IndexConfig, InputConfig
 from pipeline.encode.model import LoadedModel, load_model
 from pipeline.encode.routed import RoutedEncoder
 
 LEVELS = ("low", "medium", "high")
-KS = (1, 5, 10)
+KS = (1, 5, K)
 NEIGHBOURS = 10
 GROUND_TRUTH_COLUMNS = ["key", "caption", "scene_key", "complexity_level", "object_count", "background"]
 
@@ -64,7 +64,6 @@ class QualityReport:
     by_level: dict[str, SliceQuality]
     name: str = ""
     gflops_per_image: float | None = None  # mean analytic GFLOPs of the image encoder, when known
-    seconds_per_image: float | None = None  # wall-clock image-encode seconds per image, when measured
     extra: dict[str, Any] = field(default_factory=dict)  # caller's context (model id, routes, …)
 
     @property
@@ -81,7 +80,6 @@ class QualityReport:
             "name": self.name,
             **self.overall.to_dict(),
             "gflops_per_image": self.gflops_per_image,
-            "seconds_per_image": self.seconds_per_image,
             "by_level": {level: s.to_dict() for level, s in self.by_level.items()},
             "extra": self.extra,
         }
@@ -100,18 +98,13 @@ class QualityReport:
             if has_ref:
                 cells += [_fmt(s.ref_cosine), _fmt(s.neighbour_overlap)]
             lines.append(_md_row(cells))
-        compute = []
         if self.gflops_per_image is not None:
-            compute.append(f"{self.gflops_per_image:.3f} GFLOPs/image")
-        if self.seconds_per_image is not None:
-            compute.append(f"{self.seconds_per_image * 1e3:.2f} ms/image")
-        if compute:
-            lines += ["", "compute: " + ", ".join(compute)]
+            lines += ["", f"compute: {self.gflops_per_image:.3f} GFLOPs/image"]
         return "\n".join(lines)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -121,7 +114,7 @@ def _md_row(cells: Sequence[str]) -> str:
 def reports_markdown(reports: Sequence[QualityReport]) -> str:
     """Side-by-side comparison: one row per report (all scenes), T→I R@10 per level, compute."""
     head = ["model", "n", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@10"]
-    head += [f"T→I R@10 {level}" for level in LEVELS] + ["ref cos", "nbr overlap", "GFLOPs/img", "ms/img"]
+    head += [f"T→I R@10 {level}" for level in LEVELS] + ["ref cos", "nbr overlap", "GFLOPs/img"]
     lines = [_md_row(head), _md_row(["---"] * len(head))]
     for r in reports:
         o = r.overall
@@ -129,7 +122,6 @@ def reports_markdown(reports: Sequence[QualityReport]) -> str:
         cells += [_fmt(o.t2i.get(k)) for k in (1, 5, 10)] + [_fmt(o.i2t.get(k)) for k in (1, 10)]
         cells += [_fmt(r.by_level[lv].t2i.get(10)) if lv in r.by_level else "–" for lv in LEVELS]
         cells += [_fmt(o.ref_cosine), _fmt(o.neighbour_overlap), _fmt(r.gflops_per_image)]
-        cells.append(_fmt(None if r.seconds_per_image is None else r.seconds_per_image * 1e3, 2))
         lines.append(_md_row(cells))
     return "\n".join(lines)
 
@@ -155,20 +147,21 @@ def _recall(
 def evaluate_embeddings(
     image_emb: Embeddings,
     text_emb: Embeddings,
-    heldout: HeldoutSet,
+    sample: CaptionedSample,
     reference: Embeddings | None = None,
     name: str = "",
 ) -> QualityReport:
-    """Score row-aligned image and caption embeddings of `heldout` (and optionally a reference set).
+    """Score row-aligned image and caption embeddings of `sample` (and optionally a reference set).
 
-    Per level, only the queries are restricted (to that level's scenes); the gallery stays every image
-    (or caption), so a level's recall is comparable to the overall one and to other levels'.
+    Per complexity level (where the sample knows them), only the queries are restricted (to that level's
+    scenes); the gallery stays every image (or caption), so a level's recall is comparable to the overall
+    one and to other levels'.
     """
     images, texts = _as_unit_tensor(image_emb, "image_emb"), _as_unit_tensor(text_emb, "text_emb")
-    n = len(heldout)
+    n = len(sample)
     if len(images) != n or len(texts) != n:
         raise ValueError(f"{len(images)} image / {len(texts)} text embeddings for {n} held-out scenes")
-    keys = list(heldout.scene_keys)
+    keys = list(sample.keys)
     ref_cos = overlap = None
     if reference is not None:
         ref = _as_unit_tensor(reference, "reference")
@@ -188,8 +181,8 @@ def evaluate_embeddings(
             neighbour_overlap=float(overlap[idx].mean()) if overlap is not None and len(rows) else None,
         )
 
-    levels = np.asarray(heldout.complexity_level).astype(str)
-    names = list(LEVELS) + sorted(set(levels.tolist()) - set(LEVELS))
+    levels = None if sample.complexity_level is None else np.asarray(sample.complexity_level).astype(str)
+    names = [] if levels is None else list(LEVELS) + sorted(set(levels.tolist()) - set(LEVELS))
     return QualityReport(
         overall=slice_quality(np.arange(n)),
         by_level={level: slice_quality(np.flatnonzero(levels == level)) for level in names},
@@ -198,20 +191,9 @@ def evaluate_embeddings(
 
 
 # -- encoders and written tables ----------------------------------------------------------------------
-@torch.inference_mode()
-def embed_texts(loaded: LoadedModel, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Captions -> L2-normalised [N, D] with the model's own text tower (what a query would use)."""
-    model = loaded.model
-    out = [
-        model.encode_text(loaded.tokenizer(list(captions[i : i + batch_size])), normalize=True)
-        for i in range(0, len(captions), batch_size)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, int(model.text_projection.shape[-1]))
-
-
 def evaluate_encoder(
     encoder: RoutedEncoder,
-    heldout: HeldoutSet,
+    heldout: CaptionedSample,
     route_ids: np.ndarray | None = None,
     reference: Embeddings | None = None,
     batch_size: int = 256,
@@ -219,25 +201,17 @@ def evaluate_encoder(
 ) -> QualityReport:
     """Encode the held-out images through the routed encoder (route 0 for all unless `route_ids`) and score.
 
-    Records the encoder's mean analytic GFLOPs and the measured image-encode seconds per image, so a
-    route's quality and cost come out of one call.
+    Records the encoder's mean analytic GFLOPs, so a route's quality and compute come out of one call;
+    its speed is the timing harness's (speed.py), measured against a baseline in alternating rounds.
     """
     n = len(heldout)
     routes = np.zeros(n, np.int64) if route_ids is None else np.asarray(route_ids, dtype=np.int64)
     if routes.shape != (n,):
         raise ValueError(f"route_ids must have shape ({n},), got {routes.shape}")
-    vectors, gflops = [], []
-    seconds = 0.0
-    for i in range(0, n, batch_size):
-        started = time.perf_counter()
-        out = encoder.encode(heldout.images[i : i + batch_size], routes[i : i + batch_size])
-        seconds += time.perf_counter() - started
-        vectors.append(out.vectors)
-        gflops.append(out.gflops)
+    vectors, gflops = embed_images(encoder, heldout.images, routes, batch_size)
     texts = embed_texts(encoder.loaded, heldout.captions, batch_size)
-    report = evaluate_embeddings(np.concatenate(vectors), texts, heldout, reference, name=name)
-    report.gflops_per_image = float(np.concatenate(gflops).mean())
-    report.seconds_per_image = seconds / max(n, 1)
+    report = evaluate_embeddings(vectors, texts, heldout, reference, name=name)
+    report.gflops_per_image = float(gflops.mean())
     report.extra["model_id"] = encoder.loaded.model_id
     report.extra["routes"] = {r.name: int((routes == j).sum()) for j, r in enumerate(encoder.routes)}
     return report
@@ -258,6 +232,38 @@ def _read_ground_truth(shard_paths: Sequence[str | Path], cfg: InputConfig) -> d
     return truth
 
 
+def _match_rows(truth: dict[str, dict[str, Any]], ids: list[str]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The ground-truth row of each table id that has one, and those ids' positions. An id whose shard
+    name differs from the shards' (e.g. the job listed a parent directory) matches on the shard's file
+    name and key; a file name two shards share matches nothing."""
+    by_file_key: dict[str, dict[str, Any] | None] = {}
+    for row_id, row in truth.items():
+        short = f"{Path(row_id.rsplit('/', 1)[0]).name}/{row['key']}"
+        by_file_key[short] = None if short in by_file_key else row
+    rows, keep = [], []
+    for i, row_id in enumerate(ids):
+        prefix, key = row_id.rsplit("/", 1)
+        row = truth.get(row_id) or by_file_key.get(f"{Path(prefix).name}/{key}")
+        if row is not None:
+            rows.append(row)
+            keep.append(i)
+    return rows, keep
+
+
+def _written_sample(rows: list[dict[str, Any]]) -> CaptionedSample:
+    """Captions, keys and ground truth of the matched rows; the table holds vectors, not pixels."""
+    return CaptionedSample(
+        images=np.zeros((len(rows), 0, 0, 3), np.uint8),
+        captions=[r["caption"] for r in rows],
+        keys=[r["scene_key"] for r in rows],
+        bytes_per_pixel=np.zeros(len(rows), np.float32),  # not needed to score written vectors
+        key_source=MATCH_COLUMN,
+        complexity_level=np.asarray([r["complexity_level"] for r in rows], dtype=str),
+        object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
+        background=np.asarray([r["background"] for r in rows], dtype=str),
+    )
+
+
 def evaluate_table(
     cfg: IndexConfig,
     shard_paths: Sequence[str | Path] | None = None,
@@ -266,9 +272,8 @@ def evaluate_table(
 ) -> QualityReport:
     """Score a LanceDB table as the pipeline wrote it, against the corpus shards' ground truth.
 
-    `shard_paths` default to `cfg.input.paths` (so ids match the job's exactly); an id whose shard name
-    differs (e.g. the job listed a parent directory) is matched on the shard's file name and key instead.
-    Captions are embedded with `cfg.model`'s text tower; the table must hold that model's vectors.
+    `shard_paths` default to `cfg.input.paths` (so ids match the job's exactly). Captions are embedded
+    with `cfg.model`'s text tower; the table must hold that model's vectors.
     """
     from pipeline.alias import resolve
     from pipeline.storage import connect
@@ -277,11 +282,6 @@ def evaluate_table(
     if not paths:
         raise ValueError("no shard paths: pass shard_paths or set input.paths")
     truth = _read_ground_truth(paths, cfg.input)
-    by_file_key: dict[str, dict[str, Any] | None] = {}
-    for row_id, row in truth.items():
-        short = f"{Path(row_id.rsplit('/', 1)[0]).name}/{row['key']}"
-        by_file_key[short] = None if short in by_file_key else row  # ambiguous file names match nothing
-
     table = connect(cfg.output).open_table(resolve(cfg.output).table)  # the live generation
     data = table.to_arrow().select(["id", "vector", "gflops", "model_id"])
     model_ids = set(data.column("model_id").to_pylist())
@@ -290,29 +290,14 @@ def evaluate_table(
             f"table {cfg.output.table!r} holds vectors of {sorted(model_ids)}, but the text tower would be "
             f"{cfg.model.model_id}; pass the matching model config"
         )
-    rows, keep = [], []
-    for i, row_id in enumerate(data.column("id").to_pylist()):
-        prefix, key = row_id.rsplit("/", 1)
-        row = truth.get(row_id) or by_file_key.get(f"{Path(prefix).name}/{key}")
-        if row is not None:
-            rows.append(row)
-            keep.append(i)
+    rows, keep = _match_rows(truth, data.column("id").to_pylist())
     if not rows:
         raise ValueError(f"none of the {data.num_rows} table rows match a row of the shards {paths}")
     data = data.take(keep)
     vectors = np.stack(data.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
-    heldout = HeldoutSet(
-        images=np.zeros((len(rows), 0, 0, 3), np.uint8),  # the table holds vectors, not pixels
-        captions=[r["caption"] for r in rows],
-        scene_keys=[r["scene_key"] for r in rows],
-        complexity_level=np.asarray([r["complexity_level"] for r in rows], dtype=str),
-        object_count=np.asarray([r["object_count"] for r in rows], dtype=np.int32),
-        background=np.asarray([r["background"] for r in rows], dtype=str),
-        bytes_per_pixel=np.zeros(len(rows), np.float32),  # not needed to score written vectors
-        split="table",  # the rows of a written table, whatever streams its shards were drawn from
-    )
+    written = _written_sample(rows)
     loaded = loaded or load_model(cfg.model)
-    report = evaluate_embeddings(vectors, embed_texts(loaded, heldout.captions), heldout, name=name)
+    report = evaluate_embeddings(vectors, embed_texts(loaded, written.captions), written, name=name)
     report.gflops_per_image = float(np.asarray(data.column("gflops").to_numpy(), np.float64).mean())
     report.extra.update(
         model_id=cfg.model.model_id,

@@ -1,5 +1,8 @@
-"""A captioned sample read from img2dataset-style parquet shards through the runtime's own reader and
-decoder, so calibration sees exactly the pixels (and bytes per pixel) the indexing job would.
+"""A captioned sample: decoded images with their captions and match keys, the one sample type of the lab.
+
+It comes from img2dataset-style parquet shards, read through the runtime's own reader and decoder so that
+calibration sees exactly the pixels (and bytes per pixel) the indexing job would (`read_captioned`), or
+from rendered scenes with their ground truth (heldout.py).
 
 Quality needs to know which images answer which caption. Without ground truth, the caption text is the
 match key: images with identical captions count as the same target. Shards that carry a match column
@@ -27,19 +30,28 @@ MATCH_COLUMN = "scene_key"
 
 @dataclass
 class CaptionedSample:
-    """Decoded images with their captions and match keys, row-aligned."""
+    """Decoded images with their captions and match keys, row-aligned; rendered scenes also carry their
+    ground truth (None where the rows do not)."""
 
-    images: np.ndarray  # uint8 [N, S, S, 3]
+    images: np.ndarray  # uint8 [N, S, S, 3], exactly what decode_image gives the pipeline
     captions: list[str]
     keys: list[str]  # rows with equal keys answer each other's captions
     bytes_per_pixel: np.ndarray  # float32 [N]: encoded size / pixels, the router's free feature
     key_source: str  # "caption" or the match column's name
+    splits: set[str] = field(default_factory=set)  # scene streams of the rows, where they are named
+    complexity_level: np.ndarray | None = None  # str [N]: low | medium | high
+    object_count: np.ndarray | None = None  # int32 [N]
+    background: np.ndarray | None = None  # str [N]
     ids: list[str] = field(default_factory=list)  # the job's row ids (shard name / key)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows passed over
-    splits: set[str] = field(default_factory=set)  # scene streams of the rows, where shards name them
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def split(self) -> str:
+        """The scene stream(s) the rows were drawn from, as one name for reports."""
+        return "+".join(sorted(self.splits))
 
 
 def _side_columns(plan: ShardPlan, row_group: int, cfg: InputConfig, columns: list[str]) -> dict[str, list]:
@@ -117,7 +129,7 @@ def read_captioned(
         keys=[str(m) for m in matches] if use_column else list(captions),
         bytes_per_pixel=np.asarray(bpp, np.float32),
         key_source=str(match_column) if use_column else "caption",
+        splits=splits,
         ids=ids,
         skipped=dict(skipped),
-        splits=splits,
     )

@@ -79,44 +79,62 @@ def _runner(encoder: RoutedEncoder, batches: list[np.ndarray], ids: list[np.ndar
     return lambda: [encoder.encode(b, r) for b, r in zip(batches, ids, strict=True)]
 
 
-def measure_encoder(case: EncoderCase, rounds: int, warmup: int = 1) -> dict[str, Any]:
-    """Per point: images/s (median, min, max over rounds), speedup vs encode_image and vs the adaptive
-    forward's own full-depth route (same-round ratios), GFLOPs/image from the encoder's own accounting."""
-    loaded, n = case.loaded, len(case.images)
-    names = [r.name for r in case.routes]
-    if len(set(names) | {BASELINE, ROUTED}) != len(names) + 2:
-        raise ValueError(f"route names must be unique and not {BASELINE!r} or {ROUTED!r}: {names}")
-    batches = _batches(case.images, case.batch_size)
-    fixed = RoutedEncoder(loaded, case.routes, case.heads)
+@dataclass
+class Candidates:
+    """What the harness times: per name, one call over every image, its point's key and route spec."""
+
+    calls: dict[str, Callable[[], object]]
+    keys: dict[str, str | None]
+    specs: dict[str, dict | None]
+    route_share: dict[str, float]  # the router's share of the images per route ({} without a router)
+
+
+def candidates(case: EncoderCase, batches: list[np.ndarray]) -> Candidates:
+    """open_clip's encode_image, each fixed route, and the case's router when it has one."""
+    loaded = case.loaded
 
     def baseline() -> None:
         with torch.inference_mode():
             for b in batches:
                 loaded.model.encode_image(normalize_uint8(torch.from_numpy(b), loaded.mean, loaded.std))
 
-    candidates: dict[str, Callable[[], object]] = {BASELINE: baseline}
-    keys: dict[str, str | None] = {BASELINE: None}
-    specs: dict[str, dict | None] = {}
+    found = Candidates({BASELINE: baseline}, {BASELINE: None}, {}, {})
+    fixed = RoutedEncoder(loaded, case.routes, case.heads)
     for i, route in enumerate(case.routes):
-        candidates[route.name] = _runner(fixed, batches, [np.full(len(b), i, np.int32) for b in batches])
-        keys[route.name] = spec_key(route)
-        specs[route.name] = route.model_dump(exclude_defaults=True)
-    route_share: dict[str, float] = {}
+        found.calls[route.name] = _runner(fixed, batches, [np.full(len(b), i, np.int32) for b in batches])
+        found.keys[route.name] = spec_key(route)
+        found.specs[route.name] = route.model_dump(exclude_defaults=True)
     if case.router is not None:
         routed = RoutedEncoder(loaded, case.router.routes, case.heads)
         all_ids = route_images(case.router, case.images, case.bytes_per_pixel)  # cost: bench/router.py
-        candidates[ROUTED] = _runner(routed, batches, _batches(all_ids, case.batch_size))
-        keys[ROUTED] = router_key(case.router)
-        route_share = {r.name: float((all_ids == j).mean()) for j, r in enumerate(case.router.routes)}
+        found.calls[ROUTED] = _runner(routed, batches, _batches(all_ids, case.batch_size))
+        found.keys[ROUTED] = router_key(case.router)
+        found.route_share = {r.name: float((all_ids == j).mean()) for j, r in enumerate(case.router.routes)}
+    return found
 
-    # warm-up pass by hand: it also yields each candidate's GFLOPs from the encoder's own accounting
+
+def warm_up(case: EncoderCase, calls: dict[str, Callable[[], object]], warmup: int) -> dict[str, float]:
+    """Run every candidate `warmup` times (at least once), by hand: the pass also yields each one's
+    GFLOPs/image from the encoder's own accounting (encode_image's from the model config)."""
     gflops = {BASELINE: full_depth_gflops(open_clip.get_model_config(case.model_name))}
     for _ in range(max(1, warmup)):
-        for name, fn in candidates.items():
+        for name, fn in calls.items():
             out = fn()
             if name != BASELINE:
                 gflops[name] = float(np.concatenate([o.gflops for o in out]).mean())
-    seconds = alternate(candidates, rounds, warmup=0)
+    return gflops
+
+
+def measure_encoder(case: EncoderCase, rounds: int, warmup: int = 1) -> dict[str, Any]:
+    """Per point: images/s (median, min, max over rounds), speedup vs encode_image and vs the adaptive
+    forward's own full-depth route (same-round ratios), GFLOPs/image from the encoder's own accounting."""
+    n = len(case.images)
+    names = [r.name for r in case.routes]
+    if len(set(names) | {BASELINE, ROUTED}) != len(names) + 2:
+        raise ValueError(f"route names must be unique and not {BASELINE!r} or {ROUTED!r}: {names}")
+    timed = candidates(case, _batches(case.images, case.batch_size))
+    gflops = warm_up(case, timed.calls, warmup)
+    seconds = alternate(timed.calls, rounds, warmup=0)
     full = next((r.name for r in case.routes if spec_key(r) == FULL_KEY), None)
     points = []
     for name, times in seconds.items():
@@ -125,8 +143,8 @@ def measure_encoder(case: EncoderCase, rounds: int, warmup: int = 1) -> dict[str
             {
                 "name": name,
                 "kind": "baseline" if name == BASELINE else ROUTED if name == ROUTED else "fixed",
-                "key": keys[name],
-                "route": specs.get(name),
+                "key": timed.keys[name],
+                "route": timed.specs.get(name),
                 "images_per_second": speed,
                 "ms_per_image": 1e3 / speed["median"],
                 "seconds_per_round": times,  # all `n` images, one entry per alternating round
@@ -141,9 +159,9 @@ def measure_encoder(case: EncoderCase, rounds: int, warmup: int = 1) -> dict[str
         "heads": case.heads_note,
         "images": n,
         "batch_size": case.batch_size,
-        "image_size": loaded.image_size,
+        "image_size": case.loaded.image_size,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "routed_share": route_share,
+        "routed_share": timed.route_share,
         "points": points,
     }

@@ -41,13 +41,12 @@ def paired_speedup(reference: list[float], times: list[float]) -> dict[str, floa
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
-def best_of(fn: Callable[[], object], items: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` CPU and wall seconds per item of one cheap call (noise only ever adds time), for
-    costs too small to alternate against the encoder, such as the router's."""
-    cpu, wall = [], []
+def best_cpu_seconds(fn: Callable[[], object], items: int, repeats: int) -> float:
+    """Best-of-`repeats` CPU seconds (this process, all threads) per item of one call (noise only ever
+    adds time), for costs too small to alternate against the encoder, such as the router's."""
+    cpu = []
     for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
+        started = time.process_time()
         fn()
-        cpu.append((time.process_time() - c0) / items)
-        wall.append((time.perf_counter() - w0) / items)
-    return {"cpu_s_per_image": min(cpu), "wall_s_per_image": min(wall)}
+        cpu.append((time.process_time() - started) / items)
+    return min(cpu)

@@ -1,8 +1,8 @@
 """An ANN bench whose data is not shaped like its index: recall@10 and latency of the settings
 `icar build-index` tunes on each table, beside LanceDB's default search settings on the same index.
 
-The old query bench drew one cluster per IVF partition, so a few probes found every neighbour. Here each
-distribution's cluster structure is independent of the partition count (sqrt(rows)):
+Each distribution's cluster structure is independent of the partition count (sqrt(rows)), so a few probes
+cannot find every neighbour by landing on one cluster per partition:
 - `few_large`: 10 clusters of rank 64, each cut by ~100 partitions at 1M rows;
 - `many_small`: rows/50 clusters of rank 16 (20,000 at 1M: ~20 per partition);
 - `high_dim`: 64 clusters of rank 256 and more noise: neighbours barely nearer than the rest;
@@ -10,8 +10,9 @@ distribution's cluster structure is independent of the partition count (sqrt(row
   `rows` along the real data: each row lies on the segment between a real embedding and one of its 10
   nearest real neighbours (uniform position), plus noise of 0.05x their distance, normalised.
 Queries are fresh draws from the same distribution, not table rows; truth is exact brute force over the
-stored (float16-rounded) values. Build time and the build's peak extra memory (RSS sampled every 50 ms)
-are measured per index.
+stored (float16-rounded) values (`pipeline.query.exact_neighbours`), and recall and latency come from the
+runtime's `measure_search`. Build time and the build's peak extra memory (RSS sampled every 50 ms) are
+measured per index.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from icar_lab.bench.query import clustered_vectors, exact_top_k, latency_ms, vector_table
-from pipeline.query import KMEANS_ITERATIONS, K, index_params, nearest, tune_search
+from icar_lab.bench.query import clustered_vectors, fresh_truth, search_quality, vector_table
+from icar_lab.plots import pyplot
+from pipeline.query import KMEANS_ITERATIONS, K, index_params, tune_search
 
 TARGET_RECALL = 0.95  # `query.target_recall`'s default
 DISTRIBUTIONS = ("few_large", "many_small", "high_dim", "scenes")
@@ -128,19 +130,6 @@ def distribution(name: str, rows: int, seed: int, scenes: int) -> tuple[np.ndarr
     return data, sample, f"{clusters:,} clusters of rank {rank}, noise {noise}, 512-d"
 
 
-def _measure(dataset, queries: np.ndarray, truth: np.ndarray, knobs: dict) -> dict[str, Any]:
-    """recall@10 against exact search and latency of `nearest` with `knobs` (after a warm-up)."""
-    for q in queries[:5]:
-        nearest(dataset, q, K, ["id"], **knobs)
-    seconds, hits = [], 0
-    for q, exact in zip(queries, truth, strict=True):
-        t = time.perf_counter()
-        found = nearest(dataset, q, K, ["id"], **knobs).column("id").to_numpy()
-        seconds.append(time.perf_counter() - t)
-        hits += len(set(found.tolist()) & set(exact.tolist()))
-    return {"recall@10": hits / (K * len(queries)), "latency_ms": latency_ms(seconds)}
-
-
 def measure_distribution(
     workdir: Path, name: str, rows: int, dtype: str, queries: int, hnsw: bool, scenes: int, seed: int = 0
 ) -> dict[str, Any]:
@@ -152,10 +141,10 @@ def measure_distribution(
     stored = data.astype(np.float16) if dtype == "float16" else data
     del data
     query_vectors = sample(queries, np.random.default_rng(seed + 1_000_003))
-    truth = exact_top_k(stored, query_vectors)
     table = lancedb.connect(str(workdir)).create_table(name, vector_table(stored), mode="overwrite")
     dim = stored.shape[1]
     del stored
+    truth = fresh_truth(table.to_lance(), query_vectors)
     params = index_params(rows, dim)
     out: dict[str, Any] = {"distribution": name, "vectors": described, "dim": dim, "indexes": []}
     configs = {"IVF_PQ": IvfPq(distance_type="cosine", max_iterations=KMEANS_ITERATIONS, **params)}
@@ -179,8 +168,8 @@ def measure_distribution(
                 "tune_s": tune_s,
                 "tuned": asdict(tuned),
                 "settings": {
-                    "tuned": _measure(dataset, query_vectors, truth, tuned.knobs),
-                    "lancedb_default": _measure(dataset, query_vectors, truth, {"nprobes": None}),
+                    "tuned": search_quality(dataset, query_vectors, truth, tuned.knobs),
+                    "lancedb_default": search_quality(dataset, query_vectors, truth, {"nprobes": None}),
                 },
             }
         )
@@ -251,11 +240,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for setting, marker in (("tuned", "o"), ("lancedb_default", "x")):
         for d in r["distributions"]:

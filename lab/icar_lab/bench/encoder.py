@@ -19,7 +19,7 @@ EQUAL_QUALITY_RATIO = 0.99  # "equal quality": text->image R@10 at least 99% of 
 def frontier_quality(path: Path | None, heads_file: str | None) -> dict[str, Any]:
     """Quality per point key, and the frontier's fixed routes (so the bench times the same points).
 
-    Marked stale when the exit heads file is newer than the frontier, since exit quality then changed."""
+    Marked stale when the exit heads file is newer than the frontier: exit quality may have moved since."""
     if path is None or not path.exists():
         return {"source": None, "points": {}, "routes": [], "note": f"{path} not found: quality unknown"}
     data = json.loads(path.read_text())
@@ -32,7 +32,7 @@ def frontier_quality(path: Path | None, heads_file: str | None) -> dict[str, Any
     stale = heads_file is not None and Path(heads_file).stat().st_mtime > path.stat().st_mtime
     notes = ["exit heads are newer than the frontier: exit quality may be stale"] if stale else []
     if not keyed:
-        notes.append(f"no point of {path} carries a spec key (written before keys): rerun jobs/frontier.py")
+        notes.append(f"no point of {path} carries a spec key: rerun jobs/frontier.py")
     return {"source": str(path), "points": points, "routes": routes, "stale": stale, "note": "; ".join(notes)}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,36 @@ def encode_alone(cfg: IndexConfig, images: np.ndarray, route_ids: np.ndarray, ro
     return float(np.median(cpu[1:])) / len(images)  # cpu[0] is the warm-up call
 
 
+@dataclass
+class JobRuns:
+    """What the Ray runs gave: the first run's summary, the steady-state rate, Ray's start-up."""
+
+    summary: RunSummary
+    steady: float | None
+    steady_note: str
+    ray_start_s: float | None  # None: Ray was already running
+    actors: int
+
+
+def run_jobs(cfg: IndexConfig, again: IndexConfig, double: IndexConfig) -> JobRuns:
+    """`cfg` once on a fresh Ray (Ray Data's own actors start in this run only: the end-to-end rate), then
+    `again` and `double` (twice the images), both on the warm Ray: their difference is the steady state."""
+    ray_start_s = None
+    started_here = not ray.is_initialized()
+    if started_here:
+        t0 = time.perf_counter()
+        init_ray(cfg)
+        ray_start_s = time.perf_counter() - t0
+    try:
+        actors = encoder_actors(cfg)
+        summary = run_index(cfg)
+        steady, steady_note = steady_rate(run_index(again), run_index(double))
+    finally:
+        if started_here:
+            ray.shutdown()
+    return JobRuns(summary, steady, steady_note, ray_start_s, actors)
+
+
 def measure_pipeline(
     workdir: Path,
     images: int,
@@ -119,27 +150,12 @@ def measure_pipeline(
     cfg = bench_config(shards[: len(shards) // 2], workdir / "lancedb", routed_config, num_cpus)
     again = bench_config(shards[: len(shards) // 2], workdir / "lancedb-again", routed_config, num_cpus)
     double = bench_config(shards, workdir / "lancedb-double", routed_config, num_cpus)
-
-    ray_start_s = None
-    started_here = not ray.is_initialized()
-    if started_here:
-        t0 = time.perf_counter()
-        init_ray(cfg)
-        ray_start_s = time.perf_counter() - t0
-    try:
-        actors = encoder_actors(cfg)
-        summary = run_index(cfg)  # the end-to-end rate: Ray Data's own actors start in this run only
-        steady, steady_note = steady_rate(run_index(again), run_index(double))
-    finally:
-        if started_here:
-            ray.shutdown()
-    log(f"  [pipeline] {summary.rows_ok} rows in {summary.seconds:.1f} s; steady {steady_note}")
-
+    runs = run_jobs(cfg, again, double)
+    summary = runs.summary
+    log(f"  [pipeline] {summary.rows_ok} rows in {summary.seconds:.1f} s; steady {runs.steady_note}")
     prepare_cpu, pixels, route_ids = prepare_alone(cfg)
     encode_cpu = encode_alone(cfg, pixels[:encoder_images], route_ids[:encoder_images], rounds)
     bound = num_cpus / (prepare_cpu + encode_cpu)
-    reported = steady or summary.images_per_second
-    rows = max(summary.rows_ok, 1)
     busy = {k[2:]: v for k, v in summary.stage_seconds.items()} | {"commit": summary.commit_seconds}
     return {
         "images": images,
@@ -147,19 +163,20 @@ def measure_pipeline(
         "num_cpus": num_cpus,
         "config": str(routed_config) if routed_config else "defaults (shipped routes)",
         "encoder": {
-            "actors": actors,
+            "actors": runs.actors,
             "cpus_per_actor": cfg.encoder.cpus_per_actor,
             "batch_size": cfg.encoder.batch_size,
         },
         "routes": dict(summary.routes),
-        "ray_start_s": ray_start_s,
+        "ray_start_s": runs.ray_start_s,
         "run_seconds": summary.seconds,
         "end_to_end_images_per_second": summary.images_per_second,
-        "steady_images_per_second": steady,
-        "steady_note": steady_note,
-        "reported_rate": "steady" if steady else "end_to_end",
+        "steady_images_per_second": runs.steady,
+        "steady_note": runs.steady_note,
+        "reported_rate": "steady" if runs.steady else "end_to_end",
         "cpu_ms_per_image": {"prepare": 1e3 * prepare_cpu, "encode": 1e3 * encode_cpu},
         "bound_images_per_second": bound,
-        "share_of_bound": reported / bound,
-        "busy_ms_per_image": {k: 1e3 * v / rows for k, v in busy.items()},  # inside the job, all workers
+        "share_of_bound": (runs.steady or summary.images_per_second) / bound,
+        # inside the job, summed over all workers
+        "busy_ms_per_image": {k: 1e3 * v / max(summary.rows_ok, 1) for k, v in busy.items()},
     }

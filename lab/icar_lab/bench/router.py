@@ -1,6 +1,4 @@
-"""Router cost: CPU seconds per image of the complexity features plus the scorer, next to the encoder's.
-CPU time (process_time, all threads) is the honest unit: the router runs on the decode workers, the
-encoder on its own cores, and the question is what share of the machine routing takes."""
+"""Router cost next to the encoder's, both in CPU seconds per image (router_cost.py says why CPU time)."""
 
 from __future__ import annotations
 
@@ -8,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from icar_lab.timing import best_of
+from icar_lab.router_cost import router_seconds
+from icar_lab.timing import best_cpu_seconds
 from pipeline.encode.routed import RoutedEncoder
-from pipeline.score import Scorer, complexity_features
+from pipeline.score import Scorer
 
 
 def measure_router(
@@ -24,25 +23,18 @@ def measure_router(
 ) -> dict[str, Any]:
     """`encoder` with `route_ids` is what the router feeds; both see the same images and batches."""
     n = len(images)
-    chunks = [
-        (images[i : i + batch_size], bytes_per_pixel[i : i + batch_size]) for i in range(0, n, batch_size)
-    ]
-
-    def route() -> None:
-        for pixels, bpp in chunks:
-            scorer(complexity_features(pixels, bpp))
 
     def embed() -> None:
-        for i, (pixels, _) in enumerate(chunks):
-            encoder.encode(pixels, route_ids[i * batch_size : (i + 1) * batch_size])
+        for i in range(0, n, batch_size):
+            encoder.encode(images[i : i + batch_size], route_ids[i : i + batch_size])
 
-    route()
+    router_cpu = router_seconds(scorer, images, bytes_per_pixel, batch_size, repeats)
     embed()  # warm-up
-    router, encoder = best_of(route, n, repeats), best_of(embed, n, repeats)
+    encoder_cpu = best_cpu_seconds(embed, n, repeats)
     return {
         "images": n,
         "image_size": int(images.shape[1]),
-        "router": router,
-        "encoder": encoder,
-        "router_share_of_encoder_cpu": router["cpu_s_per_image"] / encoder["cpu_s_per_image"],
+        "router_cpu_s_per_image": router_cpu,
+        "encoder_cpu_s_per_image": encoder_cpu,
+        "router_share_of_encoder_cpu": router_cpu / encoder_cpu,
     }

@@ -11,11 +11,16 @@ and the real job on many tiny shards against the same images in a few large ones
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,23 +73,13 @@ def _rejected_row(index: int) -> pa.Table:
     return pa.Table.from_pylist([row], schema=REJECTED_SCHEMA)
 
 
-def commit_path(
-    workdir: Path, shards: int, rows: int, commit_shards: int, compact_fragments: int, log=print
-) -> dict[str, Any]:
-    """(a): seconds the driver spends per shard, by position in the run (module docstring)."""
+def _commit_every_shard(
+    tables: OutputTables, committer: Committer, shards: int, rows: int, log
+) -> tuple[np.ndarray, np.ndarray]:
+    """Write each simulated shard's fragments (and a rejected row) as a worker would, hand it to the
+    driver's committer; (wall, CPU) seconds per shard, a round's time shared by the shards it committed."""
     from lance.fragment import write_fragments
 
-    shutil.rmtree(workdir, ignore_errors=True)
-    cfg = OutputConfig(
-        uri=str(workdir / "db"),
-        commit_shards=commit_shards,
-        commit_seconds=1e9,  # rounds by count only: the measurement must not depend on the clock
-        compact_fragments=compact_fragments,
-        rows_per_fragment=rows * compact_fragments,
-    )
-    tables = OutputTables(cfg, "bench", DIM)
-    manifest = tables.fence()
-    committer = Committer(tables, manifest, cfg)
     rng = np.random.default_rng(0)
     per_shard, cpu_per_shard = np.zeros(shards), np.zeros(shards)
     started, waiting = time.perf_counter(), []
@@ -103,11 +98,28 @@ def commit_path(
         if (index + 1) % max(shards // 10, 1) == 0:
             log(f"  [scale] {index + 1} shards committed, {time.perf_counter() - started:.0f} s")
     committer.flush()
+    return per_shard, cpu_per_shard
+
+
+def commit_path(
+    workdir: Path, shards: int, rows: int, commit_shards: int, compact_fragments: int, log=print
+) -> dict[str, Any]:
+    """(a): seconds the driver spends per shard, by position in the run (module docstring)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    cfg = OutputConfig(
+        uri=str(workdir / "db"),
+        commit_shards=commit_shards,
+        commit_seconds=1e9,  # rounds by count only: the measurement must not depend on the clock
+        compact_fragments=compact_fragments,
+        rows_per_fragment=rows * compact_fragments,
+    )
+    tables = OutputTables(cfg, "bench", DIM)
+    committer = Committer(tables, tables.fence(), cfg)
+    per_shard, cpu_per_shard = _commit_every_shard(tables, committer, shards, rows, log)
     windows = {"1001-2000": slice(1000, 2000), f"{shards - 999}-{shards}": slice(shards - 1000, shards)}
     ms = {name: float(per_shard[window].mean() * 1e3) for name, window in windows.items()}
     cpu_ms = {name: float(cpu_per_shard[window].mean() * 1e3) for name, window in windows.items()}
     early, late = ms.values()
-    rows_out = tables.images.ds.count_rows()
     return {
         "shards": shards,
         "rows_per_shard": rows,
@@ -122,7 +134,7 @@ def commit_path(
         "compactions": committer.stats.compactions,
         "commits": committer.stats.commits,
         "seconds_committing": committer.stats.seconds,
-        "rows": rows_out,
+        "rows": tables.images.ds.count_rows(),
         "images_fragments_at_end": tables.images.fragment_count(),
         "manifest_fragments_at_end": tables.manifest_log.fragment_count(),
         "per_shard_ms_by_thousand": [
@@ -240,103 +252,93 @@ def routed_vs_full(workdir: Path, images: int, shard_size: int, pairs: int, log=
     }
 
 
-def two_nodes_on_s3(workdir: Path, images: int, shard_size: int, log=print) -> dict[str, Any]:
-    """(d): a head and a worker node (`ray start`, separate temp dirs, one CPU each) index into moto's S3
-    server; every id once, and the bytes the driver received per row (from the run's summary)."""
-    import json
-    import os
-    import socket
+S3_KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}  # moto's throwaway keys
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "RAY_AUTH_MODE": "disabled",  # a throwaway local cluster; real clusters keep token auth
+}
 
-    import lancedb
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    """A local S3 server (moto) with an `icar` bucket, for as long as the block runs: Lance's storage
+    options for it."""
     from moto.server import ThreadedMotoServer
 
-    from icar_lab.scenes.shards import write_corpus
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    shutil.rmtree(workdir, ignore_errors=True)
-    corpus = workdir / "corpus"
-    write_corpus(corpus, seed=5, split="bench", num_images=images, shard_size=shard_size)
-    port, gcs = free_port(), free_port()
+    port = _free_port()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    options = {
-        "aws_endpoint": endpoint,
-        "allow_http": "true",
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
-        "aws_region": "us-east-1",
-    }
-    env = os.environ | {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "RAY_AUTH_MODE": "disabled",  # a throwaway local cluster; real clusters keep token auth
-    }
-    ray = str(Path(sys.executable).with_name("ray"))
-    nodes = [
-        [
-            ray,
-            "start",
-            "--head",
-            f"--port={gcs}",
-            "--num-cpus=1",
-            "--include-dashboard=false",
-            f"--temp-dir={workdir / 'head'}",
-            f"--ray-client-server-port={free_port()}",
-        ],
-        [ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--temp-dir={workdir / 'worker'}"],
-    ]
     try:
         import boto3
 
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        ).create_bucket(Bucket="icar")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **S3_KEYS)
+        s3.create_bucket(Bucket="icar")
+        yield {"aws_endpoint": endpoint, "allow_http": "true", **S3_KEYS, "aws_region": "us-east-1"}
+    finally:
+        server.stop()
+
+
+@contextmanager
+def two_ray_nodes(workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """A Ray head and a worker node (`ray start`, separate temp dirs, one CPU each) for as long as the
+    block runs: the head's address."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    gcs = _free_port()
+    nodes = [
+        [ray, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false",
+         f"--temp-dir={workdir / 'head'}", f"--ray-client-server-port={_free_port()}"],
+        [ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--temp-dir={workdir / 'worker'}"],
+    ]  # fmt: skip
+    try:
         for node in nodes:
             subprocess.run(node, check=True, capture_output=True, env=env)
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+
+
+def _driver_received(run: subprocess.CompletedProcess) -> tuple[str, float | None]:
+    """What the run's summary says the driver received per row, as text and in bytes (None: not said)."""
+    per_row = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if "bytes/row" in line]
+    if not per_row:
+        return "not reported", None
+    driver = per_row[-1].split("received ")[-1]
+    return driver, float(driver.split()[0])
+
+
+def two_nodes_on_s3(workdir: Path, images: int, shard_size: int, log=print) -> dict[str, Any]:
+    """(d): a head and a worker node index into moto's S3 server; every id once, and the bytes the driver
+    received per row (from the run's summary)."""
+    import lancedb
+
+    from icar_lab.scenes.shards import write_corpus
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    corpus = workdir / "corpus"
+    write_corpus(corpus, seed=5, split="bench", num_images=images, shard_size=shard_size)
+    env = os.environ | S3_ENV
+    with moto_s3() as options, two_ray_nodes(workdir, env) as address:
+        index = [sys.executable, "-m", "pipeline.cli", "index", "--input", str(corpus)]
+        index += ["--output", "s3://icar/lance", "--set", f"ray.address={address}"]
+        index += ["--set", f"output.storage_options={json.dumps(options)}"]
         t0 = time.perf_counter()
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "index",
-                "--input",
-                str(corpus),
-                "--output",
-                "s3://icar/lance",
-                "--set",
-                f"ray.address=127.0.0.1:{gcs}",
-                "--set",
-                f"output.storage_options={json.dumps(options)}",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
+        run = subprocess.run(index, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - t0
         if run.returncode != 0:
             raise RuntimeError(f"two-node run failed: {run.stderr[-3000:]}")
-        ids = (
-            lancedb.connect("s3://icar/lance", storage_options=options).open_table("images").to_arrow()["id"]
-        )
-        ids = ids.to_pylist()
-        per_row = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if "bytes/row" in line]
-    finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
-        server.stop()
-    driver = per_row[-1].split("received ")[-1] if per_row else "not reported"
-    bytes_per_row = float(driver.split()[0]) if per_row else None
+        table = lancedb.connect("s3://icar/lance", storage_options=options).open_table("images")
+        ids = table.to_arrow()["id"].to_pylist()
+    driver, bytes_per_row = _driver_received(run)
     log(f"  [scale] two nodes on S3: {len(ids)} rows, {len(set(ids))} distinct ids, driver {driver}")
     return {
         "images": images,
@@ -411,24 +413,9 @@ def project_writes(commit: dict[str, Any], bytes_per_part: float | None) -> dict
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """scale.json as the report `make bench-scale` writes and the README shows."""
-    a, b = result["commit_path"], result["manifest_startup"]
-    early, late = a["ms_per_shard"].items()
-    lines = [
-        f"# Write path at scale ({result['utc']}, {result['machine']})",
-        "",
-        f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, "
-        f"{a['commit_shards']} shards per round, compaction every {a['compact_fragments']} fragments: "
-        f"driver ms per shard {early[1]:.2f} "
-        f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x** "
-        f"(driver CPU ms per shard {' -> '.join(f'{v:.2f}' for v in a['cpu_ms_per_shard'].values())}, "
-        f"{a['cpu_growth']:.2f}x); "
-        f"{a['rounds']} rounds, {a['commits']} Lance commits, {a['compactions']} compactions, "
-        f"{a['seconds_committing']:.1f} s committing in all",
-        f"- (b) open + fence + read a manifest of {b['shards']:,} shards: "
-        f"{b['open_fence_read_seconds']:.2f} s",
-    ]
+def _optional_lines(result: dict[str, Any]) -> list[str]:
+    """(c), (d) and (e), where the run measured them."""
+    lines = []
     if c := result.get("many_small_shards"):
         small, large = c["shard_sizes"][1], c["shard_sizes"][0]
         rates = c["images_per_second"]
@@ -452,8 +439,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{', '.join(f'{x:.0f}' for x in secs['routed'])} s vs full depth "
             f"{', '.join(f'{x:.0f}' for x in secs['full depth'])} s: **{e['speedup']:.2f}x** ({e['note']})"
         )
-    p = result["projection"]
-    lines += [
+    return lines
+
+
+def _projection_lines(p: dict[str, Any]) -> list[str]:
+    return [
         "",
         "## Projection: the write path for LAION on N GPU nodes",
         "",
@@ -472,5 +462,27 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['s3_requests_per_second']:.0f} |"
             for r in p["rows"]
         ],
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """scale.json as the report `make bench-scale` writes and the README shows."""
+    a, b = result["commit_path"], result["manifest_startup"]
+    early, late = a["ms_per_shard"].items()
+    lines = [
+        f"# Write path at scale ({result['utc']}, {result['machine']})",
+        "",
+        f"- (a) commit path, {a['shards']:,} shards of {a['rows_per_shard']} rows, "
+        f"{a['commit_shards']} shards per round, compaction every {a['compact_fragments']} fragments: "
+        f"driver ms per shard {early[1]:.2f} "
+        f"(shards {early[0]}) -> {late[1]:.2f} (shards {late[0]}), growth **{a['growth']:.2f}x** "
+        f"(driver CPU ms per shard {' -> '.join(f'{v:.2f}' for v in a['cpu_ms_per_shard'].values())}, "
+        f"{a['cpu_growth']:.2f}x); "
+        f"{a['rounds']} rounds, {a['commits']} Lance commits, {a['compactions']} compactions, "
+        f"{a['seconds_committing']:.1f} s committing in all",
+        f"- (b) open + fence + read a manifest of {b['shards']:,} shards: "
+        f"{b['open_fence_read_seconds']:.2f} s",
+        *_optional_lines(result),
+        *_projection_lines(result["projection"]),
     ]
     return "\n".join(lines) + "\n"

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from icar_lab.bench import encoder as enc
-from icar_lab.bench import machine, pipeline_run, projection, report, router, serve_load
-from icar_lab.catalogue import bench_routes, route, router_key, spec_key, unique
+from icar_lab.bench import machine, pipeline_run, report, router, serve_load
+from icar_lab.catalogue import bench_routes, router_key, spec_key, unique
 from icar_lab.heldout import load_heldout
 from icar_lab.scenes.splits import TEST
-from icar_lab.speed import BASELINE, ROUTED, EncoderCase, measure_encoder, route_images
+from icar_lab.speed import EncoderCase, measure_encoder, route_images
 from pipeline.config import ModelConfig, RouterConfig, RouteSpec, load_config
 from pipeline.encode.heads import ExitHeads
 from pipeline.encode.model import load_model, resolve_heads
@@ -133,27 +133,6 @@ def random_case(name: str, images: int, batch: int, extra: list[RouteSpec]) -> E
     )
 
 
-def projection_input(embedded: dict[str, Any]) -> tuple[float | None, str, float | None]:
-    """The ratio to project with: the shipped router, with its quality on the test split when known, else
-    ToMe (speed only)."""
-    points = {p["name"]: p for p in embedded["points"]}
-    full = points[BASELINE]["gflops_per_image"]
-    eq = embedded.get("equal_quality") or {}
-    if eq:
-        ratio = eq["recall_ratio"]
-        verdict = "equal quality" if eq["meets"] else f"below equal quality ({ratio:.3f} of full)"
-        point = points[eq["point"]]
-        source = f"shipped router on {embedded['model']}, {verdict} on the test split"
-    elif ROUTED in points:
-        point, source = points[ROUTED], f"calibrated router on {embedded['model']}, quality not established"
-    else:
-        point = next(p for p in embedded["points"] if p["key"] == spec_key(route(merge="tome", merge_r=4)))
-        source = f"{point['name']} on {embedded['model']}: speed only, quality not established"
-    # vs our own full-depth route: the work saved, without the attention-kernel gain over open_clip
-    ratio = (point["speedup_vs_full_route"] or point["speedup"])["median"]
-    return ratio, source + " vs the adaptive forward at full depth", point["gflops_per_image"] / full
-
-
 def isolated_query(workdir: Path, sizes: Sizes) -> dict[str, Any]:
     """The query section in a fresh interpreter (see `query.main` for why), its JSON read back."""
     out = workdir / "query.json"
@@ -185,6 +164,59 @@ def run_suite(
         torch.set_num_threads(saved_threads)  # callers (tests) keep their own thread count
 
 
+def embedded_encoder(
+    sizes: Sizes, shipped: RouterConfig, frontier: Path | None
+) -> tuple[dict[str, Any], EncoderCase]:
+    """The embedded model's speed per point, with the frontier's quality of each (section 1), and the case
+    it was timed on."""
+    quality = enc.frontier_quality(frontier, resolve_heads(ModelConfig()))
+    case = embedded_case(sizes, shipped, quality["routes"])
+    embedded = measure_encoder(case, sizes.rounds)
+    if case.heads_note.startswith(UNTRAINED_HEADS):  # the frontier's exit quality belongs to trained heads
+        stale = {spec_key(r) for r in case.routes if r.exit_depth}
+        stale |= {router_key(case.router)} if case.router else set()
+        quality["points"] = {k: v for k, v in quality["points"].items() if k not in stale}
+    enc.attach_quality(embedded, quality)
+    return embedded, case
+
+
+def router_cost(case: EncoderCase, images: int) -> dict[str, Any]:
+    """Section 4: the embedded case's router (the handcrafted scorer in front of full depth when it has
+    none) against the encoder it feeds, on its first `images` images."""
+    pixels, bpp = case.images[:images], case.bytes_per_pixel[:images]
+    if case.router:
+        job_encoder = RoutedEncoder(case.loaded, case.router.routes, case.heads)
+        ids = route_images(case.router, pixels, bpp)
+    else:
+        job_encoder = RoutedEncoder(case.loaded, [RouteSpec(name="full")], case.heads)
+        ids = np.zeros(len(pixels), np.int32)
+    spec = case.router.scorer if case.router else "handcrafted"
+    return router.measure_router(pixels, bpp, load_scorer(spec), job_encoder, ids) | {"scorer": spec}
+
+
+class SectionClock:
+    """Seconds per section, each counted from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, section: str) -> None:
+        now = time.perf_counter()
+        self.seconds[section] = now - self._last
+        self._last = now
+
+
+def host(threads: int) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
 def _run(
     sizes: Sizes,
     mode: str,
@@ -194,94 +226,67 @@ def _run(
     frontier: Path | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """The sections in the order they run (numbered as the report shows them), then the report."""
     torch.set_num_threads(threads)
     started, started_utc = time.perf_counter(), datetime.now(UTC)
     result: dict[str, Any] = {
         "mode": mode,
         "sizes": asdict(sizes),
         "started_utc": started_utc.isoformat(timespec="seconds"),
-        "host": {
-            "cpu_count": os.cpu_count(),
-            "threads": threads,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_start": os.getloadavg(),
-        },
+        "host": host(threads),
     }
-
-    clock = time.perf_counter()
-    section_seconds: dict[str, float] = {}
-
-    def done(section: str) -> None:
-        nonlocal clock
-        section_seconds[section] = time.perf_counter() - clock
-        clock = time.perf_counter()
-
-    log("[1/7] encoder speed: embedded model")
-    quality = enc.frontier_quality(frontier, resolve_heads(ModelConfig()))
-    shipped = load_config(routed_config).router
-    case = embedded_case(sizes, shipped, quality["routes"])
-    embedded = measure_encoder(case, sizes.rounds)
-    if case.heads_note.startswith(UNTRAINED_HEADS):  # the frontier's exit quality belongs to trained heads
-        stale = {spec_key(r) for r in case.routes if r.exit_depth}
-        stale |= {router_key(case.router)} if case.router else set()
-        quality["points"] = {k: v for k, v in quality["points"].items() if k not in stale}
-    enc.attach_quality(embedded, quality)
-    encoders = [embedded]
+    clock, shipped = SectionClock(), load_config(routed_config).router
+    log("[1/6] encoder speed: embedded model")
+    embedded, case = embedded_encoder(sizes, shipped, frontier)
+    result["encoder"] = [embedded]
     for name, images, batch in sizes.random_models:
-        log(f"[1/7] encoder speed: {name} (random weights)")
+        log(f"[1/6] encoder speed: {name} (random weights)")
         model_case = random_case(name, images, batch, shipped.routes)
-        encoders.append(measure_encoder(model_case, sizes.random_rounds))
-    result["encoder"] = encoders
-    done("encoder")
-
-    log("[2/7] machine limit: fp32 matmul peak")
+        result["encoder"].append(measure_encoder(model_case, sizes.random_rounds))
+    clock.done("encoder")
+    log("[2/6] machine limit: fp32 matmul peak")
     result["machine"] = machine.matmul_peak(sizes.matmul_size, sizes.matmul_repeats)
-    machine.attach_achieved(encoders, result["machine"]["peak_gflops"])
-    done("machine")
-
-    log("[4/7] router cost")  # before the pipeline, while the embedded model and images are loaded
-    n = sizes.router_images
-    images, bpp = case.images[:n], case.bytes_per_pixel[:n]
-    if case.router:
-        job_encoder = RoutedEncoder(case.loaded, case.router.routes, case.heads)
-        ids = route_images(case.router, images, bpp)
-    else:
-        job_encoder = RoutedEncoder(case.loaded, [RouteSpec(name="full")], case.heads)
-        ids = np.zeros(len(images), np.int32)
-    spec = case.router.scorer if case.router else "handcrafted"
-    result["router"] = router.measure_router(images, bpp, load_scorer(spec), job_encoder, ids)
-    result["router"]["scorer"] = spec
-    done("router")
-
+    machine.attach_achieved(result["encoder"], result["machine"]["peak_gflops"])
+    clock.done("machine")
+    log("[4/6] router cost")  # before the pipeline, while the embedded model and images are loaded
+    result["router"] = router_cost(case, sizes.router_images)
+    clock.done("router")
     with tempfile.TemporaryDirectory(prefix="icar-bench-") as tmp:
-        log("[3/7] pipeline efficiency: run_index on local Ray")
-        result["pipeline"] = pipeline_run.measure_pipeline(
-            Path(tmp) / "pipeline",
-            sizes.pipeline_images,
-            sizes.shard_size,
-            routed_config,
-            num_cpus=2,
-            encoder_images=sizes.pipeline_encoder_images,
-            rounds=max(1, sizes.rounds - 2),
-            log=log,
-        )
-        torch.set_num_threads(threads)
-        done("pipeline")
-        log(f"[6/7] serve: {sizes.serve_clients} clients x {sizes.serve_seconds:g} s, then the abuse cases")
-        result["serve"] = serve_load.measure_serve(
-            Path(tmp) / "pipeline", sizes.serve_clients, sizes.serve_seconds
-        )
-        done("serve")
-        log(f"[5/7] query: {sizes.query_rows:,} rows x 512-d, float32 and float16 (own process)")
-        result["query"] = isolated_query(Path(tmp) / "query", sizes)
-        done("query")
-
-    log("[7/7] scale projection")
-    result["projection"] = projection.project(*projection_input(embedded))
+        _job_sections(result, sizes, Path(tmp), routed_config, threads, clock, log)
     result["host"]["load_average_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - started
-    result["section_seconds"] = section_seconds
+    result["section_seconds"] = clock.seconds
     result["answers"] = report.answers(result)
     report.write(result, out_dir, started_utc)
     return result
+
+
+def _job_sections(
+    result: dict[str, Any],
+    sizes: Sizes,
+    tmp: Path,
+    routed_config: Path | None,
+    threads: int,
+    clock: SectionClock,
+    log: Callable[[str], None],
+) -> None:
+    """Sections 3, 6 and 5: the Ray job, serving the table it wrote, queries (own process)."""
+    log("[3/6] pipeline efficiency: run_index on local Ray")
+    result["pipeline"] = pipeline_run.measure_pipeline(
+        tmp / "pipeline",
+        sizes.pipeline_images,
+        sizes.shard_size,
+        routed_config,
+        num_cpus=2,
+        encoder_images=sizes.pipeline_encoder_images,
+        rounds=max(1, sizes.rounds - 2),
+        log=log,
+    )
+    torch.set_num_threads(threads)
+    clock.done("pipeline")
+    log(f"[6/6] serve: {sizes.serve_clients} clients x {sizes.serve_seconds:g} s, then the abuse cases")
+    result["serve"] = serve_load.measure_serve(tmp / "pipeline", sizes.serve_clients, sizes.serve_seconds)
+    clock.done("serve")
+    log(f"[5/6] query: {sizes.query_rows:,} rows x 512-d, float32 and float16 (own process)")
+    result["query"] = isolated_query(tmp / "query", sizes)
+    clock.done("query")

@@ -97,69 +97,83 @@ def _place(rng: np.random.Generator, size: str) -> tuple[float, float, float]:
 BIMODAL = "-bimodal"  # a stream whose name ends so draws the bimodal mix
 
 
-def sample_scene(seed: int, split: str, index: int) -> Scene:
-    """The scene for one (seed, split, index); the same triple always gives the same scene.
-
-    The default mix spreads complexity evenly. A stream named `<split>-bimodal` draws from two ends only,
-    as a crawl mixes product shots with street scenes: one object on a plain or gradient background, or
-    6-12 objects on a textured one; per-image routing has the most to gain there."""
-    rng = _rng(seed, split, index)
+def _mix(rng: np.random.Generator, split: str) -> tuple[str, int]:
+    """(background, object count) of a scene: the default mix spreads complexity evenly; a stream named
+    `<split>-bimodal` draws from the two ends only (one object on a plain or gradient background, or 6-12
+    objects on a textured one), as a crawl mixes product shots with street scenes."""
     if split.endswith(BIMODAL):
         kind = str(rng.choice(["single", "clutter"]))
         background = str(rng.choice(BACKGROUNDS[:2] if kind == "single" else BACKGROUNDS[3:]))
-        n = 1 if kind == "single" else int(rng.integers(6, 13))
-    else:
-        background = str(rng.choice(BACKGROUNDS))
-        kind = rng.choice(["single", "few", "clutter"], p=[0.3, 0.3, 0.4])
-        n = 1 if kind == "single" else int(rng.integers(2, 4)) if kind == "few" else int(rng.integers(4, 13))
+        return background, 1 if kind == "single" else int(rng.integers(6, 13))
+    background = str(rng.choice(BACKGROUNDS))
+    kind = rng.choice(["single", "few", "clutter"], p=[0.3, 0.3, 0.4])
+    n = 1 if kind == "single" else int(rng.integers(2, 4)) if kind == "few" else int(rng.integers(4, 13))
+    return background, n
 
-    def new_object(size: str, avoid: tuple[str, str] | None = None) -> SceneObject:
-        while True:
-            shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
-            if (shape, color) != avoid:
-                break
-        x, y, radius = _place(rng, size)
-        return SceneObject(shape, color, size, x, y, radius, float(rng.uniform(0, 2 * math.pi)))
 
-    if n == 1:
-        obj = new_object(str(rng.choice(list(SIZES))))
-        objects = (obj,)
-        if rng.random() < 0.5:
-            caption = f"{article(obj.size)} {obj.size} {obj.color} {obj.shape} on a {background} background"
-            key = f"n=1|bg={background}|{obj.size} {obj.color} {obj.shape}"
-        else:
-            caption = f"{article(obj.color)} {obj.color} {obj.shape} on a {background} background"
-            key = f"n=1|bg={background}|{obj.color} {obj.shape}"
-    elif n <= 3:
-        a = new_object("medium")
-        b = new_object("medium", avoid=(a.shape, a.color))
-        extra = tuple(new_object("small") for _ in range(n - 2))
-        objects = (*extra, a, b)
-        names = sorted([f"{a.color} {a.shape}", f"{b.color} {b.shape}"])
-        if n == 2 and rng.random() < 0.4:
-            rel = _relation(a, b)
-            caption = (
-                f"{article(a.color)} {a.color} {a.shape} {rel} {article(b.color)} {b.color} {b.shape} "
-                f"on a {background} background"
-            )
-            key = f"n=2|bg={background}|{a.color} {a.shape} {rel} {b.color} {b.shape}"
-        else:
-            caption = (
-                f"{count_phrase(n)} shapes on a {background} background: "
-                f"{article(names[0])} {names[0]} and {article(names[1])} {names[1]}"
-            )
-            key = f"n={n}|bg={background}|{names[0]}+{names[1]}"
+def _new_object(rng: np.random.Generator, size: str, avoid: tuple[str, str] | None = None) -> SceneObject:
+    """A shape of `size` at a random place, its (shape, colour) unlike `avoid`."""
+    while True:
+        shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+        if (shape, color) != avoid:
+            break
+    x, y, radius = _place(rng, size)
+    return SceneObject(shape, color, size, x, y, radius, float(rng.uniform(0, 2 * math.pi)))
+
+
+def _single(rng: np.random.Generator, background: str) -> Scene:
+    """One object, named with or without its size."""
+    obj = _new_object(rng, str(rng.choice(list(SIZES))))
+    if rng.random() < 0.5:
+        caption = f"{article(obj.size)} {obj.size} {obj.color} {obj.shape} on a {background} background"
+        key = f"n=1|bg={background}|{obj.size} {obj.color} {obj.shape}"
     else:
-        small = tuple(new_object(str(rng.choice(["small", "small", "medium"]))) for _ in range(n - 1))
-        big = new_object("large")
-        objects = (*small, big)
-        phrase = count_phrase(n)
+        caption = f"{article(obj.color)} {obj.color} {obj.shape} on a {background} background"
+        key = f"n=1|bg={background}|{obj.color} {obj.shape}"
+    return Scene(background, (obj,), caption, key)
+
+
+def _few(rng: np.random.Generator, background: str, n: int) -> Scene:
+    """Two named objects (plus small ones up to `n`), named by their relation or as a pair."""
+    a = _new_object(rng, "medium")
+    b = _new_object(rng, "medium", avoid=(a.shape, a.color))
+    extra = tuple(_new_object(rng, "small") for _ in range(n - 2))
+    names = sorted([f"{a.color} {a.shape}", f"{b.color} {b.shape}"])
+    if n == 2 and rng.random() < 0.4:
+        rel = _relation(a, b)
         caption = (
-            f"{phrase} shapes on a {background} background, "
-            f"the largest {article(big.color)} {big.color} {big.shape}"
+            f"{article(a.color)} {a.color} {a.shape} {rel} {article(b.color)} {b.color} {b.shape} "
+            f"on a {background} background"
         )
-        key = f"n={phrase}|bg={background}|largest {big.color} {big.shape}"
-    return Scene(background, objects, caption, key)
+        key = f"n=2|bg={background}|{a.color} {a.shape} {rel} {b.color} {b.shape}"
+    else:
+        caption = (
+            f"{count_phrase(n)} shapes on a {background} background: "
+            f"{article(names[0])} {names[0]} and {article(names[1])} {names[1]}"
+        )
+        key = f"n={n}|bg={background}|{names[0]}+{names[1]}"
+    return Scene(background, (*extra, a, b), caption, key)
+
+
+def _cluttered(rng: np.random.Generator, background: str, n: int) -> Scene:
+    """`n` objects, named by how many and by the largest."""
+    small = tuple(_new_object(rng, str(rng.choice(["small", "small", "medium"]))) for _ in range(n - 1))
+    big = _new_object(rng, "large")
+    phrase = count_phrase(n)
+    largest = f"{article(big.color)} {big.color} {big.shape}"
+    caption = f"{phrase} shapes on a {background} background, the largest {largest}"
+    key = f"n={phrase}|bg={background}|largest {big.color} {big.shape}"
+    return Scene(background, (*small, big), caption, key)
+
+
+def sample_scene(seed: int, split: str, index: int) -> Scene:
+    """The scene for one (seed, split, index); the same triple always gives the same scene. A stream
+    named `<split>-bimodal` draws the bimodal mix (`_mix`): per-image routing has the most to gain there."""
+    rng = _rng(seed, split, index)
+    background, n = _mix(rng, split)
+    if n == 1:
+        return _single(rng, background)
+    return _few(rng, background, n) if n <= 3 else _cluttered(rng, background, n)
 
 
 def _background(rng: np.random.Generator, kind: str) -> np.ndarray:

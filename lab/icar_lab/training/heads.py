@@ -69,7 +69,7 @@ def load_targets(loaded: LoadedModel, split: str, images: int, seed: int, log) -
             full.append(model.encode_image(x, normalize=True))
             text.append(model.encode_text(loaded.tokenizer(sample.captions[i : i + 256]), normalize=True))
             log(f"targets {min(i + 256, len(sample))}/{len(sample)} images ({time.time() - started:.0f} s)")
-    key_ids = torch.as_tensor(np.unique(np.asarray(sample.scene_keys), return_inverse=True)[1])
+    key_ids = torch.as_tensor(np.unique(np.asarray(sample.keys), return_inverse=True)[1])
     return Targets(sample.images, torch.cat(full), torch.cat(text), key_ids)
 
 

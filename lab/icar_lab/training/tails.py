@@ -4,8 +4,8 @@ and projection, trained on the tokens that path leaves, with the dual-path loss 
 tower's own, so their output is computed once per image and cached; each step runs only the tail.
 
 Merging changes what the last blocks see (fewer tokens, each standing for several patches); the tower's
-own weights were never trained on that. On the embedded model, tuning the last 6 of 12 blocks for
-`tome-keep65-floor8` raised the calib mean cosine to full depth from 0.974 to 0.988 (a head-only fit,
+own weights are not trained on that. On the embedded model, tuning the last 6 of 12 blocks for
+`tome-keep65-floor8` raises the calib mean cosine to full depth from 0.974 to 0.988 (a head-only fit,
 LayerNorm + projection: 0.983; the last 2 blocks: 0.985), at the route's own FLOPs.
 """
 
