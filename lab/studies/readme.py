@@ -76,7 +76,7 @@ def headroom_block(results: Path) -> str:
     paths = (results / "headroom").glob("headroom-*.json")
     for path in sorted(paths, key=lambda p: (p.stem.count("-"), p.stem)):  # the plain split first
         a = _json(path)["args"]
-        command = f"python jobs/headroom.py --split {a['split']} --images {a['images']}"
+        command = f"python lab/studies/headroom.py --split {a['split']} --images {a['images']}"
         command += f" --exits {' '.join(map(str, a['exits']))}" if a["exits"] is not None else ""
         command += f" --timing-images {a['timing_images']} --rounds {a['rounds']}"
         command += f" --config {a['config']}" if a["config"] else ""
