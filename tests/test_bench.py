@@ -125,9 +125,9 @@ def test_router_and_query_sections_are_sane(tiny):
         tuned = settings["nprobes=50, refine_factor=10"]
         assert default["recall@10"] > 0.5  # chance is 10 / 2000
         assert tuned["recall@10"] >= max(0.95, default["recall@10"])  # 50 probes of ~44 lists: near exact
-        # tuned for 0.95 on the table's own rows; these queries are fresh draws, which it reaches within a
-        # few points (tuning on own rows is optimistic where rows have near-twins: see the README)
-        assert shipped["recall@10"] >= 0.9
+        # tuned to reach 0.95 with 95% confidence on rows moved off the table (query.tune_search); these
+        # queries are fresh draws from the generator, which the tuning never saw
+        assert shipped["recall@10"] >= 0.95
         for setting in settings.values():
             assert 0 < setting["latency_ms"]["p50"] <= setting["latency_ms"]["p99"]
     f16, f32 = query["tables"][1]["data_bytes"], query["tables"][0]["data_bytes"]

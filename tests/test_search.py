@@ -1,5 +1,6 @@
-"""Search settings tuned on the table itself, full-text and hybrid search, on real LanceDB tables holding the
-embedded model's own embeddings of rendered scenes."""
+"""Search settings tuned on the table itself (recall that holds on queries the tuning never saw), read once
+per table version, full-text and hybrid search, caption-word filters through the full-text index, on real
+LanceDB tables holding the embedded model's own embeddings of rendered scenes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pytest
 from conftest import index_config, lance_table
 
+import pipeline.query
 from pipeline.cli import main
 from pipeline.job import run_index
 from pipeline.query import (
@@ -20,6 +22,7 @@ from pipeline.query import (
     RRF_K,
     SETTINGS_KEY,
     Searcher,
+    _perturbed,
     _sample_queries,
     build_indexes,
     exact_neighbours,
@@ -78,10 +81,27 @@ def test_tuned_settings_reach_the_target_where_the_old_fixed_settings_do_not(cop
     table = _latest(cfg)
     tuned = stored_settings(table.to_lance())
     assert info["num_partitions"] == 126 and tuned is not None and tuned.reached
-    assert tuned.recall >= 0.95 and tuned.p50_ms > 0 and (tuned.rows, tuned.queries) == (COPIES, 200)
-    # on queries the tuning never saw
-    assert _recall(table, tuned.knobs, seed=1) >= 0.93
+    assert tuned.recall >= tuned.recall_bound >= 0.95 and tuned.query_noise > 0
+    assert tuned.p50_ms > 0 and (tuned.rows, tuned.queries) == (COPIES, 200)
+    # on queries the tuning never saw (another draw of rows): the target holds
+    assert _recall(table, tuned.knobs, seed=1) >= 0.95
     assert _recall(table, OLD_FIXED, seed=1) < 0.9
+
+
+def test_tuning_queries_sit_one_typical_neighbour_distance_off_their_rows(copies):
+    """Off the table by the median distance from a row to its nearest other row, in a random direction."""
+    _, cfg = copies
+    dataset = _latest(cfg).to_lance()
+    ids, rows = _sample_queries(dataset, 100, seed=3)
+    queries, noise = _perturbed(dataset, ids, rows, np.random.default_rng(3))
+    table = np.stack(dataset.to_table(columns=["vector"]).column("vector").to_numpy(zero_copy_only=False))
+    table = table / np.linalg.norm(table, axis=1, keepdims=True)
+    cosines = rows @ table.T
+    cosines[cosines > 1 - 1e-6] = -1  # each row itself
+    assert noise == pytest.approx(np.median(np.sqrt(2 - 2 * cosines.max(axis=1))), rel=1e-3)
+    assert np.allclose(np.linalg.norm(queries, axis=1), 1, atol=1e-5)
+    moved = np.linalg.norm(queries - rows, axis=1)
+    assert 0.7 * noise < moved.min() and moved.max() < noise  # re-normalised: a little nearer than `noise`
 
 
 def test_searcher_uses_the_settings_stored_with_the_table(copies):
@@ -100,13 +120,32 @@ def test_searcher_uses_the_settings_stored_with_the_table(copies):
         found = [{by_id[r["id"]] for r in searcher.search(q, k=11)} for q in queries]
         return sum(len(t & f) for t, f in zip(truth, found, strict=True)) / (10 * len(queries))
 
-    assert searcher_recall() >= 0.9
+    assert searcher_recall() >= 0.95
     one_probe = replace(tuned, nprobes=1, refine_factor=0)
     dataset.update_schema_metadata({SETTINGS_KEY.decode(): json.dumps(asdict(one_probe))})
     try:
         assert searcher_recall() < 0.6
     finally:
         _latest(cfg).to_lance().update_schema_metadata({SETTINGS_KEY.decode(): json.dumps(asdict(tuned))})
+
+
+def test_the_searcher_reads_the_stored_settings_once_per_table_version(copies, monkeypatch):
+    _, cfg = copies
+    reads = []
+    read = pipeline.query.stored_settings
+    monkeypatch.setattr(pipeline.query, "stored_settings", lambda dataset: reads.append(1) or read(dataset))
+    searcher = Searcher(cfg, loaded=None, refresh_seconds=0)
+    query = np.ones(128, np.float32)
+    for _ in range(5):
+        searcher.search(query)
+    assert len(reads) == 1
+    dataset = _latest(cfg).to_lance()
+    dataset.update_schema_metadata(
+        {SETTINGS_KEY.decode(): json.dumps(asdict(read(dataset)))}
+    )  # a new version
+    for _ in range(5):
+        searcher.search(query)
+    assert len(reads) == 2
 
 
 def test_settings_and_text_index_survive_an_append_and_compaction(copies):
@@ -168,12 +207,41 @@ def test_where_filters_apply_in_every_mode(indexed, mode):
     assert rows and all(r["id"].startswith("00001.parquet/") for r in rows)
 
 
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
+def test_caption_words_keep_exactly_the_captions_with_them_in_every_mode(indexed, mode):
+    cfg, _ = indexed
+    images = lance_table(cfg.output.uri, "images").select(["id", "caption", "vector"]).to_pylist()
+    expected = {r["id"] for r in images if "triangle" in r["caption"]}  # "triangles" too: the index stems
+    searcher = Searcher.open(cfg)
+    text = "a blue square"
+    vector = searcher.embed_text([text]).numpy()[0]
+    rows = searcher.search(vector, k=72, text=text, mode=mode, caption_words="Triangle")
+    assert {r["id"] for r in rows} <= expected and len(rows) >= (len(expected) if mode != "text" else 1)
+    if mode == "text":  # ranked by the query text alone, among the captions with the words
+        assert all("blue" in r["caption"] or "square" in r["caption"] for r in rows)
+    if mode == "vector":  # exact cosine over the matches, best first
+        cosine = {r["id"]: float(np.dot(r["vector"], vector) / np.linalg.norm(r["vector"])) for r in images}
+        assert [r["id"] for r in rows] == sorted(expected, key=lambda i: -cosine[i])
+        assert [r["score"] for r in rows] == pytest.approx([cosine[r["id"]] for r in rows], abs=1e-5)
+
+
+def test_caption_words_rank_at_most_the_bounded_number_of_matches(indexed, monkeypatch):
+    cfg, _ = indexed
+    monkeypatch.setattr(pipeline.query, "CAPTION_MATCH_LIMIT", 3)
+    searcher = Searcher.open(cfg)
+    rows = searcher.search(searcher.embed_text(["a shape"]), k=50, caption_words="triangle")
+    assert len(rows) == 3 and all("triangle" in r["caption"] for r in rows)
+    assert searcher.search(searcher.embed_text(["a shape"]), caption_words="zebra") == []  # no caption has it
+
+
 def test_a_mode_without_its_query_is_refused(indexed):
     searcher = Searcher.open(indexed[0])
     with pytest.raises(ValueError, match="needs a query text"):
         searcher.search(np.ones(128, np.float32), mode="hybrid")
     with pytest.raises(ValueError, match="needs a query vector"):
         searcher.search(text="circle", mode="vector")
+    with pytest.raises(ValueError, match="must hold a word"):
+        searcher.search(np.ones(128, np.float32), caption_words=" ")
 
 
 def test_build_index_prints_the_tuned_settings_and_query_takes_a_mode(indexed, capsys):

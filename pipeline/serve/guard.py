@@ -4,7 +4,9 @@ a concurrency limit and a per-request timeout, each refusal a JSON `{"error": ..
 One pure ASGI middleware around the whole app, so `icar serve` (uvicorn) and the Ray Serve replicas
 (deployment.py) run the same checks, in this order: Host (400), token (401), concurrency (503), body size
 (413), time (503). The body is read here, before any route sees it, so no route ever holds more than its
-cap, whether the client declared a Content-Length or sent chunks."""
+cap, whether the client declared a Content-Length or sent chunks. A request answered 503 for its time is
+marked in its ASGI scope (`timed_out`), so whatever measures the app's requests can leave its late work
+out of the served requests and their latency: the client never got that answer."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pipeline.config import ConfigError, ServeConfig
 
 TOKEN_ENV = "ICAR_SERVE_TOKEN"
 RETRY = {"retry-after": "1"}  # a 503 says when to come back
+TIMED_OUT = "icar.timed_out"  # ASGI scope key: True once the guard answered the request 503 for its time
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -67,6 +70,12 @@ def host_allowed(name: str, patterns: list[str]) -> bool:
         if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
             return True
     return False
+
+
+def timed_out(scope: Mapping[str, Any]) -> bool:
+    """Whether the guard already answered this request 503 for taking too long (its work may still be
+    running, and still answer the app's own middleware)."""
+    return bool(scope.get(TIMED_OUT))
 
 
 def is_public(path: str) -> bool:
@@ -172,6 +181,7 @@ class Guard:
         if done or state["started"]:
             return await task
         state["answered"] = True
+        scope[TIMED_OUT] = True  # before the cancel: the app's middleware sees it as the work unwinds
         task.cancel()  # stops a body read; a search in a thread runs to its end, holding its slot
         self.on_refusal("timeout")
         await refuse(send, 503, "the request took too long (serve.request_timeout_seconds)", RETRY)
