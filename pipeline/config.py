@@ -424,10 +424,11 @@ class QueryConfig(_Section):
         0.95,
         gt=0,
         le=1,
-        description="recall@10 the cheapest (nprobes, refine_factor) must reach on the table's own rows",
+        description="recall@10 (95% lower confidence bound) the cheapest (nprobes, refine_factor) must reach "
+        "on queries made from the table's own rows, each moved off by the median nearest-neighbour distance",
     )
     tuning_queries: int = Field(
-        200, gt=0, description="rows drawn as queries when tuning (each with its own row excluded)"
+        200, gt=0, description="rows drawn (then perturbed) as tuning queries, each with its own row excluded"
     )
 
 

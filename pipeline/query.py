@@ -109,7 +109,7 @@ def holding_words(words: str, boost: float = 1.0) -> lance.query.MatchQuery:
     stop words folded as in mode "text"); `boost` scales its share of a BM25 score."""
     from lance.query import FullTextOperator, MatchQuery  # here, like `build_indexes`' lancedb import
 
-    return MatchQuery(words, TEXT_COLUMN, operator=FullTextOperator.AND, boost=boost)
+    return MatchQuery(words.lower(), TEXT_COLUMN, operator=FullTextOperator.AND, boost=boost)
 
 
 def full_text(
@@ -124,7 +124,7 @@ def full_text(
     with `caption_words`, only rows whose caption holds all of them (scored by `text` alone)."""
     from lance.query import BooleanQuery, MatchQuery, Occur
 
-    query = MatchQuery(text, TEXT_COLUMN)
+    query = MatchQuery(text.lower(), TEXT_COLUMN)  # the index holds lower-cased words; Lance matches as given
     if caption_words:
         query = BooleanQuery([(Occur.MUST, query), (Occur.MUST, holding_words(caption_words, boost=0.0))])
     return dataset.to_table(
@@ -144,7 +144,7 @@ def nearest_holding(
     plus `_distance` like `nearest`: exact over the CAPTION_MATCH_LIMIT best matches by BM25 that the
     full-text index finds, so a caption filter costs the same on any table (a substring test reads every
     caption, and no index of pylance 14 serves one that ignores case)."""
-    fetched = columns if "vector" in columns else [*columns, "vector"]
+    fetched = [*columns, *(["vector"] if "vector" not in columns else []), "_score"]  # _score: Lance adds it
     matches = dataset.to_table(
         columns=fetched,
         full_text_query=holding_words(caption_words),

@@ -29,7 +29,7 @@ from pipeline.config import IndexConfig, ServeConfig
 from pipeline.decode import DecodeError
 from pipeline.query import Searcher, SearchMode
 from pipeline.serve.filters import Filters
-from pipeline.serve.guard import Guard, serve_token
+from pipeline.serve.guard import Guard, serve_token, timed_out
 from pipeline.serve.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ def _measure(app: FastAPI, metrics: Metrics) -> None:
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
+            if not timed_out(request.scope):  # the guard answered 503 and counted it as a refusal
+                route = request.scope.get("route")
+                metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
 
 
 def _json_errors(app: FastAPI) -> None:
@@ -212,7 +213,8 @@ def _answer(
 ) -> dict:
     """Search (`query`: the vector, and exclude, text or mode where given) and answer."""
     started = time.perf_counter()
-    rows = searcher.search(k=k, where=filters.where(), offset=offset, dedup=dedup, **query)
+    where, words = filters.where(), filters.caption_contains
+    rows = searcher.search(k=k, where=where, offset=offset, dedup=dedup, caption_words=words, **query)
     return {
         "query": kind,
         "k": k,

@@ -29,7 +29,11 @@ class Filters(BaseModel):
     shard: list[Text] | None = Field(
         None, max_length=32, description="shard name ([dataset/]path in the input) is one of these"
     )
-    caption_contains: Text | None = Field(None, description="case-insensitive substring of the caption")
+    caption_contains: Text | None = Field(
+        None,
+        description="words the caption must all hold, as the full-text index reads them (case and word forms "
+        "folded); served by that index, not a scan",
+    )
 
     @field_validator("route", "shard", "caption_contains")
     @classmethod
@@ -47,7 +51,8 @@ class Filters(BaseModel):
         return value
 
     def where(self) -> str | None:
-        """The Lance SQL filter these fields mean, or None when no field is set."""
+        """The Lance SQL filter the structured fields mean, or None when none is set (`caption_contains`
+        is not one: it goes to the full-text index as `Searcher.search(caption_words=...)`)."""
         parts = []
         if self.route:
             parts.append(f"route IN ({', '.join(sql_literal(r) for r in self.route)})")
@@ -61,6 +66,4 @@ class Filters(BaseModel):
             parts.append(f"gflops <= {float(self.gflops_max)!r}")
         if self.shard:
             parts.append(f"shard IN ({', '.join(sql_literal(s) for s in self.shard)})")
-        if self.caption_contains:
-            parts.append(f"contains(lower(caption), {sql_literal(self.caption_contains.lower())})")
         return " AND ".join(parts) or None
