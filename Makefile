@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-scale bench-ann docs browser serve clean
+.PHONY: demo test lint bench bench-quick bench-scale bench-ann bench-gpu docs browser serve clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-scale: $(STAMP)
 ROWS ?= 1000000
 bench-ann: $(STAMP)
 	$(BIN)/python -m icar_lab.bench.ann --rows $(ROWS)
+
+# one CUDA GPU: encoder A/B in fp16 (ViT-B-32, ViT-B-16, ViT-L-14) and 200 steps of `icar tune` on ViT-L-14
+# (results/bench/gpu.json, the device named); under 8 minutes on one H100; refuses without CUDA
+bench-gpu: $(STAMP)
+	$(BIN)/python jobs/bench_gpu.py
 
 bench-quick: $(STAMP)
 	$(BIN)/python jobs/bench.py --quick

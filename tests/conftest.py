@@ -13,6 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/imagefactory.py
+# open_clip configs of architectures made for tests (tiny-vit-b16: ViT-B-16's patch and resolution, 4
+# narrow blocks), known to this process and to every Ray worker (pipeline.encode.model reads the variable)
+TEST_MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+os.environ["ICAR_MODEL_CONFIGS"] = str(TEST_MODEL_CONFIGS)
 
 
 def free_port() -> int:
@@ -23,7 +27,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs, like the machine)."""
+    """One local Ray for the whole session (2 CPUs, like the machine); its workers inherit the tests'
+    model configs through the environment."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)

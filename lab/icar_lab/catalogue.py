@@ -9,6 +9,7 @@ catalogue's `tome-keep75-floor16`).
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import MergeRoute, PruneRoute, RouterConfig, RouteSpec, TwoPhaseRoute
@@ -78,6 +79,26 @@ def route_name(spec: RouteSpec) -> str:
     if spec.tuned:
         parts.append("tuned")
     return "-".join(parts) or "full"
+
+
+# the merge schedules the embedded model's shipped heads carry tuned tails for
+SHIPPED_TAIL_SCHEDULES = tuple(f"tome-keep{keep}-floor8" for keep in (60, 65, 70, 75))
+_SCHEDULE_NAME = re.compile(r"(tome|crossget)(?:(\d+)|-keep(\d+(?:\.\d+)?))(?:-floor(\d+))?")
+
+
+def merge_schedule(name: str, tuned: bool = True) -> RouteSpec:
+    """The full-depth route of the merge schedule `name`, as `route_name` writes one (`tome4`,
+    `tome-keep70-floor8`), with its tuned tail or without; ValueError for any other name, so a schedule
+    is named one way only."""
+    match = _SCHEDULE_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a merge schedule name (e.g. tome4, tome-keep70-floor8)")
+    merge, r, keep, floor = match.groups()
+    fields = {"merge": merge, **({"merge_r": int(r)} if r else {"merge_keep": float(keep) / 100})}
+    fields |= {"merge_floor": int(floor)} if floor else {}
+    if route(**fields).name != name:
+        raise ValueError(f"{name!r} is not a merge schedule name; did you mean {route(**fields).name!r}?")
+    return route(tuned=tuned, **fields)
 
 
 def route(exit_depth: int | None = None, **reduction: Any) -> RouteSpec:

@@ -46,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=CALIBRATE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _calibrate_arguments(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, help="captioned parquet shards: paths, globs, dirs")
     p.add_argument("--out", required=True, help="routes YAML to write (model: and router: sections)")
     p.add_argument("--report", help="JSON report path (default: <out>.report.json)")
@@ -87,7 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override a field of that config, e.g. --set input.caption_column=TEXT",
     )  # fmt: skip
-    p.set_defaults(func=cmd_calibrate)
+
+
+def run_calibrate(argv: list[str]) -> int:
+    """`icar calibrate` with `argv`, exactly as the command line runs it (`icar tune` calibrates so)."""
+    parser = argparse.ArgumentParser(prog="icar calibrate")
+    _calibrate_arguments(parser)
+    return cmd_calibrate(parser.parse_args(argv))
 
 
 def _log(message: str) -> None:

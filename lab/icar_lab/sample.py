@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from icar_lab.scenes.splits import SPLIT_COLUMN
 from pipeline.config import ConfigError, DecodeConfig, InputConfig
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, Preprocess, decode_image
 from pipeline.read import ShardPlan, inspect_shard, list_shards, read_chunks
 
 MATCH_COLUMN = "scene_key"
@@ -89,16 +89,20 @@ def _rows(cfg: InputConfig, match_column: str | None) -> Iterator[tuple[dict[str
 
 def read_captioned(
     paths: Sequence[str],
-    image_size: int,
+    image_size: int | Preprocess,
     limit: int,
     input_cfg: InputConfig | None = None,
     decode_cfg: DecodeConfig | None = None,
     match_column: str | None = MATCH_COLUMN,
+    require_caption: bool = True,
 ) -> CaptionedSample:
-    """The first `limit` usable rows of the shards, in listing order. Rows that are not successes, lack a
-    caption or do not decode are skipped and counted; a shard without an image column is a ConfigError."""
+    """The first `limit` usable rows of the shards, in listing order, decoded to `image_size` (the model's
+    `Preprocess`, or a square side). Rows that are not successes, do not decode or (`require_caption`)
+    lack a caption are skipped and counted; a kept row without a caption has the caption "". A shard
+    without an image column is a ConfigError."""
     cfg = (input_cfg or InputConfig()).model_copy(update={"paths": list(paths)})
     decode = decode_cfg or DecodeConfig()
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size.size
     images, captions, matches, bpp, ids, splits = [], [], [], [], [], set()
     skipped: Counter[str] = Counter()
     rows = _rows(cfg, match_column)
@@ -107,7 +111,7 @@ def read_captioned(
         if row["status"] != "success" or row["image"] is None:
             skipped["not a success or no image"] += 1
             continue
-        if not (row["caption"] or "").strip():
+        if require_caption and not (row["caption"] or "").strip():
             skipped["no caption"] += 1
             continue
         try:
@@ -117,14 +121,14 @@ def read_captioned(
             continue
         images.append(pixels)
         bpp.append(len(row["image"]) / (w * h))
-        captions.append(row["caption"])
+        captions.append(row["caption"] or "")
         matches.append(match)
         ids.append(row["id"])
         if split is not None:
             splits.add(str(split))
     use_column = bool(matches) and all(m is not None for m in matches)
     return CaptionedSample(
-        images=np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+        images=np.stack(images) if images else np.zeros((0, height, width, 3), np.uint8),
         captions=captions,
         keys=[str(m) for m in matches] if use_column else list(captions),
         bytes_per_pixel=np.asarray(bpp, np.float32),

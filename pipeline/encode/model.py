@@ -7,6 +7,7 @@ ViT-B-32, so nothing downstream special-cases it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -19,6 +20,7 @@ from pipeline.decode import Preprocess
 
 EMBEDDED_CHECKPOINT = MODELS_DIR / f"{EMBEDDED_MODEL}.safetensors"
 EMBEDDED_HEADS = MODELS_DIR / f"{EMBEDDED_MODEL}.heads.safetensors"
+MODEL_CONFIGS_ENV = "ICAR_MODEL_CONFIGS"
 # open_clip's eval normalisation (OPENAI_DATASET_MEAN / STD), used unless a model config overrides it
 _DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,8 +28,12 @@ _DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @cache
 def register_embedded_models() -> None:
-    """Make open_clip aware of the model configs this package ships (idempotent)."""
+    """Make open_clip aware of the model configs this package ships, and of those in the directories
+    `ICAR_MODEL_CONFIGS` names (os.pathsep-separated): architectures open_clip does not ship. Every
+    process that builds a model reads it, so on a cluster set it in the runtime_env's env_vars."""
     open_clip.add_model_config(MODELS_DIR)
+    for folder in filter(None, os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep)):
+        open_clip.add_model_config(folder)
 
 
 @dataclass

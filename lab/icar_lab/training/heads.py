@@ -12,22 +12,19 @@ calibrated when an exit is combined with merging or pruning.
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from icar_lab.heldout import load_heldout
-from icar_lab.metrics import multi_positive_infonce
 from icar_lab.scenes.splits import HEADS
+from icar_lab.training.loop import Fitting, fit
+from icar_lab.training.targets import Targets, dual_path_loss, load_targets, mean_cosine, normalized_pixels
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, model_fingerprint
-from pipeline.encode.model import LoadedModel, normalize_uint8
+from pipeline.encode.model import LoadedModel
 
 
 @dataclass
@@ -45,34 +42,6 @@ class HeadSettings:
     backbone_lr: float = 1e-5
 
 
-@dataclass
-class Targets:
-    """What every exit is pulled toward, computed once with the original (frozen) model."""
-
-    images: np.ndarray  # uint8 [N, S, S, 3]
-    full: torch.Tensor  # [N, D] original full-depth image embeddings
-    text: torch.Tensor  # [N, D] caption embeddings
-    key_ids: torch.Tensor  # [N] scene id: captions of equal scenes are all positives
-
-    def rows(self, batch: int) -> tuple[torch.Tensor, ...]:
-        """Every row index, in order, in batches of `batch`."""
-        return torch.arange(len(self.full)).split(batch)
-
-
-def load_targets(loaded: LoadedModel, split: str, images: int, seed: int, log) -> Targets:
-    """The first `images` scenes of `split`, their full-depth and caption embeddings."""
-    sample = load_heldout(split, images, loaded.image_size, seed)
-    model, full, text, started = loaded.model, [], [], time.time()
-    with torch.inference_mode():
-        for i in range(0, len(sample), 256):
-            x = normalize_uint8(torch.from_numpy(sample.images[i : i + 256]), loaded.mean, loaded.std)
-            full.append(model.encode_image(x, normalize=True))
-            text.append(model.encode_text(loaded.tokenizer(sample.captions[i : i + 256]), normalize=True))
-            log(f"targets {min(i + 256, len(sample))}/{len(sample)} images ({time.time() - started:.0f} s)")
-    key_ids = torch.as_tensor(np.unique(np.asarray(sample.keys), return_inverse=True)[1])
-    return Targets(sample.images, torch.cat(full), torch.cat(text), key_ids)
-
-
 def _token_paths(settings: HeadSettings) -> list[RouteSpec]:
     return [RouteSpec(name="plain"), *settings.reduced_routes]
 
@@ -88,65 +57,39 @@ def exit_tokens(vit: AdaptiveViT, pixels: torch.Tensor, route: RouteSpec, depths
     return torch.stack(pooled, dim=1)
 
 
-def dual_path_loss(emb: torch.Tensor, t: Targets, rows: torch.Tensor, scale: torch.Tensor, weight: float):
-    """InfoNCE against the captions + distillation toward the original full-depth embedding."""
-    contrastive = multi_positive_infonce(emb, t.text[rows], t.key_ids[rows], scale)
-    return contrastive + weight * (1 - (emb * t.full[rows]).sum(-1)).mean()
-
-
-def normalized_pixels(loaded: LoadedModel, t: Targets, rows: torch.Tensor) -> torch.Tensor:
-    return normalize_uint8(torch.from_numpy(t.images[rows.numpy()]), loaded.mean, loaded.std)
-
-
-def fit(
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
-    n: int,
-    epochs: int,
-    batch_size: int,
-    optimizer: torch.optim.Optimizer,
-    log: Callable[[str], None],
-    label: str = "",
-) -> list[dict]:
-    """`epochs` passes over `n` rows in shuffled batches, one optimizer step per batch on `loss_of(rows)`,
-    the learning rate cosine-annealed to zero: the mean loss per epoch."""
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * math.ceil(n / batch_size))
-    history, started = [], time.time()
-    for epoch in range(epochs):
-        total = 0.0
-        for rows in torch.randperm(n).split(batch_size):
-            loss = loss_of(rows)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(rows)
-        history.append({"epoch": epoch, "loss": total / n})
-        log(f"{label}epoch {epoch}: loss {total / n:.4f} ({time.time() - started:.0f} s)")
-    return history
-
-
 def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple[ExitHeads, dict]:
-    """Train exit heads at `settings.depths`; with `finetune_backbone`, `loaded.model.visual` changes too
-    (and the heads are stamped with the fine-tuned tower's fingerprint)."""
-    torch.manual_seed(settings.seed)
+    """Train exit heads at `settings.depths` on the first `settings.images` scenes of `settings.split`;
+    with `finetune_backbone`, `loaded.model.visual` changes too (and the heads are stamped with the
+    fine-tuned tower's fingerprint)."""
     t = load_targets(loaded, settings.split, settings.images, settings.seed, log)
+    heads = ExitHeads(loaded.model.visual, settings.depths)
+    return heads, fit_heads(loaded, heads, settings, t, log)
+
+
+def fit_heads(
+    loaded: LoadedModel,
+    heads: ExitHeads,
+    settings: HeadSettings,
+    t: Targets,
+    log=print,
+    fitting: Fitting | None = None,
+) -> dict:
+    """Fit `heads` (on the model's device) to `t`: their training history and each exit's train-set
+    mean cosine to full depth."""
+    fitting = fitting or Fitting()
+    torch.manual_seed(settings.seed)
     visual = loaded.model.visual
-    heads = ExitHeads(visual, settings.depths)
     vit = AdaptiveViT(visual, heads)
     paths = _token_paths(settings)
     # frozen: the exit tokens never change, so compute them once; fine-tuned: every step, with gradients
     depths = settings.depths + [vit.depth] if settings.finetune_backbone else settings.depths
     cached = None if settings.finetune_backbone else _cache_exit_tokens(loaded, vit, t, paths, depths)
-    groups = [{"params": heads.parameters(), "lr": settings.lr}]
-    if settings.finetune_backbone:
-        visual.requires_grad_(True)
-        groups.append({"params": visual.parameters(), "lr": settings.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    optimizer, trainee = _optimizer(heads, visual, settings)
     scale = loaded.model.logit_scale.exp().detach()
     heads.train()
 
     def loss_of(rows: torch.Tensor) -> torch.Tensor:
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=t.full.device)
         pixels = None if cached else normalized_pixels(loaded, t, rows)
         for p, route in enumerate(paths):
             tokens = cached[p][rows] if cached else exit_tokens(vit, pixels, route, depths)
@@ -155,24 +98,45 @@ def train_heads(loaded: LoadedModel, settings: HeadSettings, log=print) -> tuple
                 loss = loss + dual_path_loss(emb, t, rows, scale, settings.distill_weight)
         return loss
 
-    history = fit(loss_of, len(t.full), settings.epochs, settings.batch_size, optimizer, log)
+    keeper = fitting.keeper(trainee, lambda held: _mean(exit_cosines(loaded, vit, held, settings.depths)))
+    history = fit(
+        loss_of, len(t), settings.epochs, settings.batch_size, optimizer, log, "heads ", keeper,
+        fitting.precision,
+    )  # fmt: skip
     heads.eval()
     if settings.finetune_backbone:
         visual.requires_grad_(False)
         heads.fingerprint = model_fingerprint(visual)  # the heads belong to the tower they were tuned with
-    plain_path = paths[0]
-    plain = _cache_exit_tokens(loaded, vit, t, [plain_path], [*settings.depths, vit.depth])[0]
-    with torch.no_grad():
-        embedded = [
-            F.normalize(vit.project(plain[:, j], depth, plain_path), dim=-1)
-            for j, depth in enumerate([*settings.depths, vit.depth])
-        ]
-    agreement = {
-        depth: float((emb * t.full).sum(-1).mean())
-        for depth, emb in zip([*settings.depths, vit.depth], embedded, strict=True)
-    }
+    agreement = exit_cosines(loaded, vit, t, [*settings.depths, vit.depth])
     log(f"train-set mean cosine to the original full depth, per exit: {agreement}")
-    return heads, {"history": history, "train_cosine_to_full": agreement}
+    return {"history": history, "train_cosine_to_full": agreement}
+
+
+def _optimizer(
+    heads: ExitHeads, visual: nn.Module, settings: HeadSettings
+) -> tuple[torch.optim.Optimizer, nn.Module]:
+    """AdamW over the heads (and, fine-tuning, the tower at its own smaller rate), and what it trains."""
+    groups = [{"params": heads.parameters(), "lr": settings.lr}]
+    if not settings.finetune_backbone:
+        return torch.optim.AdamW(groups, weight_decay=0.01), heads
+    visual.requires_grad_(True)
+    groups.append({"params": visual.parameters(), "lr": settings.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=0.01), nn.ModuleList([heads, visual])
+
+
+def _mean(values: dict) -> float:
+    return sum(values.values()) / len(values)
+
+
+def exit_cosines(loaded: LoadedModel, vit: AdaptiveViT, t: Targets, depths: list[int]) -> dict[int, float]:
+    """Per exit depth (ascending), the plain path's mean cosine to the full-depth targets of `t`."""
+    plain = RouteSpec(name="plain")
+    tokens = _cache_exit_tokens(loaded, vit, t, [plain], depths)[0]
+
+    def embed(j: int, depth: int):
+        return lambda rows: F.normalize(vit.project(tokens[rows, j], depth, plain), dim=-1)
+
+    return {depth: mean_cosine(embed(j, depth), t) for j, depth in enumerate(depths)}
 
 
 @torch.inference_mode()

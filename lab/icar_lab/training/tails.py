@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from icar_lab.scenes.splits import HEADS
-from icar_lab.training.heads import Targets, dual_path_loss, fit, load_targets, normalized_pixels
+from icar_lab.training.loop import Fitting, fit
+from icar_lab.training.targets import Targets, dual_path_loss, load_targets, mean_cosine, normalized_pixels
 from pipeline.config import RouteSpec
 from pipeline.encode.adaptive import AdaptiveViT
 from pipeline.encode.heads import ExitHeads, token_path_key
@@ -48,23 +49,36 @@ def _tail_inputs(loaded: LoadedModel, vit: AdaptiveViT, t: Targets, route: Route
 
 
 def train_tail(
-    loaded: LoadedModel, heads: ExitHeads, route: RouteSpec, settings: TailSettings, t: Targets, log=print
+    loaded: LoadedModel,
+    heads: ExitHeads,
+    route: RouteSpec,
+    settings: TailSettings,
+    t: Targets,
+    log=print,
+    fitting: Fitting | None = None,
 ) -> dict:
     """Add (or replace) the tuned tail of `route`'s token path in `heads`; returns its training summary."""
+    fitting = fitting or Fitting()
     torch.manual_seed(settings.seed)
     visual = loaded.model.visual
     vit = AdaptiveViT(visual, heads)
     start = vit.depth - settings.tail_blocks
     untuned = route.model_copy(update={"tuned": False})
-    x, size = _tail_inputs(loaded, vit, t, untuned, start)
+    tuned = untuned.model_copy(update={"tuned": True})
     tail = heads.add_tail(visual, token_path_key(route), start)
     tail.requires_grad_(True)
-    tuned = untuned.model_copy(update={"tuned": True})
 
-    def embed(rows: torch.Tensor) -> torch.Tensor:
-        groups = vit.run_blocks([TokenGroup.whole(x[rows], size[rows])], start, vit.depth, tuned)
-        return F.normalize(vit.project(vit.pool(groups, vit.depth, tuned), vit.depth, tuned), dim=-1)
+    def embedder(targets: Targets):
+        """Rows of `targets` -> their tuned embedding, the tail's input computed once."""
+        x, size = _tail_inputs(loaded, vit, targets, untuned, start)
 
+        def embed(rows: torch.Tensor) -> torch.Tensor:
+            groups = vit.run_blocks([TokenGroup.whole(x[rows], size[rows])], start, vit.depth, tuned)
+            return F.normalize(vit.project(vit.pool(groups, vit.depth, tuned), vit.depth, tuned), dim=-1)
+
+        return embed
+
+    embed = embedder(t)
     optimizer = torch.optim.AdamW(
         [
             {"params": tail.blocks.parameters(), "lr": settings.block_lr},
@@ -73,13 +87,15 @@ def train_tail(
         weight_decay=0.01,
     )
     scale = loaded.model.logit_scale.exp().detach()
+    heldout_embed = embedder(fitting.heldout) if fitting.heldout is not None else None
+    keeper = fitting.keeper(tail, lambda held: mean_cosine(heldout_embed, held))
     history = fit(
         lambda rows: dual_path_loss(embed(rows), t, rows, scale, settings.distill_weight),
-        len(x), settings.epochs, settings.batch_size, optimizer, log, label=f"{route.name} ",
+        len(t), settings.epochs, settings.batch_size, optimizer, log, f"{route.name} ", keeper,
+        fitting.precision,
     )  # fmt: skip
     tail.requires_grad_(False)
-    with torch.no_grad():
-        cosine = float(torch.cat([(embed(r) * t.full[r]).sum(-1) for r in t.rows(512)]).mean())
+    cosine = mean_cosine(embed, t)
     return {"route": route.name, "start": start, "history": history, "train_cosine_to_full": cosine}
 
 
