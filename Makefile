@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml lab/pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
+# Most tests wait on processes (Ray start-up, actors restarting, a lease expiring) more than they compute,
+# so 4 workers fit 2 cores; `worksteal` keeps a worker from idling behind a long fault test.
+TEST_WORKERS ?= 4
 test: $(STAMP) browser
 	$(BIN)/ruff check pipeline lab jobs tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Debian's Chromium for the search page's browser test (Playwright drives it; it downloads no browser).
 # Where it cannot be installed (no root, no apt), the test is skipped and says why.
