@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml lab/pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
-# Most tests wait on processes (Ray start-up, actors restarting, a lease expiring) more than they compute,
-# so 4 workers fit 2 cores; `worksteal` keeps a worker from idling behind a long fault test.
-TEST_WORKERS ?= 4
+# Most tests wait on processes (Ray start-up, actors restarting, a lease expiring) more than they compute:
+# two workers on 2 cores take 16 min where one took 20-30; four were no faster and timed out more.
+# `worksteal` keeps a worker from idling behind a long fault test.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check pipeline lab jobs tests
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
