@@ -480,6 +480,35 @@ def _trial(hits: np.ndarray, seconds: list[float], nprobes: int, refine: int, k:
     return _Trial(recall, recall - RECALL_Z * spread, statistics.median(seconds), nprobes, refine)
 
 
+def _trials(
+    dataset: lance.LanceDataset,
+    query_ids: np.ndarray,
+    vectors: np.ndarray,
+    truth: list[set[int]],
+    partitions: int,
+    target: float,
+) -> list[_Trial]:
+    """The settings tried, cheapest first: for each refine factor, nprobes grows until the recall bound
+    reaches `target`, the search gets slower than a setting that reached it, or more probes no longer help
+    (PQ's own error caps recall without a refine step)."""
+    tried: list[_Trial] = []
+    for refine in REFINE_FACTORS:
+        previous = 0.0
+        for nprobes in [n for n in NPROBES if n < partitions] + [partitions]:
+            knobs = {"nprobes": nprobes, "refine_factor": refine or None}
+            trial = _trial(*_search_hits(dataset, query_ids, vectors, truth, knobs, K), nprobes, refine)
+            tried.append(trial)
+            fastest = min((t.p50_s for t in tried if t.bound >= target), default=math.inf)
+            if (
+                trial.bound >= target
+                or trial.p50_s > fastest
+                or (nprobes >= 8 and trial.recall < previous + 0.002)
+            ):
+                break
+            previous = trial.recall
+    return tried
+
+
 def tune_search(
     table: Any, partitions: int, target: float, queries: int = 200, seed: int = 0
 ) -> SearchSettings | None:
@@ -501,23 +530,7 @@ def tune_search(
     truth = exact_neighbours(dataset, query_ids, vectors)
     for query in vectors[:5]:
         nearest(dataset, query, K, ["_rowid"], **UNTUNED_SEARCH)  # warm-up: index into cache
-    tried: list[_Trial] = []
-    for refine in REFINE_FACTORS:
-        previous = 0.0
-        for nprobes in [n for n in NPROBES if n < partitions] + [partitions]:
-            knobs = {"nprobes": nprobes, "refine_factor": refine or None}
-            trial = _trial(*_search_hits(dataset, query_ids, vectors, truth, knobs, K), nprobes, refine)
-            tried.append(trial)
-            fastest = min((t.p50_s for t in tried if t.bound >= target), default=math.inf)
-            # stop at the target, once slower than a setting that reached it, or when more probes no
-            # longer help (PQ's own error caps recall without a refine step)
-            if (
-                trial.bound >= target
-                or trial.p50_s > fastest
-                or (nprobes >= 8 and trial.recall < previous + 0.002)
-            ):
-                break
-            previous = trial.recall
+    tried = _trials(dataset, query_ids, vectors, truth, partitions, target)
     reached = [t for t in tried if t.bound >= target]
     chosen = min(reached, key=lambda t: t.p50_s) if reached else max(tried)
     settings = SearchSettings(
