@@ -16,7 +16,8 @@ demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
 # Most tests wait on processes (Ray start-up, actors restarting, a lease expiring) more than they compute:
-# two workers on 2 cores take 16 min where one took 20-30; four were no faster and timed out more.
+# on 2 cores two workers run the suite in about 15 min where one took about 18; four were no faster and
+# Ray start-ups timed out.
 # `worksteal` keeps a worker from idling behind a long fault test.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
@@ -63,4 +64,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline lab jobs tests
 
 clean:
-	rm -rf $(VENV) .demo build *.egg-info
+	rm -rf $(VENV) .demo build *.egg-info lab/*.egg-info
